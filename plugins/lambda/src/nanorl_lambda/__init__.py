@@ -1,0 +1,1 @@
+"""nanorl-plugin-lambda: launch nanorl runs on Lambda Cloud GPUs."""

@@ -1,0 +1,320 @@
+"""The public surface for plugins. A plugin imports this module and nothing else from nanorl.
+
+Everything here is cheap to import (no torch, datasets or wandb): `nanorl --help` loads every plugin's entry
+point, so a plugin module must stay light at import time too and import heavy libraries inside its functions.
+
+What a plugin provides, through the hooks in `nanorl.hookspecs`:
+- tasks      (`Task` subclasses: data, prompt, SFT target, answer extraction, scoring)
+- rewards    (`Reward`: a named function `fn(example, completion, answer) -> float`)
+- telemetry  (`TelemetryHook` subclasses: extra metrics at stage start/step/rollouts/eval/end)
+- backends   (`CloudBackend` subclasses: launch a run on rented GPUs)
+- commands   (extra Typer sub-commands on the `nanorl` app)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import pluggy
+
+__all__ = [
+    "hookimpl",
+    "NanorlError",
+    "Message",
+    "Conversation",
+    "Example",
+    "Task",
+    "Reward",
+    "RewardFn",
+    "TelemetryHook",
+    "StageInfo",
+    "RolloutBatch",
+    "Scorer",
+    "EvalResult",
+    "CloudBackend",
+    "LaunchSpec",
+    "Instance",
+    "Estimate",
+    "LETTERS",
+]
+
+PROJECT = "nanorl"
+hookimpl = pluggy.HookimplMarker(PROJECT)
+"""Decorate a plugin's hook functions with this: `@hookimpl def register_tasks(register): ...`."""
+
+LETTERS = ("A", "B", "C", "D", "E")
+"""The answer letters of five-way multiple choice (AQuA-RAT and the built-in `arith` task)."""
+
+
+class NanorlError(Exception):
+    """An error the user can act on: what is wrong, and (hint) what to do about it.
+
+    The CLI prints it as one red line plus the hint, without a traceback (`nanorl --debug ...` shows one).
+    `exit_code` 2 means bad input (config, arguments), 1 anything else.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversations and examples
+
+Message = dict[str, Any]
+"""One turn: `{"role": "system"|"user"|"assistant", "content": str | list[part]}`.
+
+An assistant turn that calls a tool has a list of parts as content, each `{"type": "text"|"python"|
+"python_output", "text": str}`: the model writes `python` parts, the engine writes `python_output` parts (the
+tool's answer), and the loss mask never trains on `python_output`.
+"""
+
+Conversation = list[Message]
+
+
+@dataclass
+class Example:
+    """One problem of a task, in a task-independent shape.
+
+    `answer` is the gold final answer as the task's `extract` would return it (a letter "A".."E" for multiple
+    choice, a number as a string for GSM8K). `options` holds the choice texts as the data writes them
+    ("A)12", ...) or None for free-form answers. `meta` carries anything else the task wants back.
+    """
+
+    id: str
+    question: str
+    answer: str
+    options: list[str] | None = None
+    rationale: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """A task: its data, how it is asked, what the model should answer, and how an answer is scored.
+
+    Subclass it and set `name`. Only `load`, `prompt`, `target` and `extract` are required; the rest have
+    defaults that fit most tasks.
+    """
+
+    name: str = ""
+    description: str = ""
+    #: reward names (registered through `register_rewards`) and their weights, used when the run config names none
+    default_rewards: dict[str, float] = {}
+    #: the splits `load` accepts; "dev" and "validation" should name the same split where both make sense
+    splits: tuple[str, ...] = ("train", "dev", "test")
+
+    def load(self, split: str, data_dir: str | None = None) -> list[Example]:
+        """Return the examples of one split. Raise `NanorlError` (saying how to get the data) when absent."""
+        raise NotImplementedError
+
+    def prompt(self, example: Example) -> Conversation:
+        """The conversation the model is asked (usually one user message)."""
+        raise NotImplementedError
+
+    def target(self, example: Example) -> str:
+        """The assistant text that SFT trains on: the reasoning, then the final answer line."""
+        raise NotImplementedError
+
+    def extract(self, completion: str) -> str | None:
+        """The final answer in a completion, in the form of `Example.answer`; None when it gives none."""
+        raise NotImplementedError
+
+    def is_correct(self, example: Example, answer: str | None) -> bool:
+        return answer is not None and answer == example.answer
+
+    def choices(self, example: Example) -> list[str] | None:
+        """The answer letters for categorical evaluation (compare the logits of these tokens), or None."""
+        return list(LETTERS[: len(example.options)]) if example.options else None
+
+    def corpus(self, split: str = "train") -> Iterable[str] | None:
+        """Pretraining text of the task's own (used by offline tasks such as `arith`); None when it has none."""
+        return None
+
+    def tools(self) -> dict[str, Callable[[str], str | None]]:
+        """Tools the model may call while sampling, by name; `python` is the calculator (GSM8K).
+
+        The engine calls `tools()["python"](code)` on the text between `<|python_start|>` and `<|python_end|>`
+        and feeds the returned string back between `<|output_start|>` and `<|output_end|>` (None: no output).
+        """
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rewards
+
+RewardFn = Callable[[Example, str, "str | None"], float]
+"""`fn(example, completion, answer) -> float`; `answer` is what the task's `extract` found in the completion."""
+
+
+@dataclass
+class Reward:
+    """A named reward. The run config combines rewards with weights: `rl.rewards = {"aqua.correct": 1.0}`."""
+
+    name: str
+    fn: RewardFn
+    description: str = ""
+
+    def __call__(self, example: Example, completion: str, answer: str | None) -> float:
+        return float(self.fn(example, completion, answer))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Telemetry
+
+
+@dataclass
+class StageInfo:
+    """What a telemetry hook learns about the stage that starts or ends."""
+
+    run_name: str
+    run_dir: str
+    stage: str
+    task: str
+    config: dict[str, Any]
+    total_steps: int
+
+
+class Scorer(Protocol):
+    """Handles into the models of an RL step, for telemetry that needs more than the sampled text.
+
+    `which` is "policy" (the model being trained) or "reference" (the frozen model RL started from).
+    Every call runs without gradients.
+    """
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens)."""
+        ...
+
+    def next_token_logits(
+        self, which: Literal["policy", "reference"], contexts: Sequence[Sequence[int]], candidates: Sequence[int]
+    ) -> list[list[float]]:
+        """For each context, the logits of the candidate tokens at the next position."""
+        ...
+
+    def token_logprobs(
+        self, which: Literal["policy", "reference"], prompt_ids: Sequence[int], completions: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """For each completion of one prompt, the log-probability of each of its tokens."""
+        ...
+
+
+@dataclass
+class RolloutBatch:
+    """One RL step's rollouts, handed to `TelemetryHook.on_rollouts`.
+
+    Rows are grouped: the completions of `examples[i]` are rows `i*group_size ... (i+1)*group_size - 1`.
+    """
+
+    step: int
+    examples: list[Example]
+    group_size: int
+    prompt_ids: list[list[int]]
+    completions: list[str]
+    completion_ids: list[list[int]]
+    answers: list[str | None]
+    rewards: list[float]
+    correct: list[bool]
+    scorer: Scorer
+
+
+@dataclass
+class EvalResult:
+    """A finished evaluation, handed to `TelemetryHook.on_eval` (metrics as written to eval/<task>-<split>.json)."""
+
+    task: str
+    split: str
+    metrics: dict[str, Any]
+
+
+class TelemetryHook:
+    """Extra metrics for the metrics bus. Every method is optional; each may return a dict of metrics to log.
+
+    A hook that raises is reported once and switched off for the rest of the run: telemetry never stops training.
+    """
+
+    name: str = ""
+
+    def on_stage_start(self, info: StageInfo) -> dict[str, float] | None:
+        return None
+
+    def on_step(self, stage: str, step: int, metrics: dict[str, float]) -> dict[str, float] | None:
+        return None
+
+    def on_rollouts(self, batch: RolloutBatch) -> dict[str, float] | None:
+        return None
+
+    def on_eval(self, result: EvalResult) -> dict[str, float] | None:
+        return None
+
+    def on_stage_end(self, info: StageInfo, metrics: dict[str, float]) -> dict[str, float] | None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cloud backends
+
+
+@dataclass
+class LaunchSpec:
+    """What to run where: `command` runs on the new machine (e.g. `nanorl pipeline --task aqua --depth 8`)."""
+
+    instance_type: str
+    command: str
+    region: str | None = None
+    name: str | None = None
+    ssh_key: str | None = None
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    max_hours: float | None = None
+
+
+@dataclass
+class Instance:
+    id: str
+    status: str
+    instance_type: str
+    region: str | None = None
+    ip: str | None = None
+    name: str | None = None
+    price_per_hour: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Estimate:
+    instance_type: str
+    price_per_hour: float
+    hours: float
+    total: float
+    regions_available: list[str] = field(default_factory=list)
+
+
+class CloudBackend:
+    """A place to rent GPUs. Errors (credentials, capacity, quota) are raised as `NanorlError` with a hint."""
+
+    name: str = ""
+
+    def estimate(self, spec: LaunchSpec) -> Estimate:
+        raise NotImplementedError
+
+    def launch(self, spec: LaunchSpec) -> Instance:
+        raise NotImplementedError
+
+    def status(self, instance_id: str) -> Instance:
+        raise NotImplementedError
+
+    def list(self) -> list[Instance]:
+        raise NotImplementedError
+
+    def logs(self, instance_id: str) -> str:
+        raise NotImplementedError
+
+    def terminate(self, instance_id: str) -> Instance:
+        raise NotImplementedError

@@ -1,0 +1,97 @@
+"""`nanorl config show` and `nanorl config keys`: the resolved run configuration and what can be set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from nanorl.cli.ui import console, print_json
+
+# The options every command that builds a run config accepts (pipeline, train, config show, ...).
+PresetOpt = typer.Option(None, "--preset", help="Preset: tiny (CPU), d8, d12, d20, d26.")
+DepthOpt = typer.Option(None, "--depth", help="Model depth (layers); width and heads follow from it.")
+ConfigOpt = typer.Option(None, "--config", "-c", help="A TOML recipe file.", exists=False, dir_okay=False)
+TaskOpt = typer.Option(None, "--task", help="The task (see `nanorl plugins list`).")
+NameOpt = typer.Option(None, "--name", help="Run name (default: <task>-<preset or dN>).")
+OverridesArg = typer.Argument(None, help="key=value overrides, e.g. model.seq_len=1024 rl.group_size=16.")
+
+
+def build_config(preset, depth, config, task, name, overrides):
+    """Resolve a run config from the common CLI options (one way, shared by every command)."""
+    from nanorl.config import resolve
+
+    return resolve(preset=preset, config_file=config, overrides=overrides or [], model__depth=depth, task=task,
+                   name=name)
+
+
+def register(app: typer.Typer) -> None:
+    config_app = typer.Typer(help="Show the run configuration and its keys.", no_args_is_help=True)
+    app.add_typer(config_app, name="config")
+
+    @config_app.command("show")
+    def show(
+        overrides: list[str] = OverridesArg,
+        preset: str = PresetOpt,
+        depth: int = DepthOpt,
+        config: Path = ConfigOpt,
+        task: str = TaskOpt,
+        name: str = NameOpt,
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        toml: bool = typer.Option(False, "--toml", help="Print TOML (what run.toml holds)."),
+    ) -> None:
+        """Print the resolved run configuration (defaults, preset, recipe, overrides)."""
+        from nanorl.config import SECTIONS, to_toml
+
+        cfg = build_config(preset, depth, config, task, name, overrides)
+        if as_json:
+            print_json(cfg.to_dict())
+            return
+        if toml:
+            typer.echo(to_toml(cfg), nl=False)
+            return
+        from rich.table import Table
+
+        d = cfg.to_dict()
+        table = Table(title=f"run config: {cfg.name}", title_justify="left", show_lines=False)
+        table.add_column("key", style="cyan")
+        table.add_column("value")
+        for k, v in d.items():
+            if k not in SECTIONS:
+                table.add_row(k, repr(v))
+        for s in SECTIONS:
+            table.add_section()
+            for k, v in d[s].items():
+                table.add_row(f"{s}.{k}", repr(v))
+        console.print(table)
+        m = cfg.model
+        console.print(f"[dim]model: {m.depth} layers, width {m.n_embd}, {m.n_head} heads of {cfg.head_dim} "
+                      f"({m.n_kv_head} kv heads), vocab {m.vocab_size}, context {m.seq_len}[/]")
+
+    @config_app.command("keys")
+    def keys(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+        """List every config key with its type, default and meaning."""
+        import dataclasses
+
+        from nanorl.config import SECTIONS, RunConfig
+
+        cfg = RunConfig()
+        rows = []
+        for obj, prefix in [(cfg, "")] + [(getattr(cfg, s), s + ".") for s in SECTIONS]:
+            for f in dataclasses.fields(obj):
+                if f.name in SECTIONS:
+                    continue
+                rows.append({"key": prefix + f.name, "type": getattr(f.type, "__name__", str(f.type)),
+                             "default": getattr(obj, f.name), "help": f.metadata.get("help", "")})
+        if as_json:
+            print_json(rows)
+            return
+        from rich.table import Table
+
+        table = Table(title="config keys (set with key=value, or a bare name for every section)",
+                      title_justify="left")
+        for col in ("key", "type", "default", "meaning"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(r["key"], r["type"], repr(r["default"]), r["help"])
+        console.print(table)

@@ -1,0 +1,44 @@
+"""`nanorl plugins list`: what is installed, what each plugin registered, and what failed to load."""
+
+from __future__ import annotations
+
+import typer
+
+from nanorl.cli.ui import console, print_json
+
+
+def register(app: typer.Typer) -> None:
+    plugins_app = typer.Typer(help="Inspect the installed plugins.", no_args_is_help=True)
+    app.add_typer(plugins_app, name="plugins")
+
+    @plugins_app.command("list")
+    def list_plugins(
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        traceback_: bool = typer.Option(False, "--traceback", help="Show the traceback of each load error."),
+    ) -> None:
+        """List plugins: name, version, hooks, what each registered, and load errors."""
+        from nanorl.plugins import get_plugins
+
+        plugins = get_plugins()
+        infos = list(plugins.infos.values())
+        if as_json:
+            print_json({"plugins": [i.as_dict() for i in infos]})
+            return
+        from rich.table import Table
+
+        table = Table(title="nanorl plugins", title_justify="left")
+        for col in ("plugin", "source", "version", "hooks", "registered", "status"):
+            table.add_column(col, overflow="fold")
+        for i in infos:
+            registered = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in i.registered.items()) or "-"
+            hooks = "\n".join(h.removeprefix("register_") for h in i.hooks) or "-"
+            status = "[red]" + "\n".join(i.errors) + "[/]" if i.errors else "[green]ok[/]"
+            table.add_row(i.name, i.source, i.version, hooks, registered, status)
+        console.print(table)
+        if traceback_:
+            for i in infos:
+                if i.traceback:
+                    console.rule(f"{i.name}")
+                    console.print(i.traceback, markup=False, highlight=False)
+        elif any(i.errors for i in infos):
+            console.print("[dim]A plugin with errors is skipped; the others work. `--traceback` shows details.[/]")

@@ -1,0 +1,504 @@
+"""The run configuration: one dataclass tree, resolved in one order, validated in one place.
+
+    defaults -> preset (`tiny`, or the depth rule) -> TOML recipe (--config) -> key=value overrides -> derived
+    fields -> validation
+
+Overrides name a field by `section.field` (`model.depth=12`, `rl.group_size=16`) or, without a dot, by its
+bare name: a bare name sets that field in every section that has it (`steps=5` shortens every stage,
+`depth=12` is `model.depth=12`). Values are parsed to the field's type; a bad key or value is a `NanorlError`
+naming it, with exit code 2.
+
+The depth rule (nanochat's): a depth-d model has d layers, width 64·d, and heads of dimension 128
+(n_head = ceil(64·d / 128)), so depth 8 -> 512 wide with 4 heads, depth 20 -> 1280 wide with 10 heads.
+Fields left at 0 follow the rule; any of them can be set explicitly instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from nanorl.api import NanorlError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default, help: str, **rules):
+    """A config field with its help text and validation rules (gt, ge, le, choices)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass
+class ModelConfig:
+    depth: int = _f(8, "number of transformer layers; width and heads follow from it (the depth rule)", ge=1, le=64)
+    n_embd: int = _f(0, "model width (0: 64 x depth)", ge=0)
+    n_head: int = _f(0, "query heads (0: width / 128, rounded up)", ge=0)
+    n_kv_head: int = _f(0, "key/value heads for grouped-query attention (0: n_head)", ge=0)
+    vocab_size: int = _f(65536, "tokenizer and embedding vocabulary size", ge=256)
+    seq_len: int = _f(2048, "context length in tokens", ge=8)
+    softcap: float = _f(15.0, "logit soft-capping: logits = c * tanh(logits / c) (0: off)", ge=0)
+    attention: str = _f("auto", "attention backend (auto: triton on CUDA, sdpa elsewhere)",
+                        choices=("auto", "triton", "sdpa", "eager"))
+
+
+@dataclass
+class OptimConfig:
+    matrix_lr: float = _f(0.02, "Muon learning rate for the transformer's matrices", gt=0)
+    embedding_lr: float = _f(0.2, "AdamW learning rate for the input embedding", gt=0)
+    unembedding_lr: float = _f(0.004, "AdamW learning rate for the output head", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    adam_beta1: float = _f(0.8, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = _f(0.95, "AdamW beta2", ge=0, lt=1)
+    muon_momentum: float = _f(0.95, "Muon momentum", ge=0, lt=1)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)", ge=0)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = _f("task", "pretraining text: 'task' (the task's own corpus), 'fineweb', or a path/glob")
+    fineweb_shards: int = _f(8, "FineWeb-EDU shards to download when corpus = fineweb", ge=1)
+    data_dir: str = _f("", "where the task's data files live ('' : the task's default source)")
+    skip_bad: bool = _f(False, "skip (and count) unreadable lines and corrupt shards instead of stopping")
+
+
+@dataclass
+class TokenizerConfig:
+    train_chars: int = _f(2_000_000_000, "characters of the corpus to train the BPE on (at most)", ge=1000)
+
+
+@dataclass
+class TrainConfig:
+    """A supervised stage: base (pretraining), mid (chat format) or sft (task rationales)."""
+
+    steps: int = _f(-1, "optimizer steps (-1: follow the stage's budget rule)", ge=-1)
+    device_batch_size: int = _f(0, "rows per forward pass on one device (0: pick one that fits)", ge=0)
+    total_batch_tokens: int = _f(0, "tokens per optimizer step, reached by gradient accumulation (0: one pass)",
+                                 ge=0)
+    lr: float = _f(1.0, "multiplier on the optim section's learning rates", gt=0)
+    warmup_ratio: float = _f(0.0, "fraction of steps of linear warmup", ge=0, le=1)
+    warmdown_ratio: float = _f(0.2, "fraction of steps of linear decay to final_lr_frac at the end", ge=0, le=1)
+    final_lr_frac: float = _f(0.0, "learning rate at the end, as a fraction of the peak", ge=0, le=1)
+    eval_every: int = _f(250, "steps between validation evaluations (0: only at the end)", ge=0)
+    checkpoint_every: int = _f(500, "steps between checkpoints (0: only at the end)", ge=0)
+
+
+def _stage(**overrides) -> Any:
+    return field(default_factory=lambda: TrainConfig(**overrides))
+
+
+@dataclass
+class RLConfig:
+    steps: int = _f(-1, "GRPO steps (-1: one pass over the task's train split)", ge=-1)
+    prompts_per_step: int = _f(8, "prompts per step", ge=1)
+    group_size: int = _f(8, "completions sampled per prompt (G)", ge=2)
+    max_new_tokens: int = _f(256, "completion length limit in tokens (longer ones are truncated and masked)",
+                             ge=1)
+    temperature: float = _f(1.0, "sampling temperature", gt=0)
+    top_k: int = _f(0, "sample from the k most likely tokens (0: all)", ge=0)
+    lr: float = _f(0.05, "multiplier on the optim section's learning rates", gt=0)
+    epsilon: float = _f(0.2, "clip range of the importance ratio (matters with ppo_epochs > 1)", gt=0)
+    beta: float = _f(0.0, "weight of the KL penalty to the frozen reference model (k3 estimator)", ge=0)
+    ppo_epochs: int = _f(1, "optimisation passes over each batch of rollouts", ge=1)
+    std_normalize: bool = _f(True, "divide advantages by the group's reward std")
+    drop_zero_variance: bool = _f(False, "drop groups whose rewards are all equal (they carry no signal)")
+    rewards: dict = _f({}, "reward weights by name, e.g. aqua.correct:1,aqua.format:0.1 ({}: the task's defaults)")
+    kl_every: int = _f(10, "steps between letter/sequence KL telemetry (0: never)", ge=0)
+    eval_every: int = _f(50, "steps between dev evaluations (0: only at the end)", ge=0)
+    checkpoint_every: int = _f(50, "steps between checkpoints (0: only at the end)", ge=0)
+
+
+@dataclass
+class EvalConfig:
+    splits: list = _f(["dev"], "splits to evaluate")
+    mode: str = _f("generative", "generative (sample, extract, score), categorical (answer-letter logits) or both",
+                   choices=("generative", "categorical", "both"))
+    max_examples: int = _f(0, "evaluate at most this many examples per split (0: all)", ge=0)
+    max_new_tokens: int = _f(256, "completion length limit", ge=1)
+    temperature: float = _f(0.0, "sampling temperature (0: greedy)", ge=0)
+    batch_size: int = _f(16, "questions per batch", ge=1)
+
+
+@dataclass
+class TelemetryConfig:
+    console: bool = _f(True, "progress bars and tables on the terminal")
+    wandb: bool = _f(False, "also log to Weights & Biases (needs WANDB_API_KEY, or WANDB_MODE=offline)")
+    wandb_project: str = _f("nanorl", "wandb project")
+    log_every: int = _f(1, "steps between logged training metrics", ge=1)
+    disable: list = _f([], "telemetry hooks (by name) to switch off")
+
+
+@dataclass
+class CheckpointConfig:
+    store: str = _f("", "also mirror checkpoints to this store, e.g. s3://bucket/prefix ('' : local only)")
+    keep: int = _f(1, "intermediate checkpoints kept per stage (the final one is always kept)", ge=1)
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("", "run name: the folder under $NANORL_HOME/runs ('' : <task>-<preset or dN>)")
+    task: str = _f("arith", "the task (a registered plugin task: `nanorl plugins list`)")
+    preset: str = _f("", "the preset applied before the recipe and overrides ('' , tiny, d8, d12, d20, d26)")
+    seed: int = _f(42, "random seed", ge=0)
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = _f("auto", "compute dtype (auto: bfloat16 on CUDA, float32 elsewhere)",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    base: TrainConfig = _stage()
+    mid: TrainConfig = _stage(warmdown_ratio=0.2)
+    sft: TrainConfig = _stage(lr=0.02, warmdown_ratio=1.0)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    # derived (filled by resolve(), read-only afterwards)
+    @property
+    def head_dim(self) -> int:
+        return self.model.n_embd // self.model.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "optim", "data", "tokenizer", "base", "mid", "sft", "rl", "eval", "telemetry", "checkpoint")
+TRAIN_STAGES = ("base", "mid", "sft")
+
+# Presets: what each sets on top of the defaults. Depth presets only pick the depth (the rule does the rest);
+# `tiny` is sized for a 2-core CPU and the offline `arith` task.
+PRESETS: dict[str, dict[str, Any]] = {
+    "d8": {"model.depth": 8},
+    "d12": {"model.depth": 12},
+    "d20": {"model.depth": 20},
+    "d26": {"model.depth": 26},
+    "tiny": {
+        "model.depth": 4,
+        "model.n_embd": 128,
+        "model.n_head": 4,
+        "model.vocab_size": 2048,
+        "model.seq_len": 256,
+        "tokenizer.train_chars": 5_000_000,
+        "eval.max_examples": 200,
+        "eval.max_new_tokens": 96,
+        "rl.max_new_tokens": 96,
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing values
+
+
+def _type_of(section_cls: type, name: str) -> Any:
+    return get_type_hints(section_cls)[name]
+
+
+def _parse(raw: Any, typ: Any, key: str) -> Any:
+    """Convert a CLI string (or a TOML value) to the field's type, or raise a NanorlError naming the key."""
+
+    def bad(expected: str) -> NanorlError:
+        return NanorlError(f"invalid value for {key}: {raw!r} is not {expected}", exit_code=2)
+
+    origin = get_origin(typ) or typ
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).strip().lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise bad("a boolean (true/false)")
+    if typ is int:
+        if isinstance(raw, bool):
+            raise bad("an integer")
+        if isinstance(raw, int):
+            return raw
+        try:
+            return int(str(raw).replace("_", ""))
+        except ValueError:
+            raise bad("an integer") from None
+    if typ is float:
+        if isinstance(raw, bool):
+            raise bad("a number")
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        try:
+            return float(str(raw))
+        except ValueError:
+            raise bad("a number") from None
+    if typ is str:
+        if not isinstance(raw, str):
+            raise bad("a string")
+        return raw
+    if origin is list:
+        if isinstance(raw, list):
+            return [str(x) for x in raw]
+        return [s.strip() for s in str(raw).split(",") if s.strip()]
+    if origin is dict:
+        if isinstance(raw, dict):
+            items = raw.items()
+        else:
+            items = []
+            for part in filter(None, (p.strip() for p in str(raw).split(","))):
+                if ":" not in part:
+                    raise bad("a list of name:weight pairs (e.g. aqua.correct:1,aqua.format:0.1)")
+                k, v = part.rsplit(":", 1)
+                items.append((k.strip(), v.strip()))
+        return {str(k): _parse(v, float, f"{key}[{k}]") for k, v in items}
+    raise bad(str(typ))  # pragma: no cover - every field type is handled above
+
+
+def _targets(cfg: RunConfig, key: str) -> list[tuple[Any, str, str]]:
+    """The (section object, field name, dotted key) that `key` names; a bare key names every match."""
+    if "." in key:
+        section, _, name = key.partition(".")
+        obj = getattr(cfg, section, None) if section in SECTIONS else None
+        if obj is None or name not in {f.name for f in fields(obj)}:
+            raise NanorlError(f"unknown config key {key!r}", hint=_suggest(key), exit_code=2)
+        return [(obj, name, key)]
+    top = {f.name for f in fields(cfg)} - set(SECTIONS)
+    if key in top:
+        return [(cfg, key, key)]
+    found = [(getattr(cfg, s), key, f"{s}.{key}") for s in SECTIONS if key in {f.name for f in fields(getattr(cfg, s))}]
+    if not found:
+        raise NanorlError(f"unknown config key {key!r}", hint=_suggest(key), exit_code=2)
+    return found
+
+
+def all_keys() -> list[str]:
+    cfg = RunConfig()
+    keys = [f.name for f in fields(cfg) if f.name not in SECTIONS]
+    for s in SECTIONS:
+        keys += [f"{s}.{f.name}" for f in fields(getattr(cfg, s))]
+    return keys
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + ", ".join(close) + "? (`nanorl config keys` lists them all)"
+    return "`nanorl config keys` lists every key"
+
+
+def set_value(cfg: RunConfig, key: str, raw: Any) -> None:
+    for obj, name, dotted in _targets(cfg, key):
+        setattr(obj, name, _parse(raw, _type_of(type(obj), name), dotted))
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise NanorlError(f"override {item!r} is not key=value", hint="e.g. model.depth=12 rl.group_size=16",
+                              exit_code=2)
+        k, v = item.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolution
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise NanorlError(f"config file not found: {p}", exit_code=2)
+    try:
+        with open(p, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise NanorlError(f"{p} is not valid TOML: {e}", exit_code=2) from None
+
+
+def _flatten(d: dict[str, Any], where: str) -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if k in SECTIONS:
+            if not isinstance(v, dict):
+                raise NanorlError(f"{where}: [{k}] must be a table", exit_code=2)
+            out += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
+        else:
+            out.append((k, v))
+    return out
+
+
+def resolve(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    **explicit: Any,
+) -> RunConfig:
+    """Build the run config: defaults -> preset -> recipe -> overrides -> `explicit` (CLI flags) -> derive.
+
+    `explicit` takes dotted keys as keyword names with `__` for the dot (`model__depth=12`) or bare names;
+    None values are ignored, so CLI options can be passed straight through.
+    """
+    cfg = RunConfig()
+    recipe = load_toml(config_file) if config_file else {}
+    pairs = _flatten(recipe, str(config_file)) if recipe else []
+    flags = [(k.replace("__", "."), v) for k, v in explicit.items() if v is not None]
+    override_pairs = parse_overrides(overrides or [])
+
+    # the preset that applies: CLI flag, then override, then the recipe's own
+    chosen = preset
+    for k, v in flags + override_pairs:
+        if k == "preset":
+            chosen = str(v)
+    if chosen is None:
+        chosen = next((str(v) for k, v in pairs if k == "preset"), None)
+    if chosen:
+        if chosen not in PRESETS:
+            raise NanorlError(f"unknown preset {chosen!r} (available: {', '.join(PRESETS)})", exit_code=2)
+        for k, v in PRESETS[chosen].items():
+            set_value(cfg, k, v)
+        cfg.preset = chosen
+
+    for k, v in pairs:
+        set_value(cfg, k, v)
+    for k, v in override_pairs + flags:
+        set_value(cfg, k, v)
+    if chosen:
+        cfg.preset = chosen
+    derive(cfg)
+    validate(cfg)
+    return cfg
+
+
+def derive(cfg: RunConfig) -> None:
+    """Fill the fields left at 0 from the depth rule, and the run name."""
+    m = cfg.model
+    if m.n_embd == 0:
+        m.n_embd = 64 * m.depth
+    if m.n_head == 0:
+        m.n_head = max(1, math.ceil(m.n_embd / 128))
+    if m.n_kv_head == 0:
+        m.n_kv_head = m.n_head
+    if not cfg.name:
+        cfg.name = f"{cfg.task}-{cfg.preset or f'd{m.depth}'}"
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every field against its rules, then the rules that tie fields together."""
+    for section in (cfg, *(getattr(cfg, s) for s in SECTIONS)):
+        prefix = "" if section is cfg else next(s for s in SECTIONS if getattr(cfg, s) is section) + "."
+        for f in fields(section):
+            if f.name in SECTIONS:
+                continue
+            v = getattr(section, f.name)
+            rules = f.metadata
+            key = prefix + f.name
+
+            def fail(why: str, key=key, v=v) -> NanorlError:
+                return NanorlError(f"invalid value for {key}: {v!r} {why}", hint=rules.get("help"), exit_code=2)
+
+            if "choices" in rules and v not in rules["choices"]:
+                raise fail(f"(choose one of {', '.join(rules['choices'])})")
+            if "gt" in rules and not v > rules["gt"]:
+                raise fail(f"must be > {rules['gt']}")
+            if "ge" in rules and not v >= rules["ge"]:
+                raise fail(f"must be >= {rules['ge']}")
+            if "lt" in rules and not v < rules["lt"]:
+                raise fail(f"must be < {rules['lt']}")
+            if "le" in rules and not v <= rules["le"]:
+                raise fail(f"must be <= {rules['le']}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise fail("must be finite")
+
+    m = cfg.model
+    if m.n_embd % m.n_head:
+        raise NanorlError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}", exit_code=2)
+    if m.n_kv_head > m.n_head or m.n_head % m.n_kv_head:
+        raise NanorlError(f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}", exit_code=2)
+    hd = m.n_embd // m.n_head
+    if hd % 2 or hd > 256:
+        raise NanorlError(f"head dimension {hd} (n_embd / n_head) must be even and at most 256", exit_code=2)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
+        raise NanorlError(f"invalid run name {cfg.name!r}: use letters, digits, '.', '_' and '-'", exit_code=2)
+    for split in cfg.eval.splits:
+        if split not in ("train", "dev", "validation", "test"):
+            raise NanorlError(f"invalid value for eval.splits: {split!r} (train, dev, validation or test)",
+                              exit_code=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serialisation
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
+def to_toml(cfg: RunConfig) -> str:
+    d = cfg.to_dict()
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in SECTIONS]
+    for s in SECTIONS:
+        lines += ["", f"[{s}]"] + [f"{k} = {_toml_value(v)}" for k, v in d[s].items()]
+    return "\n".join(lines) + "\n"
+
+
+def from_toml_file(path: str | Path) -> RunConfig:
+    """Read a resolved run.toml back (no preset is re-applied: every value is in the file)."""
+    cfg = RunConfig()
+    for k, v in _flatten(load_toml(path), str(path)):
+        set_value(cfg, k, v)
+    derive(cfg)
+    validate(cfg)
+    return cfg
+
+
+def config_hash(cfg: RunConfig, sections: tuple[str, ...] = ("model",)) -> str:
+    """A short hash of the sections a checkpoint depends on (a model checkpoint: the architecture)."""
+    d = cfg.to_dict()
+    blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where runs live
+
+
+def nanorl_home() -> Path:
+    return Path(os.environ.get("NANORL_HOME") or "~/.cache/nanorl").expanduser()
+
+
+def run_dir(name: str) -> Path:
+    return nanorl_home() / "runs" / name
+
+
+def write_run_config(cfg: RunConfig) -> Path:
+    """Write runs/<name>/run.toml atomically and return the run folder."""
+    d = run_dir(cfg.name)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "run.toml.tmp"
+    tmp.write_text(to_toml(cfg))
+    tmp.replace(d / "run.toml")
+    return d

@@ -1,0 +1,208 @@
+"""Finding and loading plugins: the built-ins, then every installed distribution's `nanorl` entry points.
+
+A plugin that fails to import, or raises inside a hook, is recorded (name, error) and skipped: `nanorl plugins
+list` shows it, and every other command keeps working. Two plugins registering one name is an error that names
+both; the first keeps the name, and using it is refused until one of them is removed.
+
+`NANORL_PLUGINS=a,b` loads only the entry points named a and b; `NANORL_PLUGINS=` (empty) loads none.
+Built-ins always load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from nanorl import hookspecs
+from nanorl.api import CloudBackend, NanorlError, Reward, Task, TelemetryHook
+from nanorl.builtin import BUILTINS
+
+GROUP = "nanorl"
+
+# kind -> (hook name, the class a registered object must be an instance of)
+KINDS: dict[str, tuple[str, type]] = {
+    "task": ("register_tasks", Task),
+    "reward": ("register_rewards", Reward),
+    "telemetry": ("register_telemetry", TelemetryHook),
+    "backend": ("register_backends", CloudBackend),
+}
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str  # "builtin" or the distribution name
+    version: str
+    module: str
+    hooks: list[str] = field(default_factory=list)
+    registered: dict[str, list[str]] = field(default_factory=dict)  # kind -> names
+    errors: list[str] = field(default_factory=list)
+    traceback: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "version": self.version,
+            "module": self.module,
+            "hooks": self.hooks,
+            "registered": self.registered,
+            "errors": self.errors,
+        }
+
+
+class Plugins:
+    """The loaded plugins and what they registered. Use `get_plugins()` for the process-wide instance."""
+
+    def __init__(self, selection: list[str] | None = None, entry_points: list[Any] | None = None):
+        self.pm = pluggy.PluginManager(GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        self.registry: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+        self.owner: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin that registered it
+        self.conflicts: dict[tuple[str, str], list[str]] = {}
+        self._commands_added = False
+
+        for name, module in BUILTINS:
+            self._load(name, "builtin", _core_version(), lambda m=module: importlib.import_module(m), module)
+        eps = list(metadata.entry_points(group=GROUP)) if entry_points is None else entry_points
+        for ep in sorted(eps, key=lambda e: e.name):
+            if selection is not None and ep.name not in selection:
+                continue
+            dist = getattr(ep, "dist", None)
+            source = dist.metadata["Name"] if dist is not None else "?"
+            version = dist.version if dist is not None else "?"
+            self._load(ep.name, source, version, ep.load, ep.value)
+        for kind, (hook, _) in KINDS.items():
+            self._call(kind, hook)
+
+    # -- loading --------------------------------------------------------------------------------------------
+    def _load(self, name: str, source: str, version: str, load, module: str) -> None:
+        info = PluginInfo(name=name, source=source, version=version, module=module)
+        self.infos[name] = info
+        if self.pm.has_plugin(name):
+            info.errors.append(f"a plugin named {name!r} is already loaded; this one is skipped")
+            return
+        try:
+            obj = load()
+            self.pm.register(obj, name=name)
+        except Exception as e:  # a broken plugin must never take the CLI down
+            info.errors.append(f"failed to load: {type(e).__name__}: {e}")
+            info.traceback = traceback.format_exc()
+            return
+        info.hooks = sorted(impl_name for impl_name in _hook_names(self.pm, name))
+
+    def _call(self, kind: str, hook: str) -> None:
+        """Call one register_* hook plugin by plugin, so that each registration is attributed and isolated."""
+        expected = KINDS[kind][1]
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            plugin = impl.plugin_name
+            info = self.infos[plugin]
+
+            def register(obj, _plugin=plugin, _info=info):
+                if not isinstance(obj, expected):
+                    raise TypeError(f"{hook} expects {expected.__name__} objects, got {type(obj).__name__}")
+                key = getattr(obj, "name", "")
+                if not key:
+                    raise ValueError(f"a {kind} registered by {_plugin!r} has no name")
+                owner = self.owner.get((kind, key))
+                if owner is not None:
+                    self.conflicts.setdefault((kind, key), [owner]).append(_plugin)
+                    _info.errors.append(f"{kind} {key!r} is already registered by plugin {owner!r}")
+                    return
+                self.owner[(kind, key)] = _plugin
+                self.registry[kind][key] = obj
+                _info.registered.setdefault(kind, []).append(key)
+
+            try:
+                impl.function(register)
+            except Exception as e:
+                info.errors.append(f"{hook} raised {type(e).__name__}: {e}")
+                info.traceback = traceback.format_exc()
+
+    # -- lookups --------------------------------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> Any:
+        conflict = self.conflicts.get((kind, name))
+        if conflict:
+            raise NanorlError(
+                f"{kind} {name!r} is registered by more than one plugin: {', '.join(conflict)}",
+                hint="uninstall one of them, or load only one with NANORL_PLUGINS=...",
+            )
+        try:
+            return self.registry[kind][name]
+        except KeyError:
+            known = ", ".join(sorted(self.registry[kind])) or "none"
+            raise NanorlError(
+                f"unknown {kind} {name!r} (available: {known})",
+                hint="`nanorl plugins list` shows what each installed plugin provides",
+                exit_code=2,
+            ) from None
+
+    def task(self, name: str) -> Task:
+        return self.get("task", name)
+
+    def reward(self, name: str) -> Reward:
+        return self.get("reward", name)
+
+    def backend(self, name: str) -> CloudBackend:
+        return self.get("backend", name)
+
+    def telemetry_hooks(self) -> list[TelemetryHook]:
+        return list(self.registry["telemetry"].values())
+
+    def add_commands(self, app) -> None:
+        """Let plugins add CLI commands; a plugin that fails here is recorded like any other failure."""
+        if self._commands_added:
+            return
+        self._commands_added = True
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(app)
+            except Exception as e:
+                info = self.infos[impl.plugin_name]
+                info.errors.append(f"register_commands raised {type(e).__name__}: {e}")
+                info.traceback = traceback.format_exc()
+
+    def errors(self) -> list[tuple[str, str]]:
+        return [(name, err) for name, info in self.infos.items() for err in info.errors]
+
+
+def _hook_names(pm: pluggy.PluginManager, plugin_name: str) -> list[str]:
+    callers = pm.get_hookcallers(pm.get_plugin(plugin_name)) or []
+    return [c.name for c in callers]
+
+
+def _core_version() -> str:
+    from nanorl import __version__
+
+    return __version__
+
+
+def selection_from_env() -> list[str] | None:
+    """`NANORL_PLUGINS` unset: all plugins; set: the comma-separated names (empty: none but the built-ins)."""
+    raw = os.environ.get("NANORL_PLUGINS")
+    if raw is None:
+        return None
+    return [s.strip() for s in raw.split(",") if s.strip()]
+
+
+_PLUGINS: Plugins | None = None
+
+
+def get_plugins() -> Plugins:
+    global _PLUGINS
+    if _PLUGINS is None:
+        _PLUGINS = Plugins(selection_from_env())
+    return _PLUGINS
+
+
+def reset_plugins() -> None:
+    """Forget the loaded plugins (tests, or after installing one in-process)."""
+    global _PLUGINS
+    _PLUGINS = None
