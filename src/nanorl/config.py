@@ -24,7 +24,7 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from nanorl.api import NanorlError
 
@@ -50,8 +50,9 @@ class ModelConfig:
     vocab_size: int = _f(65536, "tokenizer and embedding vocabulary size", ge=256)
     seq_len: int = _f(2048, "context length in tokens", ge=8)
     softcap: float = _f(15.0, "logit soft-capping: logits = c * tanh(logits / c) (0: off)", ge=0)
-    attention: str = _f("auto", "attention backend (auto: triton on CUDA, sdpa elsewhere)",
-                        choices=("auto", "triton", "sdpa", "eager"))
+    attention: str = _f(
+        "auto", "attention backend (auto: triton on CUDA, sdpa elsewhere)", choices=("auto", "triton", "sdpa", "eager")
+    )
 
 
 @dataclass
@@ -85,8 +86,7 @@ class TrainConfig:
 
     steps: int = _f(-1, "optimizer steps (-1: follow the stage's budget rule)", ge=-1)
     device_batch_size: int = _f(0, "rows per forward pass on one device (0: pick one that fits)", ge=0)
-    total_batch_tokens: int = _f(0, "tokens per optimizer step, reached by gradient accumulation (0: one pass)",
-                                 ge=0)
+    total_batch_tokens: int = _f(0, "tokens per optimizer step, reached by gradient accumulation (0: one pass)", ge=0)
     lr: float = _f(1.0, "multiplier on the optim section's learning rates", gt=0)
     warmup_ratio: float = _f(0.0, "fraction of steps of linear warmup", ge=0, le=1)
     warmdown_ratio: float = _f(0.2, "fraction of steps of linear decay to final_lr_frac at the end", ge=0, le=1)
@@ -104,8 +104,7 @@ class RLConfig:
     steps: int = _f(-1, "GRPO steps (-1: one pass over the task's train split)", ge=-1)
     prompts_per_step: int = _f(8, "prompts per step", ge=1)
     group_size: int = _f(8, "completions sampled per prompt (G)", ge=2)
-    max_new_tokens: int = _f(256, "completion length limit in tokens (longer ones are truncated and masked)",
-                             ge=1)
+    max_new_tokens: int = _f(256, "completion length limit in tokens (longer ones are truncated and masked)", ge=1)
     temperature: float = _f(1.0, "sampling temperature", gt=0)
     top_k: int = _f(0, "sample from the k most likely tokens (0: all)", ge=0)
     lr: float = _f(0.05, "multiplier on the optim section's learning rates", gt=0)
@@ -123,8 +122,11 @@ class RLConfig:
 @dataclass
 class EvalConfig:
     splits: list = _f(["dev"], "splits to evaluate")
-    mode: str = _f("generative", "generative (sample, extract, score), categorical (answer-letter logits) or both",
-                   choices=("generative", "categorical", "both"))
+    mode: str = _f(
+        "generative",
+        "generative (sample, extract, score), categorical (answer-letter logits) or both",
+        choices=("generative", "categorical", "both"),
+    )
     max_examples: int = _f(0, "evaluate at most this many examples per split (0: all)", ge=0)
     max_new_tokens: int = _f(256, "completion length limit", ge=1)
     temperature: float = _f(0.0, "sampling temperature (0: greedy)", ge=0)
@@ -153,8 +155,11 @@ class RunConfig:
     preset: str = _f("", "the preset applied before the recipe and overrides ('' , tiny, d8, d12, d20, d26)")
     seed: int = _f(42, "random seed", ge=0)
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = _f("auto", "compute dtype (auto: bfloat16 on CUDA, float32 elsewhere)",
-                    choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _f(
+        "auto",
+        "compute dtype (auto: bfloat16 on CUDA, float32 elsewhere)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -307,8 +312,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     out = []
     for item in items:
         if "=" not in item:
-            raise NanorlError(f"override {item!r} is not key=value", hint="e.g. model.depth=12 rl.group_size=16",
-                              exit_code=2)
+            raise NanorlError(
+                f"override {item!r} is not key=value", hint="e.g. model.depth=12 rl.group_size=16", exit_code=2
+            )
         k, v = item.split("=", 1)
         out.append((k.strip(), v))
     return out
@@ -407,7 +413,7 @@ def validate(cfg: RunConfig) -> None:
             rules = f.metadata
             key = prefix + f.name
 
-            def fail(why: str, key=key, v=v) -> NanorlError:
+            def fail(why: str, key=key, v=v, rules=rules) -> NanorlError:
                 return NanorlError(f"invalid value for {key}: {v!r} {why}", hint=rules.get("help"), exit_code=2)
 
             if "choices" in rules and v not in rules["choices"]:
@@ -435,8 +441,7 @@ def validate(cfg: RunConfig) -> None:
         raise NanorlError(f"invalid run name {cfg.name!r}: use letters, digits, '.', '_' and '-'", exit_code=2)
     for split in cfg.eval.splits:
         if split not in ("train", "dev", "validation", "test"):
-            raise NanorlError(f"invalid value for eval.splits: {split!r} (train, dev, validation or test)",
-                              exit_code=2)
+            raise NanorlError(f"invalid value for eval.splits: {split!r} (train, dev, validation or test)", exit_code=2)
 
 
 # ---------------------------------------------------------------------------------------------------------

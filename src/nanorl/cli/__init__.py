@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if state["debug"]:
             traceback.print_exc()
-        print_error(f"{type(e).__name__}: {e}", "this is a bug in nanorl or a plugin; re-run with --debug "
-                    "for the traceback and report it")
+        print_error(
+            f"{type(e).__name__}: {e}",
+            "this is a bug in nanorl or a plugin; re-run with --debug for the traceback and report it",
+        )
         sys.exit(1)

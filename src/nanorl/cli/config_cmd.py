@@ -21,8 +21,9 @@ def build_config(preset, depth, config, task, name, overrides):
     """Resolve a run config from the common CLI options (one way, shared by every command)."""
     from nanorl.config import resolve
 
-    return resolve(preset=preset, config_file=config, overrides=overrides or [], model__depth=depth, task=task,
-                   name=name)
+    return resolve(
+        preset=preset, config_file=config, overrides=overrides or [], model__depth=depth, task=task, name=name
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -65,8 +66,10 @@ def register(app: typer.Typer) -> None:
                 table.add_row(f"{s}.{k}", repr(v))
         console.print(table)
         m = cfg.model
-        console.print(f"[dim]model: {m.depth} layers, width {m.n_embd}, {m.n_head} heads of {cfg.head_dim} "
-                      f"({m.n_kv_head} kv heads), vocab {m.vocab_size}, context {m.seq_len}[/]")
+        console.print(
+            f"[dim]model: {m.depth} layers, width {m.n_embd}, {m.n_head} heads of {cfg.head_dim} "
+            f"({m.n_kv_head} kv heads), vocab {m.vocab_size}, context {m.seq_len}[/]"
+        )
 
     @config_app.command("keys")
     def keys(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -81,15 +84,20 @@ def register(app: typer.Typer) -> None:
             for f in dataclasses.fields(obj):
                 if f.name in SECTIONS:
                     continue
-                rows.append({"key": prefix + f.name, "type": getattr(f.type, "__name__", str(f.type)),
-                             "default": getattr(obj, f.name), "help": f.metadata.get("help", "")})
+                rows.append(
+                    {
+                        "key": prefix + f.name,
+                        "type": getattr(f.type, "__name__", str(f.type)),
+                        "default": getattr(obj, f.name),
+                        "help": f.metadata.get("help", ""),
+                    }
+                )
         if as_json:
             print_json(rows)
             return
         from rich.table import Table
 
-        table = Table(title="config keys (set with key=value, or a bare name for every section)",
-                      title_justify="left")
+        table = Table(title="config keys (set with key=value, or a bare name for every section)", title_justify="left")
         for col in ("key", "type", "default", "meaning"):
             table.add_column(col, overflow="fold")
         for r in rows:

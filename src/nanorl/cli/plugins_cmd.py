@@ -32,9 +32,12 @@ def register(app: typer.Typer) -> None:
         for i in infos:
             registered = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in i.registered.items()) or "-"
             hooks = "\n".join(h.removeprefix("register_") for h in i.hooks) or "-"
-            status = "[red]" + "\n".join(i.errors) + "[/]" if i.errors else "[green]ok[/]"
+            status = f"[red]{len(i.errors)} error{'s' * (len(i.errors) > 1)}[/]" if i.errors else "[green]ok[/]"
             table.add_row(i.name, i.source, i.version, hooks, registered, status)
         console.print(table)
+        for i in infos:
+            for err in i.errors:
+                console.print(f"[red]x[/] [bold]{i.name}[/] ({i.source}): {err}", highlight=False, soft_wrap=True)
         if traceback_:
             for i in infos:
                 if i.traceback:

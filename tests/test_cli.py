@@ -1,0 +1,71 @@
+"""The CLI as a user meets it: version, help without heavy imports, errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from nanorl import __version__
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "nanorl", *args], capture_output=True, text=True, env=e, timeout=60)
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"nanorl {__version__}"
+
+
+def test_help_and_plugins_list_import_no_heavy_library():
+    code = (
+        "import sys\n"
+        "from nanorl.cli import main\n"
+        "for argv in (['--help'], ['plugins', 'list'], ['config', 'show']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), e.code\n"
+        "heavy = sorted(m for m in ('torch', 'datasets', 'wandb', 'triton', 'numpy', 'boto3') if m in sys.modules)\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "HEAVY="
+
+
+def test_config_show_json_resolves_overrides():
+    r = run_cli("config", "show", "--json", "--depth", "12", "rl.group_size=4", "--task", "aqua")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg["model"]["n_embd"] == 768 and cfg["rl"]["group_size"] == 4 and cfg["name"] == "aqua-d12"
+
+
+def test_config_show_table_and_toml():
+    r = run_cli("config", "show", "--preset", "tiny")
+    assert r.returncode == 0 and "model.n_embd" in r.stdout and "4 layers, width 128" in r.stdout
+    r = run_cli("config", "show", "--preset", "tiny", "--toml")
+    assert r.returncode == 0 and r.stdout.startswith('name = "arith-tiny"') and "[model]" in r.stdout
+
+
+def test_bad_input_is_one_red_line_with_exit_code_2_and_no_traceback():
+    r = run_cli("config", "show", "depth=0")
+    assert r.returncode == 2
+    assert "error: invalid value for model.depth: 0 must be >= 1" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    r = run_cli("--debug", "config", "show", "depth=0")
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_unknown_key_exit_code():
+    r = run_cli("config", "show", "lr_typo=3")
+    assert r.returncode == 2 and "unknown config key 'lr_typo'" in r.stderr
+
+
+def test_config_keys_lists_every_section():
+    r = run_cli("config", "keys", "--json")
+    keys = {row["key"] for row in json.loads(r.stdout)}
+    assert {"model.depth", "rl.beta", "sft.lr", "telemetry.wandb", "seed"} <= keys

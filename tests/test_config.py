@@ -1,0 +1,157 @@
+"""Run configuration: the depth rule, presets, recipes, overrides, validation, serialisation."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanorl.api import NanorlError
+from nanorl.config import (
+    PRESETS,
+    RunConfig,
+    config_hash,
+    from_toml_file,
+    resolve,
+    run_dir,
+    to_toml,
+    write_run_config,
+)
+
+
+@pytest.mark.parametrize("depth,width,heads", [(8, 512, 4), (12, 768, 6), (20, 1280, 10), (26, 1664, 13)])
+def test_depth_rule(depth, width, heads):
+    cfg = resolve(preset=f"d{depth}")
+    assert (cfg.model.depth, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_kv_head) == (depth, width, heads, heads)
+    assert cfg.head_dim == 128
+    assert cfg.name == f"arith-d{depth}"
+
+
+def test_tiny_preset_applies_and_is_recorded():
+    cfg = resolve(preset="tiny")
+    for key, value in PRESETS["tiny"].items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value
+    assert cfg.preset == "tiny" and cfg.name == "arith-tiny"
+
+
+def test_overrides_are_parsed_to_the_field_type():
+    cfg = resolve(
+        overrides=[
+            "rl.group_size=16",
+            "model.softcap=0",
+            "rl.std_normalize=false",
+            "eval.splits=dev,test",
+            "rl.rewards=aqua.correct:1,aqua.format:0.1",
+            "seed=7",
+        ]
+    )
+    assert cfg.rl.group_size == 16 and isinstance(cfg.rl.group_size, int)
+    assert cfg.model.softcap == 0.0 and isinstance(cfg.model.softcap, float)
+    assert cfg.rl.std_normalize is False
+    assert cfg.eval.splits == ["dev", "test"]
+    assert cfg.rl.rewards == {"aqua.correct": 1.0, "aqua.format": 0.1}
+    assert cfg.seed == 7
+
+
+def test_bare_keys_set_every_section_that_has_them():
+    cfg = resolve(overrides=["steps=5", "depth=12"])
+    assert [cfg.base.steps, cfg.mid.steps, cfg.sft.steps, cfg.rl.steps] == [5, 5, 5, 5]
+    assert cfg.model.depth == 12 and cfg.model.n_embd == 768
+
+
+def test_explicit_width_beats_the_depth_rule():
+    cfg = resolve(overrides=["depth=4", "model.n_embd=256", "model.n_head=2", "model.n_kv_head=1"])
+    assert (cfg.model.n_embd, cfg.model.n_head, cfg.model.n_kv_head, cfg.head_dim) == (256, 2, 1, 128)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("depth=0", "model.depth: 0 must be >= 1"),
+        ("lr=-1", "base.lr: -1.0 must be > 0"),
+        ("model.depth=abc", "model.depth: 'abc' is not an integer"),
+        ("model.attention=flash", "choose one of auto, triton, sdpa, eager"),
+        ("rl.std_normalize=maybe", "not a boolean"),
+        ("nosuchkey=1", "unknown config key 'nosuchkey'"),
+        ("model.nosuch=1", "unknown config key 'model.nosuch'"),
+        ("model.n_head=3", "not divisible by model.n_head=3"),
+        ("model.n_kv_head=3", "must divide model.n_head"),
+        ("name=../escape", "invalid run name"),
+        ("rl.rewards=aqua.correct", "name:weight pairs"),
+        ("optim.adam_beta2=1.0", "must be < 1"),
+        ("eval.splits=dev,bogus", "eval.splits"),
+    ],
+)
+def test_validation_names_the_bad_key_and_value(override, message):
+    with pytest.raises(NanorlError) as err:
+        resolve(overrides=[override])
+    assert message in err.value.message
+    assert err.value.exit_code == 2
+
+
+def test_unknown_key_suggests_a_close_one():
+    with pytest.raises(NanorlError) as err:
+        resolve(overrides=["model.dpeth=4"])
+    assert "model.depth" in err.value.hint
+
+
+def test_toml_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        'preset = "tiny"\ntask = "aqua"\n\n[rl]\ngroup_size = 4\ntemperature = 0.7\n\n[model]\nseq_len = 512\n'
+    )
+    cfg = resolve(config_file=recipe, overrides=["rl.group_size=12"])
+    assert cfg.preset == "tiny" and cfg.model.n_embd == PRESETS["tiny"]["model.n_embd"]
+    assert cfg.task == "aqua" and cfg.model.seq_len == 512 and cfg.rl.temperature == 0.7
+    assert cfg.rl.group_size == 12  # the command line wins over the recipe
+    # a preset on the command line wins over the recipe's
+    assert resolve(preset="d8", config_file=recipe).model.depth == 8
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[model]\ndepth = 'eight'\n", "model.depth: 'eight' is not an integer"),
+        ("[model]\nwidth = 3\n", "unknown config key 'model.width'"),
+        ("model = 3\n", "[model] must be a table"),
+        ("[model\n", "is not valid TOML"),
+    ],
+)
+def test_bad_recipes_are_clear_errors(tmp_path, text, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text)
+    with pytest.raises(NanorlError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        resolve(config_file=recipe)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(NanorlError, match="config file not found"):
+        resolve(config_file=tmp_path / "nope.toml")
+
+
+def test_run_toml_round_trip(tmp_path):
+    cfg = resolve(
+        preset="tiny",
+        overrides=[
+            "rl.rewards=arith.correct:1,arith.format:0.1",
+            "eval.splits=dev,test",
+            "checkpoint.store=s3://bucket/p",
+        ],
+    )
+    path = write_run_config(cfg)
+    assert path == run_dir(cfg.name) and str(path).startswith(str(tmp_path))
+    back = from_toml_file(path / "run.toml")
+    assert back == cfg
+    assert to_toml(back) == to_toml(cfg)
+
+
+def test_config_hash_tracks_the_architecture_only():
+    a = resolve(preset="tiny")
+    b = resolve(preset="tiny", overrides=["rl.group_size=4"])
+    c = resolve(preset="tiny", overrides=["model.seq_len=512"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_defaults_are_valid_and_independent():
+    a, b = RunConfig(), RunConfig()
+    a.eval.splits.append("test")
+    assert b.eval.splits == ["dev"]  # no shared mutable defaults
