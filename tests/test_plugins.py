@@ -197,3 +197,22 @@ def test_cli_respects_nanorl_plugins(site):
     r = run_cli("plugins", "list", "--json", site=site, env={"NANORL_PLUGINS": "echo,aqua"})
     names = {p["name"] for p in json.loads(r.stdout)["plugins"] if p["source"] != "builtin"}
     assert names == {"echo", "aqua"}
+
+
+def test_the_example_in_docs_plugins_md_works(site):
+    """The complete minimal plugin in docs/plugins.md is real code: load it and check it round-trips."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    after = doc.split("`src/nanorl_parity/plugin.py`:", 1)[1]
+    source = after.split("```python\n", 1)[1].split("```", 1)[0]
+    make_dist(site, "nanorl-plugin-parity", "nanorl_parity_plugin", source, ep_name="parity")
+    plugins = Plugins()
+    assert plugins.infos["parity"].errors == []
+    task = plugins.task("parity")
+    dev = task.load("dev")
+    assert len(dev) == 200 and {ex.answer for ex in dev} == {"even", "odd"}
+    for ex in dev[:20]:
+        answer = task.extract(task.target(ex))
+        assert task.is_correct(ex, answer)
+        assert plugins.reward("parity.correct")(ex, task.target(ex), answer) == 1.0
+    with pytest.raises(NanorlError, match="no split"):
+        task.load("validation")
