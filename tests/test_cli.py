@@ -38,10 +38,11 @@ def test_help_and_plugins_list_import_no_heavy_library():
 
 
 def test_config_show_json_resolves_overrides():
-    r = run_cli("config", "show", "--json", "--depth", "12", "rl.group_size=4", "--task", "aqua")
+    r = run_cli("config", "show", "--json", "--depth", "12", "rl.group_size=4", "--task", "aqua", "--data-dir", "/d")
     assert r.returncode == 0, r.stderr
     cfg = json.loads(r.stdout)
     assert cfg["model"]["n_embd"] == 768 and cfg["rl"]["group_size"] == 4 and cfg["name"] == "aqua-d12"
+    assert cfg["data"]["data_dir"] == "/d"
 
 
 def test_config_show_table_and_toml():

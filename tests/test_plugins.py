@@ -109,7 +109,7 @@ def test_entry_point_plugin_is_discovered_and_registers(site):
     ex = task.load("dev")[0]
     assert task.is_correct(ex, task.extract(" 1 ")) and not task.is_correct(ex, task.extract("2"))
     assert plugins.reward("echo.exact")(ex, "1", "1") == 1.0
-    assert [h.name for h in plugins.telemetry_hooks()] == ["echo.counter"]
+    assert "echo.counter" in [h.name for h in plugins.telemetry_hooks()]
 
 
 def test_broken_plugins_are_reported_and_skipped(site):

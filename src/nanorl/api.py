@@ -9,6 +9,9 @@ What a plugin provides, through the hooks in `nanorl.hookspecs`:
 - telemetry  (`TelemetryHook` subclasses: extra metrics at stage start/step/rollouts/eval/end)
 - backends   (`CloudBackend` subclasses: launch a run on rented GPUs)
 - commands   (extra Typer sub-commands on the `nanorl` app)
+
+Multiple choice: `nanorl.multichoice` (prompt, answer extraction, rewards, evaluation statistics, letter
+telemetry) is re-exported here lazily: `from nanorl.api import extract_letter` or `nanorl.api.multichoice`.
 """
 
 from __future__ import annotations
@@ -318,3 +321,42 @@ class CloudBackend:
 
     def terminate(self, instance_id: str) -> Instance:
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multiple choice (re-exported lazily: nanorl.multichoice imports this module, so it cannot be imported here
+# at the top; PEP 562 `__getattr__` resolves these names on first use)
+
+MULTICHOICE = (
+    "mc_conversation",
+    "final_answer_line",
+    "extract_letter",
+    "ends_with_final_answer",
+    "correct_reward",
+    "format_reward",
+    "option_text",
+    "wilson_interval",
+    "mcnemar_p",
+    "majority_baseline",
+    "summarize",
+    "compare",
+    "shuffle_options",
+    "unshuffle_letter",
+    "position_bias",
+    "shuffle_eval",
+    "eval_record",
+    "mcnemar_chi2_p",
+    "option_label",
+    "strip_answer_statement",
+    "LetterTelemetry",
+)
+__all__ += list(MULTICHOICE)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "multichoice" or name in MULTICHOICE:
+        import importlib
+
+        module = importlib.import_module("nanorl.multichoice")
+        return module if name == "multichoice" else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

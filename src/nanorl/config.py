@@ -73,11 +73,13 @@ class DataConfig:
     fineweb_shards: int = _f(8, "FineWeb-EDU shards to download when corpus = fineweb", ge=1)
     data_dir: str = _f("", "where the task's data files live ('' : the task's default source)")
     skip_bad: bool = _f(False, "skip (and count) unreadable lines and corrupt shards instead of stopping")
+    chat: str = _f("", "extra chat data for midtraining: a .jsonl of {\"messages\": [...]} ('' : none)")
 
 
 @dataclass
 class TokenizerConfig:
     train_chars: int = _f(2_000_000_000, "characters of the corpus to train the BPE on (at most)", ge=1000)
+    max_digits: int = _f(3, "longest digit run in one token (GPT-4: 3; 1: a token per digit)", ge=1, le=9)
 
 
 @dataclass
@@ -93,6 +95,9 @@ class TrainConfig:
     final_lr_frac: float = _f(0.0, "learning rate at the end, as a fraction of the peak", ge=0, le=1)
     eval_every: int = _f(250, "steps between validation evaluations (0: only at the end)", ge=0)
     checkpoint_every: int = _f(500, "steps between checkpoints (0: only at the end)", ge=0)
+    tokens_per_param: float = _f(
+        20.0, "base only, when steps = -1: train on this many tokens per parameter (Chinchilla's 20)", gt=0
+    )
 
 
 def _stage(**overrides) -> Any:
@@ -113,7 +118,7 @@ class RLConfig:
     ppo_epochs: int = _f(1, "optimisation passes over each batch of rollouts", ge=1)
     std_normalize: bool = _f(True, "divide advantages by the group's reward std")
     drop_zero_variance: bool = _f(False, "drop groups whose rewards are all equal (they carry no signal)")
-    rewards: dict = _f({}, "reward weights by name, e.g. aqua.correct:1,aqua.format:0.1 ({}: the task's defaults)")
+    rewards: dict = _f({}, "reward weights by name, e.g. aqua.correct:1,aqua.format:1 ({}: the task's defaults)")
     kl_every: int = _f(10, "steps between letter/sequence KL telemetry (0: never)", ge=0)
     eval_every: int = _f(50, "steps between dev evaluations (0: only at the end)", ge=0)
     checkpoint_every: int = _f(50, "steps between checkpoints (0: only at the end)", ge=0)
@@ -191,15 +196,39 @@ PRESETS: dict[str, dict[str, Any]] = {
     "d12": {"model.depth": 12},
     "d20": {"model.depth": 20},
     "d26": {"model.depth": 26},
+    # `tiny`: the CPU demo (nanorl pipeline --task arith --preset tiny), budgeted for <= 10 minutes on 2 cores.
+    # The arith tokenizer stops near 700 tokens (every word and number becomes one token), so 1024 rows suffice.
     "tiny": {
         "model.depth": 4,
         "model.n_embd": 128,
         "model.n_head": 4,
-        "model.vocab_size": 2048,
+        "model.vocab_size": 1024,
         "model.seq_len": 256,
         "tokenizer.train_chars": 5_000_000,
+        # twice nanochat's rates: at width 128 they lowered validation bpb faster (0.287 vs 0.293 at 0.06, 200
+        # steps; docs/benchmarks.md); SFT at the full rate (the default 0.02 left the SFT loss flat here)
+        "optim.matrix_lr": 0.04,
+        "optim.embedding_lr": 0.4,
+        "optim.unembedding_lr": 0.008,
+        "base.steps": 300,
+        "base.device_batch_size": 8,
+        "base.eval_every": 100,
+        "base.checkpoint_every": 100,
+        "mid.steps": 20,
+        "mid.device_batch_size": 8,
+        "sft.steps": 300,
+        "sft.device_batch_size": 16,
+        "sft.lr": 1.0,
+        "sft.warmdown_ratio": 0.5,
+        "sft.checkpoint_every": 100,
+        "rl.steps": 30,
+        "rl.prompts_per_step": 8,
+        "rl.group_size": 8,
+        "rl.checkpoint_every": 10,
+        "rl.eval_every": 0,
         "eval.max_examples": 200,
-        "eval.max_new_tokens": 96,
+        "eval.max_new_tokens": 96,  # the level-1 arith target is at most ~80 tokens
+        "eval.batch_size": 64,
         "rl.max_new_tokens": 96,
     },
 }

@@ -3,4 +3,7 @@
 Each entry is (plugin name, module path); the module holds `@hookimpl` functions.
 """
 
-BUILTINS: list[tuple[str, str]] = []
+BUILTINS: list[tuple[str, str]] = [
+    ("arith", "nanorl.builtin.arith"),
+    ("sinks", "nanorl.builtin.sinks"),
+]

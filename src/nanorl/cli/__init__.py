@@ -41,10 +41,19 @@ def _root(
 
 
 def _add_commands() -> None:
-    from nanorl.cli import config_cmd, plugins_cmd
+    from nanorl.cli import (
+        config_cmd,
+        data_cmd,
+        eval_cmd,
+        model_cmd,
+        pipeline_cmd,
+        plugins_cmd,
+        tokenizer_cmd,
+        train_cmd,
+    )
     from nanorl.plugins import get_plugins
 
-    for module in (plugins_cmd, config_cmd):
+    for module in (plugins_cmd, config_cmd, model_cmd, tokenizer_cmd, data_cmd, pipeline_cmd, train_cmd, eval_cmd):
         module.register(app)
     get_plugins().add_commands(app)
 

@@ -14,15 +14,22 @@ DepthOpt = typer.Option(None, "--depth", help="Model depth (layers); width and h
 ConfigOpt = typer.Option(None, "--config", "-c", help="A TOML recipe file.", exists=False, dir_okay=False)
 TaskOpt = typer.Option(None, "--task", help="The task (see `nanorl plugins list`).")
 NameOpt = typer.Option(None, "--name", help="Run name (default: <task>-<preset or dN>).")
+DataDirOpt = typer.Option(None, "--data-dir", help="Where the task's data files live (sets data.data_dir).")
 OverridesArg = typer.Argument(None, help="key=value overrides, e.g. model.seq_len=1024 rl.group_size=16.")
 
 
-def build_config(preset, depth, config, task, name, overrides):
+def build_config(preset, depth, config, task, name, overrides, data_dir=None):
     """Resolve a run config from the common CLI options (one way, shared by every command)."""
     from nanorl.config import resolve
 
     return resolve(
-        preset=preset, config_file=config, overrides=overrides or [], model__depth=depth, task=task, name=name
+        preset=preset,
+        config_file=config,
+        overrides=overrides or [],
+        model__depth=depth,
+        data__data_dir=data_dir,
+        task=task,
+        name=name,
     )
 
 
@@ -38,13 +45,14 @@ def register(app: typer.Typer) -> None:
         config: Path = ConfigOpt,
         task: str = TaskOpt,
         name: str = NameOpt,
+        data_dir: str = DataDirOpt,
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
         toml: bool = typer.Option(False, "--toml", help="Print TOML (what run.toml holds)."),
     ) -> None:
         """Print the resolved run configuration (defaults, preset, recipe, overrides)."""
         from nanorl.config import SECTIONS, to_toml
 
-        cfg = build_config(preset, depth, config, task, name, overrides)
+        cfg = build_config(preset, depth, config, task, name, overrides, data_dir=data_dir)
         if as_json:
             print_json(cfg.to_dict())
             return

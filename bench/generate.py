@@ -1,0 +1,76 @@
+"""Engine generation speed on the BENCHMARKS.md shape: 1 prompt x 64 tokens -> 16 samples x 128 new, T=1.
+
+KV cache (prefill once, expand to 16 rows, one token per step) vs no cache (the full sequence re-run for
+every new token; measured over fewer new tokens, it is slow). tokens/s counts sampled tokens.
+
+    .venv/bin/python bench/generate.py [--reps 3] [--threads 2] [--nocache-tokens 16]
+
+Prints a table, then one JSON object as the last line. Goal (issue 5): >= 2x nanochat's Engine (670-790 tok/s)
+and >= 10x the no-cache path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _shape import StubTokenizer, load_note, model_and_cfg  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--nocache-tokens", type=int, default=16)
+    args = ap.parse_args()
+    import torch
+
+    from nanorl.engine import Engine
+
+    model, _ = model_and_cfg(args.threads)
+    engine = Engine(model, StubTokenizer())
+    prompt = torch.randint(0, 8192, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    G, N = 16, 128
+
+    def timed(n_new: int, cache: bool) -> float:
+        t = time.perf_counter()
+        out = engine.sample([prompt], num_samples=G, max_new_tokens=n_new, temperature=1.0, seed=1, use_cache=cache)
+        dt = time.perf_counter() - t
+        assert all(len(s.tokens) == n_new for s in out[0])
+        return G * n_new / dt
+
+    timed(8, True)  # warm-up
+    cached = statistics.median(timed(N, True) for _ in range(args.reps))
+    nocache = timed(args.nocache_tokens, False)
+    rows = [
+        ("KV cache (16 x 128 new)", f"{cached:,.0f}"),
+        (f"no cache (16 x {args.nocache_tokens} new)", f"{nocache:,.0f}"),
+        ("speed-up", f"{cached / nocache:.1f}x"),
+        ("vs nanochat Engine 670-790 tok/s", f"{cached / 790:.2f}-{cached / 670:.2f}x"),
+    ]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"generation, BENCHMARKS shape, {args.threads} threads ({load_note()})")
+        t.add_column("path")
+        t.add_column("tok/s", justify="right")
+        for r in rows:
+            t.add_row(*r)
+        Console().print(t)
+    except ImportError:
+        for r in rows:
+            print(*r)
+    print(json.dumps({"bench": "generate", "cached_tok_s": round(cached, 1), "nocache_tok_s": round(nocache, 1),
+                      "speedup": round(cached / nocache, 1), "vs_nanochat_low": round(cached / 790, 2),
+                      "threads": args.threads, "load": load_note()}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""One GRPO step on the BENCHMARKS.md shape: 8 prompts x 8 completions, 64-token prompts and completions, beta=0,
+one optimizer step per rollout (the shape of ../shared/anchors/trl_grpo_bench.sh).
+
+rollout: the engine samples 64 completions (each prompt prefilled once, then 8 rows);
+train: the shared-prompt forward (each prompt computed once) + GRPO loss + backward + Muon/AdamW step.
+Rewards are a fixed function of the sampled tokens (the benchmark measures compute, not learning).
+
+    .venv/bin/python bench/grpo_step.py [--steps 3] [--threads 2]
+
+Prints a table, then one JSON object as the last line. Goal (issue 5): <= 5.1 s/step (2.5x TRL's 12.8 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _shape import StubTokenizer, load_note, model_and_cfg  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    from nanorl.engine import Engine
+    from nanorl.optim import Optimizers
+    from nanorl.stages.rl import completion_logprobs, group_advantages, grpo_loss
+
+    model, cfg = model_and_cfg(args.threads)
+    opt = Optimizers(model, cfg.optim, lr_mult=0.05)
+    engine = Engine(model, StubTokenizer())
+    P, G, L, C = 8, 8, 64, 64
+    gen = torch.Generator().manual_seed(0)
+    dev = torch.device("cpu")
+    roll, train = [], []
+    for step in range(args.steps + 1):  # the first step warms up
+        prompts = [torch.randint(0, 8192, (L,), generator=gen).tolist() for _ in range(P)]
+        t0 = time.perf_counter()
+        groups = engine.sample(prompts, num_samples=G, max_new_tokens=C, temperature=1.0, seed=step)
+        t1 = time.perf_counter()
+        comps = [s.tokens for g in groups for s in g]
+        rewards = torch.tensor([float(c[0] % 2) for c in comps]).view(P, G)
+        adv, _ = group_advantages(rewards, std_normalize=True)
+        model.train()
+        logp = completion_logprobs(model, prompts, comps, dev, torch.float32)
+        mask = torch.ones_like(logp)
+        loss, _ = grpo_loss(logp, logp.detach(), adv.view(-1), mask, 0.2)
+        loss.backward()
+        opt.step()
+        t2 = time.perf_counter()
+        if step:
+            roll.append(t1 - t0)
+            train.append(t2 - t1)
+    r, t = statistics.median(roll), statistics.median(train)
+    total = r + t
+    rows = [("rollout (64 x 64 new)", f"{r:.2f} s"), ("train (fwd+bwd+step)", f"{t:.2f} s"),
+            ("step", f"{total:.2f} s"), ("completions/s", f"{P * G / total:.1f}"),
+            ("vs TRL 12.8 s/step", f"{12.8 / total:.2f}x")]  # fmt: skip
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        tb = Table(title=f"GRPO step, BENCHMARKS shape, {args.threads} threads ({load_note()})")
+        tb.add_column("part")
+        tb.add_column("time", justify="right")
+        for row in rows:
+            tb.add_row(*row)
+        Console().print(tb)
+    except ImportError:
+        for row in rows:
+            print(*row)
+    print(json.dumps({"bench": "grpo_step", "rollout_s": round(r, 3), "train_s": round(t, 3),
+                      "step_s": round(total, 3), "vs_trl": round(12.8 / total, 2), "threads": args.threads,
+                      "load": load_note()}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Training throughput of the real training step on the BENCHMARKS.md shape (batch 8 x 256, fp32):
+forward + backward + gradient clipping + the Muon/AdamW step (`nanorl.optim.Optimizers`), as the stages run it.
+(bench/model_speed.py, the model engineer's, measures the model with plain AdamW; this adds Muon and clipping.)
+
+    .venv/bin/python bench/train_speed.py [--steps 8] [--warmup 2] [--threads 2]
+
+Prints a table, then one JSON object as the last line. Peers: nanochat 1,144-1,222 tok/s (AdamW),
+978-1,020 with its Muon; goal >= 1.2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _shape import load_note, model_and_cfg  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    from nanorl.optim import Optimizers
+
+    model, cfg = model_and_cfg(args.threads)
+    opt = Optimizers(model, cfg.optim)
+    B, T = 8, 256
+    x = torch.randint(0, 8192, (B, T))
+    y = torch.randint(0, 8192, (B, T))
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        model(x, y).backward()
+        opt.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    tok_s = B * T / statistics.median(times)
+    flops = model.flops_per_token(T) * tok_s / 1e9
+    rows = [("tokens/s (fwd+bwd+clip+Muon/AdamW)", f"{tok_s:,.0f}"), ("model GFLOP/s", f"{flops:.1f}"),
+            ("vs nanochat with Muon (978-1,020)", f"{tok_s / 1020:.2f}-{tok_s / 978:.2f}x")]  # fmt: skip
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        tb = Table(title=f"training step, BENCHMARKS shape, {args.threads} threads ({load_note()})")
+        tb.add_column("measure")
+        tb.add_column("value", justify="right")
+        for row in rows:
+            tb.add_row(*row)
+        Console().print(tb)
+    except ImportError:
+        for row in rows:
+            print(*row)
+    result = {"bench": "train_speed", "tok_s": round(tok_s, 1), "gflops": round(flops, 2)}
+    result.update(vs_nanochat_muon=round(tok_s / 1020, 2), threads=args.threads, load=load_note())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

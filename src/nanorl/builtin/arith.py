@@ -1,0 +1,317 @@
+"""The built-in offline task `arith`: generated multiple-choice arithmetic word problems, AQuA-RAT style.
+
+Every record has exactly the AQuA-RAT schema, `{"question", "options": ["A)..", .., "E).."], "rationale",
+"correct"}`, and the task asks, extracts and rewards exactly like the AQuA task (`nanorl.multichoice`), so the
+whole pipeline runs offline on it and the same code paths serve both.
+
+Design, and why:
+- Levels. `arith` (level 1): one addition or subtraction of numbers below 100. `arith2`: two steps (add then
+  subtract, multiply then add, ...), numbers below 1000. `arith3`: three steps. Level 1 is sized for a tiny
+  model on a CPU (docs/data.md has what a probe measured).
+- Splits are disjoint by construction: a problem's split is fixed by a hash of its canonical form (the
+  operation and the numbers, not the names or wording), so no dev/test problem appears in train with other
+  names, whatever the seed. Sizes: train up to 20,000 (level 1 has ~12,000 distinct problems: every one not in
+  dev/test), dev 300, test 300.
+- Options are sorted ascending, like most AQuA questions. The correct value's rank among them is drawn
+  uniformly (so the letters A-E are uniform), and the gaps between neighbouring options are drawn independently
+  from {1..5} (levels 2-3: {1..5, 10}, a slipped tens digit) on both sides, so the set of options says nothing
+  about which one is right: distractors are close, and only computing the value finds the answer.
+- Level 1 rationales add or subtract in columns (ones, then tens, with the carry or borrow), so every line is a
+  one-digit fact and the result is copied from two lines (`_columns`); levels 2-3 write one equation per step.
+- The rationale computes the value step by step, then walks the options in order, writing each one as the
+  prompt shows it followed by "no" or "yes", and stops at the match; the last line is the answer line. Mapping a
+  computed value back to its letter is what a tiny model finds hardest (a probe in the project's brief chose the
+  letter at chance); walking the options turns it into copying plus an equality test, each a step a small
+  transformer learns, and the letter to write sits two lines up. It is a real procedure, not a leak: the
+  comparison needs the computed value.
+- The pretraining corpus (`corpus()`) is the train split written as plain text (the prompt, then the rationale),
+  so pretraining already sees the format and the copying it needs, and never sees a dev/test problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+
+from nanorl.api import (
+    LETTERS,
+    Conversation,
+    Example,
+    NanorlError,
+    Reward,
+    Task,
+    correct_reward,
+    extract_letter,
+    final_answer_line,
+    format_reward,
+    hookimpl,
+    mc_conversation,
+)
+
+SPLIT_SIZES = {"train": 20_000, "dev": 300, "test": 300}
+# 1 in 40 canonical problems goes to dev, 1 in 40 to test: level 1 has ~12,700 problems, ~318 each, >= 300
+HASH_BUCKETS = 40
+SEED = 1234  # the generator's seed; the split a problem lands in does not depend on it
+
+NAMES = ("Tom", "Ana", "Li", "Sara", "Omar", "Ben", "Mia", "Ravi", "Zoe", "Ivan", "Nina", "Sam")
+THINGS = ("apples", "books", "coins", "stamps", "marbles", "pens", "cards", "shells", "eggs", "stickers")
+
+# A problem kind: draw(rng) -> canonical key (the operation and its numbers); render(key, rng) -> (question,
+# rationale steps, value). Drawing is cheap and comes first, so repeated keys cost little.
+
+
+def _words(rng: random.Random) -> tuple[str, str]:
+    return rng.choice(NAMES), rng.choice(THINGS)
+
+
+def _draw_add(rng: random.Random) -> tuple:
+    a = rng.randint(1, 99)
+    b = rng.randint(max(1, 20 - a), 99)  # answer >= 20 (see LEVELS)
+    return ("+", a, b)
+
+
+def _draw_sub(rng: random.Random) -> tuple:
+    a = rng.randint(21, 99)
+    return ("-", a, rng.randint(1, a - 20))  # answer >= 20
+
+
+def _render_1(key: tuple, rng: random.Random) -> tuple[str, list[str], int]:
+    op, a, b = key
+    name, thing = _words(rng)
+    if op == "+":
+        q = rng.choice(
+            (
+                f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?",
+                f"A box holds {a} {thing}. {name} puts in {b} more {thing}. How many {thing} are in the box?",
+                f"{name} collected {a} {thing} on Monday and {b} {thing} on Tuesday. How many {thing} in all?",
+            )
+        )
+        return q, _columns(a, b, "+"), a + b
+    q = rng.choice(
+        (
+            f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?",
+            f"A shop had {a} {thing} and sold {b} of them. How many {thing} does the shop have now?",
+            f"{name} needs {a} {thing} and already has {b}. How many more {thing} does {name} need?",
+        )
+    )
+    return q, _columns(a, b, "-"), a - b
+
+
+def _columns(a: int, b: int, op: str) -> list[str]:
+    """Two-digit column arithmetic, ones then tens, as taught at school: every line is a one-digit fact (plus a
+    carry or a borrow), and the result is the tens line's result followed by the ones line's last digit.
+
+        ones: 8 + 5 = 13, carry 1        ones: 13 - 7 = 6, borrow 1
+        tens: 6 + 7 + 1 = 14             tens: 8 - 1 - 2 = 5
+        68 + 75 = 143.                   83 - 27 = 56.
+    """
+    (ta, ua), (tb, ub) = divmod(a, 10), divmod(b, 10)
+    if op == "+":
+        ones = ua + ub
+        carry = ones >= 10
+        tens = ta + tb + carry
+        lines = [
+            f"ones: {ua} + {ub} = {ones}" + (", carry 1" if carry else ""),
+            f"tens: {ta} + {tb}" + (" + 1" if carry else "") + f" = {tens}",
+        ]
+        return [*lines, f"{a} + {b} = {a + b}."]
+    borrow = ua < ub
+    ones = ua + 10 * borrow - ub
+    tens = ta - borrow - tb
+    lines = [
+        f"ones: {ua + 10 * borrow} - {ub} = {ones}" + (", borrow 1" if borrow else ""),
+        f"tens: {ta}" + (" - 1" if borrow else "") + f" - {tb} = {tens}",
+    ]
+    return [*lines, f"{a} - {b} = {a - b}."]
+
+
+def _draw_2(rng: random.Random) -> tuple:
+    """Two steps, every number and result below 1000, the answer >= 40 (see LEVELS)."""
+    while True:
+        op = rng.choice(("+-", "*+", "*-", "/+"))
+        if op == "+-":
+            key = (op, rng.randint(10, 999), rng.randint(10, 999), rng.randint(10, 999))
+            ok = key[1] + key[2] <= 999 and key[1] + key[2] - key[3] >= 40
+        elif op == "*+":
+            key = (op, rng.randint(2, 12), rng.randint(2, 40), rng.randint(1, 99))
+            ok = key[1] * key[2] + key[3] >= 40
+        elif op == "*-":
+            key = (op, rng.randint(2, 12), rng.randint(5, 60), rng.randint(1, 99))
+            ok = key[1] * key[2] - key[3] >= 40
+        else:
+            b, quotient = rng.randint(2, 9), rng.randint(5, 99)
+            key = (op, b * quotient, b, rng.randint(10, 99))
+            ok = quotient + key[3] >= 40
+        if ok:
+            return key
+
+
+def _render_2(key: tuple, rng: random.Random) -> tuple[str, list[str], int]:
+    op, a, b, c = key
+    name, thing = _words(rng)
+    if op == "+-":
+        q = f"{name} has {a} {thing}, buys {b} more and then gives away {c}. How many {thing} does {name} have now?"
+        return q, [f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."], a + b - c
+    if op == "*+":
+        q = f"{name} has {a} bags with {b} {thing} in each bag, and {c} more {thing} loose. How many {thing} in total?"
+        return q, [f"{a} * {b} = {a * b}.", f"{a * b} + {c} = {a * b + c}."], a * b + c
+    if op == "*-":
+        q = f"There are {a} boxes of {b} {thing}. {name} takes {c} {thing} away. How many are left in the boxes?"
+        return q, [f"{a} * {b} = {a * b}.", f"{a * b} - {c} = {a * b - c}."], a * b - c
+    share = a // b
+    q = (
+        f"{a} {thing} are shared equally among {b} friends. {name} is one of them and already had {c}. "
+        f"How many {thing} does {name} have now?"
+    )
+    return q, [f"{a} / {b} = {share}.", f"{share} + {c} = {share + c}."], share + c
+
+
+def _draw_3(rng: random.Random) -> tuple:
+    while True:
+        a, b, c, d = rng.randint(2, 9), rng.randint(5, 50), rng.randint(10, 99), rng.randint(10, 99)
+        if a * b + c - d >= 40:
+            return ("*+-", a, b, c, d)
+
+
+def _render_3(key: tuple, rng: random.Random) -> tuple[str, list[str], int]:
+    _, a, b, c, d = key
+    name, thing = _words(rng)
+    s1, s2 = a * b, a * b + c
+    q = (
+        f"{name} buys {a} packs of {b} {thing}, then finds {c} more {thing} and gives {d} {thing} to a friend. "
+        f"How many {thing} does {name} have?"
+    )
+    return q, [f"{a} * {b} = {s1}.", f"{s1} + {c} = {s2}.", f"{s2} - {d} = {s2 - d}."], s2 - d
+
+
+# level -> (draw, render, gap choices between neighbouring options). Answers are kept >= 4 x the largest gap, so
+# the smallest option is never negative (a count of things can't be) without bending the letters' uniformity.
+LEVELS: dict[int, tuple[Callable, Callable, tuple[int, ...]]] = {
+    1: (lambda r: (_draw_add if r.random() < 0.5 else _draw_sub)(r), _render_1, (1, 2, 3, 4, 5)),
+    2: (_draw_2, _render_2, (1, 2, 3, 4, 5, 10)),
+    3: (_draw_3, _render_3, (1, 2, 3, 4, 5, 10)),
+}
+
+
+def _bucket(key: tuple) -> str:
+    h = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "big") % HASH_BUCKETS
+    return "dev" if h == 0 else "test" if h == 1 else "train"
+
+
+def _options(rng: random.Random, value: int, gaps: tuple[int, ...]) -> tuple[list[int], str]:
+    """Five sorted option values containing `value` at a uniform rank; gaps iid on both sides."""
+    k = rng.randrange(5)
+    below, above = [], []
+    v = value
+    for _ in range(k):
+        v -= rng.choice(gaps)
+        below.append(v)
+    v = value
+    for _ in range(4 - k):
+        v += rng.choice(gaps)
+        above.append(v)
+    return [*reversed(below), value, *above], LETTERS[k]
+
+
+def _record(question: str, steps: list[str], value: int, rng: random.Random, gaps: tuple[int, ...]) -> dict:
+    values, letter = _options(rng, value, gaps)
+    walk = []
+    for lt, v in zip(LETTERS, values, strict=False):
+        # written as the prompt writes the option ("C) 19"), so the walk is a copy of the prompt's lines
+        walk.append(f"{lt}) {v} {'yes' if v == value else 'no'}")
+        if v == value:
+            break
+    rationale = "\n".join([*steps, f"The answer is {value}.", *walk, final_answer_line(letter)])
+    return {
+        "question": question,
+        "options": [f"{lt}){v}" for lt, v in zip(LETTERS, values, strict=False)],
+        "rationale": rationale,
+        "correct": letter,
+    }
+
+
+@lru_cache(maxsize=8)
+def generate(level: int = 1, seed: int = SEED) -> dict[str, tuple[dict, ...]]:
+    """All three splits of a level as AQuA-RAT records, deterministic for (level, seed). Cached per process."""
+    if level not in LEVELS:
+        raise NanorlError(f"unknown arith level {level} (1, 2 or 3)", exit_code=2)
+    draw, render, gaps = LEVELS[level]
+    rng = random.Random(f"arith-{level}-{seed}")
+    out: dict[str, list[dict]] = {s: [] for s in SPLIT_SIZES}
+    seen: set[tuple] = set()
+    # Stop when every split is full, or when 5,000 draws in a row found nothing new: a level whose space is
+    # nearly exhausted (level 1 has ~12,700 problems) would otherwise spend most of its time on repeats.
+    misses = 0
+    while misses < 5_000:
+        key = draw(rng)
+        if key in seen:
+            misses += 1
+            continue
+        misses = 0
+        seen.add(key)
+        split = _bucket(key)
+        if len(out[split]) < SPLIT_SIZES[split]:
+            out[split].append(_record(*render(key, rng), rng, gaps))
+        if all(len(out[s]) >= n for s, n in SPLIT_SIZES.items()):
+            break
+    return {s: tuple(recs) for s, recs in out.items()}
+
+
+class ArithTask(Task):
+    description = "generated multiple-choice arithmetic word problems (offline, AQuA-RAT format)"
+    default_rewards = {"arith.correct": 1.0, "arith.format": 1.0}  # format_reward itself pays the 0.1
+
+    def __init__(self, level: int = 1, seed: int = SEED):
+        self.level = level
+        self.seed = seed
+        self.name = "arith" if level == 1 else f"arith{level}"
+        self.description = f"{ArithTask.description}, level {level}"
+
+    def records(self, split: str) -> list[dict]:
+        """One split as AQuA-RAT records: {"question", "options", "rationale", "correct"}."""
+        split = "dev" if split == "validation" else split
+        if split not in SPLIT_SIZES:
+            raise NanorlError(f"unknown split {split!r} for task {self.name} (train, dev, test)", exit_code=2)
+        return [dict(r) for r in generate(self.level, self.seed)[split]]
+
+    def load(self, split: str, data_dir: str | None = None) -> list[Example]:
+        split = "dev" if split == "validation" else split
+        return [
+            Example(
+                id=f"{self.name}-{split}-{i}",
+                question=r["question"],
+                answer=r["correct"],
+                options=r["options"],
+                rationale=r["rationale"],
+                meta={"level": self.level},
+            )
+            for i, r in enumerate(self.records(split))
+        ]
+
+    def prompt(self, example: Example) -> Conversation:
+        return mc_conversation(example.question, example.options or [])
+
+    def target(self, example: Example) -> str:
+        return example.rationale or final_answer_line(example.answer)
+
+    def extract(self, completion: str) -> str | None:
+        return extract_letter(completion)
+
+    def corpus(self, split: str = "train") -> Iterator[str]:
+        """Plain-text documents: each train problem as the prompt shows it, then its rationale."""
+        for ex in self.load(split):
+            yield self.prompt(ex)[0]["content"] + "\n\n" + self.target(ex)
+
+
+@hookimpl
+def register_tasks(register):
+    for level in LEVELS:
+        register(ArithTask(level))
+
+
+@hookimpl
+def register_rewards(register):
+    register(Reward("arith.correct", correct_reward, "1.0 when the answer letter is the correct one"))
+    register(Reward("arith.format", format_reward, "0.1 when the completion ends with 'Final Answer: <letter>'"))

@@ -1,0 +1,164 @@
+"""The built-in metric sinks: the console progress bar and Weights & Biases, registered as telemetry hooks.
+
+They are ordinary `TelemetryHook`s (the plugin path runs in every run); `sink = True` makes the metrics bus
+call them after every other hook, so they show what the other hooks added. metrics.jsonl is not a sink: the
+bus writes it itself, because it must exist whatever plugins are loaded or disabled (the report reads it).
+
+Both read their switches from the run config the stage hands over (`StageInfo.config["telemetry"]`):
+`telemetry.console` and `telemetry.wandb` (off by default; wandb is imported only when on).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from nanorl.api import EvalResult, StageInfo, TelemetryHook, hookimpl
+
+# Metrics the progress line shows, in this order, when present (name, format).
+SHOWN = (
+    ("loss", "{:.4f}"),
+    ("val_bpb", "{:.4f}"),
+    ("reward", "{:.3f}"),
+    ("acc", "{:.3f}"),
+    ("tok_per_s", "{:,.0f}"),
+)
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key, f in SHOWN:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)):
+            label = "tok/s" if key == "tok_per_s" else key
+            parts.append(f"{label} {f.format(v)}")
+    return "  ".join(parts)
+
+
+class ConsoleSink(TelemetryHook):
+    """A rich progress bar per stage (step, loss, tokens/s, ETA); plain lines when stderr is not a terminal."""
+
+    name = "console"
+    sink = True
+
+    def __init__(self) -> None:
+        self.progress = None
+        self.task_id = None
+        self.on = True
+        self.total = 0
+        self.last_line = 0.0
+        self.start = 0.0
+        self.console = None
+
+    def on_stage_start(self, info: StageInfo) -> None:
+        from rich.console import Console
+
+        self.on = bool(info.config.get("telemetry", {}).get("console", True))
+        if not self.on:
+            return None
+        self.console = Console(stderr=True)
+        self.total = max(1, info.total_steps)
+        self.start = time.time()
+        self.last_line = 0.0
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold cyan]{task.description:<5}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.start()
+            self.task_id = self.progress.add_task(info.stage, total=self.total, info="")
+        else:
+            self.console.print(f"[bold cyan]{info.stage}[/]: {info.total_steps} steps", highlight=False)
+        return None
+
+    def on_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        if not self.on or self.console is None:
+            return None
+        if self.progress is not None:
+            self.progress.update(self.task_id, completed=step, info=_fmt(metrics))
+            return None
+        # not a terminal (CI, a log file): a line every ~10 s and at the last step
+        now = time.time()
+        if now - self.last_line >= 10 or step >= self.total:
+            self.last_line = now
+            elapsed = now - self.start
+            self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({elapsed:.0f}s)", highlight=False)
+        return None
+
+    def on_eval(self, result: EvalResult) -> None:
+        if not self.on or self.console is None:
+            return None
+        m = result.metrics
+        acc = m.get("accuracy")
+        if isinstance(acc, (int, float)):
+            ci = m.get("accuracy_ci95")
+            ci_s = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+            where = f"{result.task} {result.split} ({m.get('model_stage', '')}, {m.get('mode', '')})"
+            self.console.print(f"eval {where}: accuracy {acc:.3f}{ci_s}, n={m.get('n')}", highlight=False)
+        return None
+
+    def on_stage_end(self, info: StageInfo, metrics: dict[str, float]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task_id, completed=self.total)
+            self.progress.stop()
+            self.progress = None
+        if self.on and self.console is not None:
+            self.console.print(f"[green]{info.stage} done[/] {_fmt(metrics)}", highlight=False)
+        return None
+
+
+class WandbSink(TelemetryHook):
+    """Logs every record to Weights & Biases when `telemetry.wandb` is true (never otherwise: no import)."""
+
+    name = "wandb"
+    sink = True
+
+    def __init__(self) -> None:
+        self.run = None
+
+    def on_stage_start(self, info: StageInfo) -> None:
+        tel = info.config.get("telemetry", {})
+        if not tel.get("wandb") or self.run is not None:
+            return None
+        # Never hang on a login prompt or an unreachable server: without an API key, log offline.
+        if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+            os.environ["WANDB_MODE"] = "offline"
+            print("wandb: no WANDB_API_KEY, logging offline (wandb sync later)", file=sys.stderr)
+        import wandb
+
+        self.run = wandb.init(
+            project=tel.get("wandb_project", "nanorl"),
+            name=info.run_name,
+            dir=info.run_dir,
+            config=info.config,
+            resume="allow",
+            id=info.run_name,
+        )
+        return None
+
+    def on_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.log({f"{stage}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return None
+
+    def on_eval(self, result: EvalResult) -> None:
+        if self.run is not None:
+            scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+            self.run.log({f"eval/{result.task}-{result.split}/{k}": v for k, v in scalars.items()})
+        return None
+
+
+@hookimpl
+def register_telemetry(register):
+    register(ConsoleSink())
+    register(WandbSink())

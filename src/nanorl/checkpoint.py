@@ -1,0 +1,243 @@
+"""Checkpoints: one folder per stage, three files, written atomically, loaded without unpickling anything.
+
+    runs/<name>/<stage>/
+        model.safetensors    the weights (safetensors metadata: step, config hash)
+        optim.safetensors    the optimizer state, flat (`Optimizers.state_tensors()`); absent in a final export
+        state.json           step, data-loader position, RNG states, config hash, sha256 of the two files
+        DONE                 the stage finished (written by the runner after the final checkpoint)
+
+Each file is written to `<file>.tmp` and renamed into place, state.json last: state.json is the commit record.
+It carries the sha256 of the tensor files it belongs to, so a torn write (a crash between two renames), a
+truncated copy or a flipped bit is found at load time and reported as a `NanorlError`, never loaded silently.
+A checkpoint from another architecture (the config hash, or a tensor's shape) is refused the same way.
+
+Only rank 0 writes (`save(..., rank=...)`); every rank loads. `checkpoint.store` mirrors the files to a store
+(`nanorl.store`: a folder or s3://bucket/prefix) after each local save.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanorl.api import NanorlError
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optim.safetensors"
+STATE_FILE = "state.json"
+DONE_FILE = "DONE"
+FORMAT = "nanorl-ckpt-1"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def _read_tensors(path: Path, expect_sha: str | None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise NanorlError(f"checkpoint file missing: {path}", hint="the checkpoint is incomplete; delete the folder")
+    if expect_sha is not None and _sha256(path) != expect_sha:
+        raise NanorlError(
+            f"checkpoint file {path} is corrupt (its sha256 does not match state.json)",
+            hint=f"delete {path.parent} to retrain that stage, or restore it from the store",
+        )
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types on a malformed header
+        raise NanorlError(
+            f"checkpoint file {path} is unreadable: {e}", hint=f"delete {path.parent} to retrain that stage"
+        ) from None
+
+
+# ---- RNG states, as JSON (no pickle) ------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    if "python" in st:
+        v, internal, gauss = st["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "torch" in st:
+        raw = base64.b64decode(st["torch"])
+        torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    if "cuda" in st and torch.cuda.is_available():
+        raw = base64.b64decode(st["cuda"])
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+# ---- save / load ----------------------------------------------------------------------------------------------
+def save(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizers=None,
+    state: dict[str, Any] | None = None,
+    config_hash: str = "",
+    rank: int = 0,
+    store=None,
+    store_prefix: str = "",
+) -> Path | None:
+    """Write a checkpoint of `model` (+ `optimizers`, an `nanorl.optim.Optimizers`) and `state` into `directory`.
+
+    `state` must be JSON-serialisable (step, loader position, ...); RNG states are added here. Returns the
+    folder (None on ranks other than 0, which write nothing).
+    """
+    if rank != 0:
+        return None
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = dict(state or {})
+    step = int(state.get("step", 0))
+    meta = {"format": FORMAT, "step": str(step), "config_hash": config_hash}
+    files = {MODEL_FILE: _write_tensors(d / MODEL_FILE, _unwrap(model).state_dict(), meta)}
+    if optimizers is not None:
+        files[OPTIM_FILE] = _write_tensors(d / OPTIM_FILE, optimizers.state_tensors(), meta)
+    elif (d / OPTIM_FILE).exists():
+        (d / OPTIM_FILE).unlink()  # a stale optimizer state must not pair with these weights
+    record = {"format": FORMAT, "config_hash": config_hash, "files": files, "rng": rng_state(), **state}
+    record["step"] = step
+    tmp = d / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, d / STATE_FILE)
+    if store is not None:
+        for name in (*files, STATE_FILE):
+            store.put(d / name, f"{store_prefix}/{name}" if store_prefix else name)
+    return d
+
+
+def read_state(directory: str | Path) -> dict[str, Any] | None:
+    """state.json of a checkpoint folder, or None when there is none (no checkpoint yet)."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanorlError(f"checkpoint state {path} is corrupt: {e}", hint=f"delete {path.parent} to retrain") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "files" not in state:
+        raise NanorlError(f"{path} is not a nanorl checkpoint state ({FORMAT})", hint=f"delete {path.parent}")
+    return state
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / STATE_FILE).is_file()
+
+
+def load(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizers=None,
+    config_hash: str | None = None,
+    restore_rng: bool = False,
+) -> dict[str, Any]:
+    """Load a checkpoint into `model` (and `optimizers` when given and saved); return its state.json.
+
+    Raises NanorlError when the folder holds no checkpoint, a file is corrupt, the config hash differs from
+    `config_hash` (when given), or a tensor's name or shape does not fit the model.
+    """
+    d = Path(directory)
+    state = read_state(d)
+    if state is None:
+        raise NanorlError(f"no checkpoint in {d} (no {STATE_FILE})", hint="run the stage that writes it first")
+    if config_hash is not None and state.get("config_hash") and state["config_hash"] != config_hash:
+        raise NanorlError(
+            f"checkpoint {d} was written for another model configuration "
+            f"(config hash {state['config_hash']}, this run's is {config_hash})",
+            hint="use the run's own config (its run.toml), or start a new run with --name",
+        )
+    tensors = _read_tensors(d / MODEL_FILE, state["files"].get(MODEL_FILE))
+    raw = _unwrap(model)
+    expected = raw.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    bad = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or bad:
+        what = "; ".join(
+            filter(None, [
+                f"missing {', '.join(missing[:3])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                f"shape mismatch {', '.join(bad[:3])}" if bad else "",
+            ])
+        )  # fmt: skip
+        raise NanorlError(
+            f"checkpoint {d} does not fit this model ({what})",
+            hint="the model configuration differs from the one that wrote it",
+        )
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(tensors[k])
+    if optimizers is not None and OPTIM_FILE in state["files"]:
+        opt_tensors = _read_tensors(d / OPTIM_FILE, state["files"][OPTIM_FILE])
+        try:
+            optimizers.load_state_tensors(opt_tensors)
+        except ValueError as e:
+            raise NanorlError(f"optimizer state in {d} does not fit: {e}", hint=f"delete {d} to retrain") from None
+    if restore_rng and "rng" in state:
+        set_rng_state(state["rng"])
+    return state
+
+
+def mark_done(directory: str | Path, rank: int = 0, info: dict[str, Any] | None = None) -> None:
+    if rank != 0:
+        return
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(info or {}) + "\n")
+    os.replace(tmp, d / DONE_FILE)
+
+
+def is_done(directory: str | Path) -> bool:
+    return (Path(directory) / DONE_FILE).is_file()
+
+
+def fetch(url: str, directory: str | Path) -> Path:
+    """Download a checkpoint folder from a store URL (s3://bucket/prefix/stage) into `directory`."""
+    from nanorl.store import open_store
+
+    store = open_store(url)
+    d = Path(directory)
+    found = store.list("")
+    if STATE_FILE not in found:
+        raise NanorlError(f"no checkpoint at {url} (no {STATE_FILE})")
+    for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
+        if name in found:
+            store.get(name, d / name)
+    return d

@@ -1,0 +1,125 @@
+"""`nanorl data download fineweb` and `nanorl data show`: get pretraining shards, look at a task's examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from nanorl.cli.ui import console, print_json
+
+
+def register(app: typer.Typer) -> None:
+    data_app = typer.Typer(help="Download pretraining data and preview task data.", no_args_is_help=True)
+    app.add_typer(data_app, name="data")
+    download_app = typer.Typer(help="Download a pretraining corpus.", no_args_is_help=True)
+    data_app.add_typer(download_app, name="download")
+
+    @download_app.command("fineweb")
+    def fineweb(
+        shards: int = typer.Option(8, "--shards", "-n", help="How many shards (~100 MB each)."),
+        start: int = typer.Option(0, "--start", help="Index of the first shard."),
+        url: str = typer.Option(None, "--url", help="Base URL (default: $NANORL_FINEWEB_URL, else the HF hub)."),
+        directory: Path = typer.Option(None, "--dir", help="Where to put them (default: $NANORL_HOME/data/fineweb)."),
+        workers: int = typer.Option(4, "--workers", help="Parallel downloads."),
+        retries: int = typer.Option(5, "--retries", help="Retries per shard, with exponential backoff."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON when done."),
+    ) -> None:
+        """Download FineWeb-EDU parquet shards: parallel, resumable, each checked before use."""
+        import threading
+
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        from nanorl.data.fineweb import download_fineweb, fineweb_dir
+
+        lock = threading.Lock()  # the callbacks come from the download threads
+        done = [0]
+        with Progress(
+            TextColumn("[bold]fineweb[/] {task.fields[shards]}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=as_json,
+        ) as bar:
+            job = bar.add_task("download", total=None, shards=f"0/{shards} shards")
+
+            def on_bytes(n: int) -> None:
+                with lock:
+                    bar.advance(job, n)
+
+            def on_shard(_: Path) -> None:
+                with lock:
+                    done[0] += 1
+                    bar.update(job, shards=f"{done[0]}/{shards} shards")
+
+            paths = download_fineweb(
+                shards,
+                base_url=url,
+                directory=directory,
+                workers=workers,
+                retries=retries,
+                start=start,
+                on_bytes=on_bytes,
+                on_shard=on_shard,
+            )
+        total = sum(p.stat().st_size for p in paths)
+        if as_json:
+            print_json({"shards": [str(p) for p in paths], "bytes": total})
+        else:
+            where = directory or fineweb_dir()
+            console.print(f"[green]{len(paths)} shards[/] ({total / 1e6:,.0f} MB) in {where}")
+
+    @data_app.command("show")
+    def show(
+        task: str = typer.Option("arith", "--task", help="The task."),
+        split: str = typer.Option("dev", "--split", help="train, dev or test."),
+        n: int = typer.Option(3, "-n", help="How many examples."),
+        data_dir: str = typer.Option(None, "--data-dir", help="The task's data folder, if it needs one."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Preview a task's examples: question, options, rationale (the SFT target) and the answer."""
+        from nanorl.plugins import get_plugins
+
+        t = get_plugins().task(task)
+        examples = t.load(split, data_dir)
+        shown = examples[:n]
+        if as_json:
+            print_json(
+                {
+                    "task": task,
+                    "split": split,
+                    "size": len(examples),
+                    "examples": [
+                        {
+                            "id": e.id,
+                            "question": e.question,
+                            "options": e.options,
+                            "target": t.target(e),
+                            "answer": e.answer,
+                        }
+                        for e in shown
+                    ],
+                }
+            )
+            return
+        from rich.panel import Panel
+        from rich.text import Text
+
+        console.print(f"[bold]{task}[/] {split}: {len(examples):,} examples")
+        for e in shown:
+            # Text, not markup: a question may contain "[" that rich would read as a style
+            body = Text(e.question + ("\n" + "  ".join(e.options) if e.options else "") + "\n")
+            body.append("---\n", style="dim")
+            body.append(t.target(e) + "\n")
+            body.append("answer: ", style="dim")
+            body.append(e.answer, style="bold")
+            console.print(Panel(body, title=e.id, title_align="left"))

@@ -1,0 +1,165 @@
+"""`nanorl eval`: evaluate a checkpoint on a task's dev or test split (generative and/or categorical)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from nanorl.cli.config_cmd import DataDirOpt
+from nanorl.cli.ui import console, print_json
+
+# Options are module-level so that other commands (and later flags such as --compare) can reuse them.
+SplitOpt = typer.Option("dev", "--split", help="dev or test.")
+ModeOpt = typer.Option("generative", "--mode", help="generative, categorical or both.")
+
+
+def load_for_eval(checkpoint: str, task: str | None, data_dir: str | None = None):
+    """(context, model, stage folder) for a checkpoint: a run name, a stage folder, or an s3:// URL."""
+    import tempfile
+
+    from nanorl.api import NanorlError
+    from nanorl.cli.train_cmd import resolve_checkpoint
+    from nanorl.config import from_toml_file
+    from nanorl.stages.runner import make_context
+
+    stage_dir = resolve_checkpoint(checkpoint, Path(tempfile.mkdtemp(prefix="nanorl-eval-")))
+    run = stage_dir.parent
+    toml = run / "run.toml"
+    if not toml.is_file():
+        raise NanorlError(f"{stage_dir} is not inside a run folder (no {toml})", hint="give runs/<name>/<stage>")
+    cfg = from_toml_file(toml)
+    cfg.name = run.name
+    if task:
+        cfg.task = task
+    if data_dir:
+        cfg.data.data_dir = data_dir
+    cfg.telemetry.console = False
+    ctx = make_context(cfg)
+    ctx.run_dir = run
+    model = ctx.new_model()
+    from nanorl import checkpoint as ckpt
+
+    ckpt.load(stage_dir, model, config_hash=ctx.model_hash)
+    return ctx, model, stage_dir
+
+
+def compare_checkpoints(
+    res, other: str, task: str, split: str, mode: str, max_examples: int, seed: int, data_dir: str | None = None
+):
+    """`--compare OTHER`: evaluate OTHER on the same questions; per mode, the paired difference and McNemar's p
+    (`nanorl.multichoice.compare`; a = the checkpoint evaluated, b = OTHER)."""
+    from nanorl.api import NanorlError
+    from nanorl.multichoice import compare
+    from nanorl.stages.eval import evaluate
+
+    ctx, model, stage_dir = load_for_eval(other, task, data_dir)
+    try:
+        res_b = evaluate(ctx, model, split, mode, max_examples, seed=seed)
+    finally:
+        ctx.bus.close()
+    out = {}
+    for m, s in res["modes"].items():
+        if m not in res_b["modes"]:
+            continue
+        try:
+            out[m] = {
+                "a": res["checkpoint"],
+                "b": str(stage_dir),
+                **compare(s["records"], res_b["modes"][m]["records"]),
+            }
+        except ValueError as e:
+            raise NanorlError(
+                f"--compare {other}: {e}", hint="compare checkpoints on the same task, split and --max-examples"
+            ) from e
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_(
+        task: str = typer.Option(None, "--task", help="The task (default: the run's)."),
+        split: str = SplitOpt,
+        checkpoint: str = typer.Option(..., "--checkpoint", help="A run name, a stage folder or an s3:// URL."),
+        mode: str = ModeOpt,
+        max_examples: int = typer.Option(0, "--max-examples", help="Evaluate at most this many (0: all)."),
+        data_dir: str = DataDirOpt,
+        compare_to: str = typer.Option(
+            None, "--compare", help="Another checkpoint, evaluated on the same questions: paired difference, McNemar p."
+        ),
+        shuffle_k: int = typer.Option(
+            0, "--shuffle-options", help="Re-ask each question with its options permuted K times (position bias)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ) -> None:
+        """Evaluate a checkpoint and write eval/<task>-<split>-<stage>.json in its run folder."""
+        from nanorl.api import NanorlError
+
+        if mode not in ("generative", "categorical", "both"):
+            raise NanorlError(f"--mode {mode!r}: generative, categorical or both", exit_code=2)
+        if split not in ("dev", "test", "validation", "train"):
+            raise NanorlError(f"--split {split!r}: dev or test", exit_code=2)
+        from nanorl.stages.eval import evaluate, write_json
+
+        if shuffle_k < 0:
+            raise NanorlError(f"--shuffle-options {shuffle_k}: give K >= 1 (0: off)", exit_code=2)
+        from nanorl.stages.eval import shuffle_check
+
+        ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir)
+        try:
+            res = evaluate(ctx, model, split, mode, max_examples, seed=ctx.cfg.seed)
+            if shuffle_k:
+                shuffle_check(ctx, model, res, shuffle_k, seed=ctx.cfg.seed)
+        finally:
+            ctx.bus.close()
+        res["stage"] = stage_dir.name
+        res["checkpoint"] = str(stage_dir)
+        if compare_to:
+            del model  # one model in memory at a time
+            other_task = task or ctx.task.name
+            res["compare"] = compare_checkpoints(
+                res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir
+            )
+        out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split}-{stage_dir.name}.json"
+        write_json(out, res)
+        if as_json:
+            print_json(res)
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{ctx.task.name} {split}: {stage_dir}", title_justify="left")
+        for col in ("mode", "n", "accuracy", "95% CI", "format rate", "majority baseline"):
+            table.add_column(col)
+        for m, s in res["modes"].items():
+            ci = s.get("accuracy_ci95", [0, 0])
+            table.add_row(
+                m, str(s["n"]), f"{s['accuracy']:.3f}", f"{ci[0]:.3f}-{ci[1]:.3f}",
+                f"{s.get('format_rate', float('nan')):.3f}", f"{s.get('majority_baseline', float('nan')):.3f}",
+            )  # fmt: skip
+        console.print(table)
+        if res.get("compare"):
+            t = Table(title=f"paired with {compare_to} (McNemar, exact)", title_justify="left")
+            for col in ("mode", "n", "acc", "other", "diff ± 95%", "only this", "only other", "p"):
+                t.add_column(col, no_wrap=col in ("mode", "diff ± 95%"))
+            for m, c in res["compare"].items():
+                half = (c["diff_ci95"][1] - c["diff_ci95"][0]) / 2  # the interval is symmetric about diff
+                diff = f"{c['diff']:+.3f} ± {half:.3f}"
+                t.add_row(
+                    m, str(c["n"]), f"{c['accuracy_a']:.3f}", f"{c['accuracy_b']:.3f}", diff,
+                    str(c["a_only"]), str(c["b_only"]), f"{c['p_value']:.3g}",
+                )  # fmt: skip
+            console.print(t)
+        if shuffle_k:
+            t = Table(title=f"options shuffled {shuffle_k} times (position bias)", title_justify="left")
+            t.add_column("mode", no_wrap=True)
+            for col in ("asked", "accuracy", "95% CI", "same content", "same letter"):
+                t.add_column(col)
+            for m, s in res["modes"].items():
+                sh = s["shuffle"]
+                lo, hi = sh["shuffled_accuracy_ci95"]
+                t.add_row(
+                    m, str(sh["shuffled_n"]), f"{sh['shuffled_accuracy']:.3f}", f"{lo:.3f}-{hi:.3f}",
+                    f"{sh['content_consistency']:.3f}", f"{sh['same_letter_rate']:.3f}",
+                )  # fmt: skip
+            console.print(t)
+        console.print(f"[dim]written: {out}[/]")

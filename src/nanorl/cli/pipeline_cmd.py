@@ -1,0 +1,78 @@
+"""`nanorl pipeline`: run tokenizer -> base -> mid -> sft -> rl -> eval -> report into runs/<name>/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from nanorl.cli.config_cmd import (
+    ConfigOpt,
+    DataDirOpt,
+    DepthOpt,
+    NameOpt,
+    OverridesArg,
+    PresetOpt,
+    TaskOpt,
+    build_config,
+)
+from nanorl.cli.ui import console, print_json
+
+
+def parse_steps(items: list[str] | None) -> dict[str, int]:
+    """--steps base=200 --steps rl=50 -> {"base": 200, "rl": 50}."""
+    from nanorl.api import NanorlError
+
+    out = {}
+    for item in items or []:
+        stage, sep, n = item.partition("=")
+        if not sep or not n.strip().lstrip("-").isdigit():
+            raise NanorlError(f"--steps {item!r} is not STAGE=N", hint="e.g. --steps base=200", exit_code=2)
+        out[stage.strip()] = int(n)
+    return out
+
+
+def show_results(results: dict, run_dir: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {run_dir.name}", title_justify="left")
+    for col in ("stage", "status", "wall s", "result"):
+        table.add_column(col)
+    for stage, res in results.items():
+        if res == "skipped":
+            table.add_row(stage, "[dim]skipped (DONE)[/]", "", "")
+            continue
+        keys = [k for k in ("loss", "val_bpb", "reward", "acc", "vocab_size") if isinstance(res.get(k), (int, float))]
+        keys += [k for k in res if k.endswith("_acc")]
+        shown = ", ".join(f"{k} {res[k]:.4g}" for k in keys)
+        table.add_row(stage, "[green]done[/]", f"{res.get('wall_s', 0):.0f}", shown)
+    console.print(table)
+    console.print(f"[dim]report: {run_dir / 'report.md'}[/]")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("pipeline")
+    def pipeline(
+        overrides: list[str] = OverridesArg,
+        task: str = TaskOpt,
+        depth: int = DepthOpt,
+        preset: str = PresetOpt,
+        config: Path = ConfigOpt,
+        name: str = NameOpt,
+        data_dir: str = DataDirOpt,
+        from_stage: str = typer.Option(None, "--from", help="Re-run this stage and every later one."),
+        only: str = typer.Option(None, "--only", help="Run only this stage (afresh)."),
+        steps: list[str] = typer.Option(None, "--steps", help="STAGE=N: steps of a stage (repeatable)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the stage summaries as JSON at the end."),
+    ) -> None:
+        """Train a model end to end: tokenizer, base, mid, sft, rl, eval, report (resumable; finished stages are
+        skipped)."""
+        from nanorl.config import run_dir
+        from nanorl.stages.runner import run_pipeline
+
+        cfg = build_config(preset, depth, config, task, name, overrides, data_dir=data_dir)
+        results = run_pipeline(cfg, from_stage=from_stage, only=only, steps=parse_steps(steps))
+        if as_json:
+            print_json(results)
+        else:
+            show_results(results, run_dir(cfg.name))

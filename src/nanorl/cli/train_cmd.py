@@ -1,0 +1,73 @@
+"""`nanorl train STAGE --run NAME`: run one stage of an existing run (optionally from a given checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from nanorl.cli.config_cmd import OverridesArg
+from nanorl.cli.ui import print_json
+
+
+def resolve_checkpoint(spec: str, workdir: Path) -> Path:
+    """A checkpoint folder, a run name's final model, or an s3:// URL (downloaded into `workdir`)."""
+    from nanorl import checkpoint as ckpt
+    from nanorl.api import NanorlError
+    from nanorl.config import run_dir
+
+    if spec.startswith("s3://"):
+        return ckpt.fetch(spec, workdir)
+    p = Path(spec).expanduser()
+    if p.is_dir() and ckpt.has_checkpoint(p):
+        return p
+    run = p if (p / "run.toml").is_file() else run_dir(spec)
+    if (run / "run.toml").is_file():
+        for stage in ("rl", "sft", "mid", "base"):
+            if ckpt.is_done(run / stage):
+                return run / stage
+        raise NanorlError(f"run {spec!r} has no finished model stage yet", hint="run the pipeline first")
+    raise NanorlError(
+        f"no checkpoint at {spec!r}",
+        hint="give a stage folder (runs/<name>/sft), a run name, or s3://bucket/prefix",
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train(
+        stage: str = typer.Argument(..., help="base, mid, sft or rl."),
+        run: str = typer.Option(..., "--run", help="The run (its folder holds run.toml and the tokenizer)."),
+        checkpoint: str = typer.Option(
+            None, "--checkpoint", help="Start from this checkpoint (folder, run name or s3:// URL)."
+        ),
+        steps: int = typer.Option(None, "--steps", help="Steps of this stage."),
+        overrides: list[str] = OverridesArg,
+        as_json: bool = typer.Option(False, "--json", help="Print the stage summary as JSON."),
+    ) -> None:
+        """Run one training stage of an existing run (afresh), e.g. more RL from the SFT model."""
+        from nanorl.api import NanorlError
+        from nanorl.config import from_toml_file, run_dir, set_value
+        from nanorl.stages.runner import run_pipeline
+
+        if stage not in ("base", "mid", "sft", "rl"):
+            raise NanorlError(f"cannot train stage {stage!r}", hint="base, mid, sft or rl", exit_code=2)
+        toml = run_dir(run) / "run.toml"
+        if not toml.is_file():
+            raise NanorlError(f"no run named {run!r} ({toml} is missing)", hint="start one with nanorl pipeline")
+        cfg = from_toml_file(toml)
+        from nanorl.config import parse_overrides, validate
+
+        for k, v in parse_overrides(overrides or []):
+            set_value(cfg, k, v)
+        validate(cfg)
+        init = {}
+        if checkpoint:
+            init[stage] = resolve_checkpoint(checkpoint, run_dir(run) / f"{stage}-init")
+        results = run_pipeline(cfg, only=stage, steps={stage: steps} if steps is not None else None, init_from=init)
+        if as_json:
+            print_json(results)
+        else:
+            from nanorl.cli.pipeline_cmd import show_results
+
+            show_results(results, run_dir(run))

@@ -1,0 +1,54 @@
+"""A run's tokenizer: trained on the run's corpus (`data.corpus`), saved in `runs/<name>/tokenizer/`.
+
+One way to do it, shared by `nanorl tokenizer train` and the pipeline's tokenizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import islice
+from pathlib import Path
+
+from nanorl.api import Task
+from nanorl.config import RunConfig, run_dir
+from nanorl.data.corpus import open_corpus
+
+# documents in the held-out sample that `nanorl tokenizer info` measures compression on
+HELD_OUT_DOCS = 500
+
+
+def tokenizer_dir(run_name: str) -> Path:
+    return run_dir(run_name) / "tokenizer"
+
+
+def train_run_tokenizer(
+    cfg: RunConfig, task: Task | None, out: Path | None = None, on_chars: Callable[[int], None] | None = None
+):
+    """Train the BPE on `cfg.data.corpus` (at most `cfg.tokenizer.train_chars` characters) and save it."""
+    from nanorl.tokenizer import train_tokenizer
+
+    corpus = open_corpus(cfg.data.corpus, task=task, skip_bad=cfg.data.skip_bad)
+    tok = train_tokenizer(
+        corpus.docs(),
+        cfg.model.vocab_size,
+        max_digits=cfg.tokenizer.max_digits,
+        max_chars=cfg.tokenizer.train_chars,
+        on_chars=on_chars,
+    )
+    tok.meta.update({"corpus": corpus.name, "skipped_lines": corpus.stats["skipped_lines"]})
+    tok.save(out or tokenizer_dir(cfg.name))
+    return tok
+
+
+def held_out_sample(corpus_spec: str, task: Task | None, n_docs: int = HELD_OUT_DOCS) -> tuple[list[str], str]:
+    """Texts to measure compression on, and what they are: a task's dev split is held out by construction;
+    for other corpora, the documents right after the first `n_docs` * 10 (training reads from the start, so on a
+    corpus larger than `tokenizer.train_chars` these were not trained on)."""
+    if corpus_spec == "task" and task is not None and task.corpus("dev") is not None:
+        return list(islice(task.corpus("dev"), n_docs)), f"task:{task.name} dev split"
+    docs = open_corpus(corpus_spec, task=task, skip_bad=True).docs()
+    sample = list(islice(docs, n_docs * 10, n_docs * 11))
+    if not sample:
+        docs = open_corpus(corpus_spec, task=task, skip_bad=True).docs()
+        return list(islice(docs, n_docs)), f"{corpus_spec} (first {n_docs} documents, not held out)"
+    return sample, f"{corpus_spec} (documents {n_docs * 10}..{n_docs * 11 - 1})"

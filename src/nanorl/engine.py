@@ -1,0 +1,214 @@
+"""The engine: sample completions from a GPT with a KV cache.
+
+    engine = Engine(model, tokenizer, tools=task.tools())
+    groups = engine.sample(prompts, num_samples=G, max_new_tokens=128, temperature=1.0, top_k=0, seed=0)
+    groups[i][j]   # the j-th Sample of prompts[i]: .tokens, .finished, .forced, .text
+
+How:
+- The prompts of a batch are prefilled together, each ONCE; the cache rows are then repeated G times
+  (`KVCache.expand`), so a group's completions share their prompt's keys and values (never recomputed per
+  sample). Prompts of different lengths are left-padded and the padding is masked out of attention (the
+  cache's `key_mask`); rotary embeddings are relative, so the shift changes no attention score.
+- Every step feeds one token per row: the row's sampled token, or the next forced token (a tool's output).
+  A row stops at <|assistant_end|> (or <|bos|>); finished rows ride along until every row is done.
+- Sampling: temperature (0: greedy), top-k; `torch.multinomial` with a seeded `torch.Generator`, one draw per
+  row and step, so a seed fixes the samples, cached or not.
+- Tool calls: when a row writes <|python_end|>, the text since its <|python_start|> goes to `tools["python"]`;
+  a returned string is force-fed as <|output_start|> result <|output_end|>, then the row samples again.
+  Forced tokens are marked (`Sample.forced`): RL must not train on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from nanorl.device import autocast
+
+
+@dataclass
+class Sample:
+    tokens: list[int]  # generated ids, including the stop token when it stopped
+    finished: bool  # True: ended with a stop token; False: cut at max_new_tokens
+    forced: list[bool] = field(default_factory=list)  # per token: written by a tool, not sampled
+    text: str = ""  # the decoded completion, without the stop token
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row of logits (R, V): greedy at temperature 0, else softmax(logits / T) over the top k."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # one uniform draw per row against the cumulative distribution (inverse CDF): on CPU ~10x cheaper than an
+    # exponential race over the whole vocabulary, which cost a fifth of a decode step (bench/generate.py)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, tools: dict[str, Callable[[str], str | None]] | None = None, dtype=None):
+        self.model = model.module if hasattr(model, "module") else model
+        self.tok = tokenizer
+        self.tools = tools or {}
+        param = next(self.model.parameters())
+        self.device = param.device
+        # the compute dtype (the KV cache's): bf16 autocast on CUDA, else the weights' own
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else param.dtype)
+        # the embedding may have more rows than the tokenizer has tokens (model.vocab_size is a ceiling): never
+        # sample an id the tokenizer cannot decode
+        self.n_vocab = tokenizer.vocab_size
+        sp = tokenizer.special_id
+        self.stop_ids = (sp("<|assistant_end|>"), sp("<|bos|>"))
+        self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
+        self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        num_samples: int = 1,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        use_cache: bool = True,
+        max_rows: int = 256,
+    ) -> list[list[Sample]]:
+        """`num_samples` completions of each prompt: a list (per prompt) of lists of Sample."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        out: list[list[Sample] | None] = [None] * len(prompts)
+        # longest first, so each batch holds prompts of similar length (less padding)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        per_batch = max(1, max_rows // num_samples)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, len(order), per_batch):
+                chunk = order[s : s + per_batch]
+                rows = self._generate(
+                    [list(prompts[i]) for i in chunk],
+                    num_samples,
+                    max_new_tokens,
+                    temperature,
+                    top_k,
+                    gen,
+                    use_cache,
+                )
+                for k, i in enumerate(chunk):
+                    out[i] = rows[k * num_samples : (k + 1) * num_samples]
+        finally:
+            self.model.train(was_training)
+        return out  # type: ignore[return-value]
+
+    def _forward_full(self, seq: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits of the last position, recomputing the whole sequence (the no-cache reference path)."""
+        from nanorl.model import KVCache
+
+        if key_mask is None:
+            return self.model(seq)[:, -1, : self.n_vocab]
+        cache = KVCache(seq.size(0), self.model.config, seq.size(1), device=self.device, dtype=self.dtype)
+        cache.key_mask = key_mask
+        return self.model(seq, kv_cache=cache)[:, -1, : self.n_vocab]
+
+    def _generate(self, prompts, G, max_new, temperature, top_k, gen, use_cache) -> list[Sample]:
+        from nanorl.model import KVCache
+
+        dev, model = self.device, self.model
+        P, L = len(prompts), max(len(p) for p in prompts)
+        R = P * G
+        # prompts of different lengths are left-padded; the padding is masked out of attention (key_mask)
+        pads = [L - len(p) for p in prompts]
+        ids = torch.tensor(
+            [[self.stop_ids[1]] * n + p for n, p in zip(pads, prompts, strict=False)], dtype=torch.long, device=dev
+        )
+        key_mask = None
+        if any(pads):
+            key_mask = torch.arange(L + max_new, device=dev)[None, :] >= torch.tensor(pads, device=dev)[:, None]
+        with autocast(dev, self.dtype):
+            if use_cache:
+                cache = KVCache(P, model.config, L + max_new, device=dev, dtype=self.dtype)
+                cache.key_mask = key_mask
+                logits = model(ids, kv_cache=cache)[:, -1, : self.n_vocab]
+                if G > 1:
+                    cache.expand(G)
+                    cache.key_mask = key_mask.repeat_interleave(G, dim=0) if key_mask is not None else None
+            else:
+                logits = self._forward_full(ids, key_mask)
+                seq = ids.repeat_interleave(G, dim=0)
+                row_mask = key_mask.repeat_interleave(G, dim=0) if key_mask is not None else None
+        logits = logits.repeat_interleave(G, dim=0)
+
+        tokens = torch.empty(R, max_new, dtype=torch.long, device=dev)
+        done = torch.zeros(R, dtype=torch.bool, device=dev)
+        stop = torch.tensor(self.stop_ids, device=dev)
+        forced_mask = torch.zeros(R, max_new, dtype=torch.bool)
+        queues: list[list[int]] = [[] for _ in range(R)]
+        tool_rows: dict[int, int] = {}  # row -> position of its open <|python_start|>
+        n = 0
+        for t in range(max_new):
+            nxt = sample_next(logits, temperature, top_k, gen)
+            if self.tools:
+                nxt = self._tools_step(t, nxt, queues, tool_rows, tokens, forced_mask, done)
+            nxt = torch.where(done, stop[0], nxt)
+            tokens[:, t] = nxt
+            n = t + 1
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()) or t == max_new - 1:
+                break
+            with autocast(dev, self.dtype):
+                if use_cache:
+                    logits = model(nxt[:, None], kv_cache=cache)[:, -1, : self.n_vocab]
+                else:
+                    seq = torch.cat([seq, nxt[:, None]], dim=1)
+                    logits = self._forward_full(seq, row_mask[:, : seq.size(1)] if row_mask is not None else None)
+
+        tokens_l = tokens[:, :n].tolist()
+        forced_l = forced_mask[:, :n].tolist()
+        samples = []
+        for r in range(R):
+            row = tokens_l[r]
+            end = next((k for k, x in enumerate(row) if x in self.stop_ids), None)
+            finished = end is not None
+            cut = row[: end + 1] if finished else row
+            text_ids = cut[:-1] if finished else cut
+            samples.append(Sample(cut, finished, forced_l[r][: len(cut)], self.tok.decode(text_ids)))
+        return samples
+
+    def _tools_step(self, t, nxt, queues, tool_rows, tokens, forced_mask, done) -> torch.Tensor:
+        """Override sampled tokens with queued tool output; run a tool when a row closes a python block."""
+        nxt_l = nxt.tolist()
+        done_l = done.tolist()
+        for r, tok in enumerate(nxt_l):
+            if done_l[r]:
+                continue
+            if queues[r]:
+                nxt_l[r] = queues[r].pop(0)
+                forced_mask[r, t] = True
+                continue
+            if tok == self.python_start:
+                tool_rows[r] = t
+            elif tok == self.python_end and r in tool_rows:
+                start = tool_rows.pop(r)
+                code = self.tok.decode(tokens[r, start + 1 : t].tolist())
+                result = self._call_tool(code)
+                if result is not None:
+                    queues[r] = [self.output_start, *self.tok.encode(result), self.output_end]
+        return torch.tensor(nxt_l, dtype=torch.long, device=nxt.device)
+
+    def _call_tool(self, code: str) -> str | None:
+        tool = self.tools.get("python")
+        if tool is None:
+            return None
+        try:
+            out = tool(code)
+        except Exception as e:  # a tool's failure is the model's problem (it reads the error), not the run's
+            return f"error: {type(e).__name__}"
+        return None if out is None else str(out)

@@ -1,0 +1,147 @@
+"""Attention dispatch: the one function the model calls, and the three backends behind it.
+
+    triton  the fused flash-attention kernel in `kernels/` (default on CUDA); entropy comes free from the kernel
+    sdpa    torch.nn.functional.scaled_dot_product_attention (default on CPU and MPS)
+    eager   q·kᵀ -> softmax -> ·v with the probabilities materialised (slow, T×T memory); used to look at
+            attention maps on a small probe batch, and as the readable reference the others are tested against
+
+All take q (B, H, Tq, D) and k, v (B, H_kv, Tk, D) with H a multiple of H_kv (grouped-query attention).
+`causal` aligns the mask bottom-right: query i (of Tq) sits at absolute position Tk - Tq + i, so the same call
+serves training (Tq == Tk), a prefill into an empty KV cache, and decoding against a cache.
+
+Entropy (`return_entropy=True`) is the Shannon entropy of every query row's attention distribution, (B, H, Tq),
+in nats, float32, detached: it is telemetry, no gradient flows through it. The triton backend computes it
+inside the kernel; sdpa has no such output, so it is computed exactly by a second pass over q·kᵀ in chunks of
+query rows (never more than a chunk×Tk block of scores at once); eager has the probabilities already.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("triton", "sdpa", "eager")
+
+# Query rows per chunk of the sdpa entropy pass: bounds its scratch memory to B·H·256·Tk floats.
+_ENTROPY_CHUNK = 256
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """`auto` -> triton on CUDA (when triton imports), sdpa elsewhere; explicit names are checked."""
+    device_type = torch.device(device).type
+    if name == "auto":
+        if device_type == "cuda":
+            try:
+                import triton  # noqa: F401
+            except ImportError:  # pragma: no cover - a CUDA torch without triton
+                return "sdpa"
+            return "triton"
+        return "sdpa"
+    if name not in BACKENDS:
+        from nanorl.api import NanorlError
+
+        raise NanorlError(
+            f"unknown attention backend {name!r}", hint=f"choose auto or one of {', '.join(BACKENDS)}", exit_code=2
+        )
+    if name == "triton" and device_type != "cuda":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            from nanorl.api import NanorlError
+
+            raise NanorlError(
+                "model.attention=triton needs a CUDA device",
+                hint="use model.attention=auto (sdpa on CPU), or set TRITON_INTERPRET=1 to run the "
+                "kernel in Triton's (slow) interpreter",
+            )
+    return name
+
+
+def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """Bottom-right aligned causal mask (True = may attend), (tq, tk)."""
+    qpos = torch.arange(tk - tq, tk, device=device)[:, None]
+    return torch.arange(tk, device=device)[None, :] <= qpos
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv·n_rep, T, D), each kv head serving n_rep consecutive query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def eager_attention(q, k, v, causal: bool = True, return_probs: bool = False):
+    """Materialise the attention probabilities. Returns (out, probs) where probs is (B, H, Tq, Tk) float32."""
+    tq, tk = q.size(2), k.size(2)
+    n_rep = q.size(1) // k.size(1)
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if causal:
+        scores = scores.masked_fill(~_causal_mask(tq, tk, q.device), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = (probs.to(v.dtype) @ v).to(q.dtype)
+    return out, (probs if return_probs else None)
+
+
+def entropy_from_probs(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) over the last dim; 0·log 0 counts as 0."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+
+
+@torch.no_grad()
+def chunked_entropy(q, k, causal: bool = True, chunk: int = _ENTROPY_CHUNK) -> torch.Tensor:
+    """Exact attention entropy without the full T×T matrix: H = logsumexp(s) - Σ softmax(s)·s, chunk by chunk."""
+    tq, tk = q.size(2), k.size(2)
+    k = _repeat_kv(k, q.size(1) // k.size(1)).float()
+    scale = 1.0 / math.sqrt(q.size(-1))
+    out = []
+    for i in range(0, tq, chunk):
+        s = (q[:, :, i : i + chunk].float() @ k.transpose(-2, -1)) * scale
+        if causal:
+            mask = _causal_mask(tq, tk, q.device)[i : i + chunk]
+            s = s.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        p = torch.exp(s - lse)
+        # masked entries have p == 0 and s == -inf; nan_to_num turns their 0·(-inf) into 0
+        out.append(lse.squeeze(-1) - torch.nan_to_num(p * s, nan=0.0).sum(-1))
+    return torch.cat(out, dim=-1)
+
+
+def attention(q, k, v, causal: bool = True, backend: str = "sdpa", return_entropy: bool = False, key_mask=None):
+    """The attention every layer calls. Returns out (B, H, Tq, D), or (out, entropy) with return_entropy.
+
+    `key_mask` (B, >= Tk) bool, True for real keys (added by the stages engineer for ragged batches: the engine
+    left-pads prompts of different lengths into one batch and masks the padding; rotary is relative, so the
+    shift changes nothing else). A query always sees its own position, so a padding query has one key and
+    stays finite (a NaN there would leak through 0-weighted products). sdpa only, no entropy.
+    """
+    tq, tk = q.size(2), k.size(2)
+    if key_mask is not None:
+        if return_entropy:
+            raise NotImplementedError("return_entropy with a key_mask")
+        own = torch.arange(tk, device=q.device)[None, :] == torch.arange(tk - tq, tk, device=q.device)[:, None]
+        allowed = key_mask[:, None, None, :tk] | own
+        if causal:
+            allowed = allowed & _causal_mask(tq, tk, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.size(1) != k.size(1))
+    if backend == "triton" and tq == tk:
+        from nanorl.model.kernels import flash_attention
+
+        return flash_attention(q, k, v, causal=causal, return_entropy=return_entropy)
+    if backend == "eager":
+        out, probs = eager_attention(q, k, v, causal=causal, return_probs=return_entropy)
+        return (out, entropy_from_probs(probs).detach()) if return_entropy else out
+
+    # sdpa (and triton's decode steps, Tq != Tk, which the kernel does not handle: a decode step is tiny)
+    gqa = q.size(1) != k.size(1)
+    if not causal or tq == 1:
+        # one new query attends to the whole cache: no mask at all
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    elif tq == tk:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        # several new queries against a longer cache: sdpa's is_causal is top-left aligned, so pass the mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(tq, tk, q.device), enable_gqa=gqa)
+    if return_entropy:
+        return out, chunked_entropy(q, k, causal=causal)
+    return out

@@ -1,0 +1,476 @@
+"""The GPT every stage trains: nanochat's architecture, written for this project.
+
+- token embedding -> RMSNorm -> `depth` blocks -> RMSNorm -> lm_head -> soft-capped logits
+- each block: x += attn(norm(x)); x += mlp(norm(x)) (pre-norm residual)
+- attention: rotary position embeddings on q and k, then QK-norm, grouped-query attention (n_kv_head kv heads)
+- MLP: 4× width with ReLU² (relu(x)²)
+- RMSNorm has no learned weights; no Linear has a bias; input and output embeddings are untied
+- logits are soft-capped, cap·tanh(z / cap), which keeps them in (-cap, cap) (model.softcap, nanochat uses 15)
+
+Shapes follow the depth rule in `nanorl.config` (width 64·depth, heads of 128); the model reads a resolved
+`ModelConfig` where n_embd/n_head/n_kv_head are already filled in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanorl.model.attention import attention, eager_attention, resolve_backend
+from nanorl.model.counts import count_params, flops_per_token
+
+# Rotary base frequency (RoFormer, Su et al. 2021; nanochat uses the same 10000).
+ROPE_BASE = 10000.0
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x / sqrt(mean(x²) + eps) over the last dim, with a hand-written backward that keeps only y and the
+    per-row 1/rms. On the CPU, F.rms_norm is a composite whose autograd backward took several times as long as
+    this one on the benchmark shape; on CUDA it is a fused kernel and is used as is.
+    Backward: dx = r·(g - y·mean(g·y)), r = 1/rms."""
+
+    @staticmethod
+    def forward(ctx, x):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # the mean of squares in >= float32
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(torch.finfo(x.dtype).eps)).to(x.dtype)
+        y = x * r
+        ctx.save_for_backward(y, r)  # y is also the next matmul's saved input: no extra memory
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, r = ctx.saved_tensors
+        return torch.addcmul(g, y, (g * y).mean(-1, keepdim=True), value=-1.0).mul_(r)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last dim, without learned weights (eps: the dtype's machine epsilon, as F.rms_norm)."""
+    if x.device.type == "cpu":
+        return _RMSNorm.apply(x)
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seq_len, head_dim / 2), float32: position t turns the channel pair (i, i + D/2) by the
+    angle t·base^(-2i/D)."""
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotary embedding of x (..., T, H, D) with tables (T, 1, D/2): (x1, x2) -> (x1·c + x2·s, x2·c - x1·s);
+    `inverse` rotates the other way (the transpose, for the backward pass). Written into one fresh tensor with
+    four half-size passes: no slices-and-cat, no temporaries."""
+    d = x.size(-1) // 2
+    sign = -1.0 if inverse else 1.0
+    x1, x2 = x[..., :d], x[..., d:]
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y1, y2 = y[..., :d], y[..., d:]
+    torch.mul(x1, cos, out=y1).addcmul_(x2, sin, value=sign)
+    torch.mul(x2, cos, out=y2).addcmul_(x1, sin, value=-sign)
+    return y
+
+
+class _RopeNorm(torch.autograd.Function):
+    """QK-norm of the rotated q or k, y = rms_norm(rotate(x)), in one autograd node.
+
+    A rotation keeps the RMS, so 1/rms comes from x directly. Backward runs the norm's backward, then the
+    inverse (= transposed) rotation. Autograd of the plain formula would go through slices, a cat and six
+    elementwise products, each allocating."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # the mean of squares in >= float32
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(torch.finfo(x.dtype).eps)).to(x.dtype)
+        y = rotate(x, cos, sin).mul_(r)
+        ctx.save_for_backward(y, r, cos, sin)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, r, cos, sin = ctx.saved_tensors
+        gz = torch.addcmul(g, y, (g * y).mean(-1, keepdim=True), value=-1.0).mul_(r)
+        return rotate(gz, cos, sin, inverse=True), None, None
+
+
+def rope_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _RopeNorm.apply(x, cos, sin)
+
+
+class _ReLU2(torch.autograd.Function):
+    """relu(x)², keeping relu(x) (autograd keeps the same tensor, twice referenced) and with a 2-pass backward
+    dx = 2·relu(x)·g instead of autograd's four passes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = F.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return (r + r).mul_(g)
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` rows, up to `max_len` positions.
+
+    `pos` is how many positions are filled (the same for every row). A forward pass with `kv_cache=cache`
+    writes its keys/values at pos..pos+T and advances pos after the last layer. `expand(n)` turns a batch-1
+    cache (one prompt's prefill) into n identical rows, so a group of G samples shares one prefill (in a
+    batch-P cache each row becomes n consecutive rows).
+
+    `key_mask` (optional, set by the caller): (batch, >= positions) bool, True for real keys, for batches of
+    left-padded prompts of different lengths; attention then ignores the padding (sdpa path, no entropy).
+    `expand` leaves it alone: the caller repeats it to match.
+    """
+
+    def __init__(self, batch_size: int, model_cfg, max_len: int, device=None, dtype=torch.float32):
+        head_dim = model_cfg.n_embd // model_cfg.n_head
+        shape = (model_cfg.depth, batch_size, model_cfg.n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+        self.key_mask: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def expand(self, n: int) -> KVCache:
+        """Each row becomes n consecutive identical rows (row i -> rows i·n .. i·n + n - 1), in place; returns
+        self. A batch-1 prefill of one prompt thus serves a group of n samples, which then diverge."""
+        B = self.batch_size
+        # copy only the filled positions; the rest stays zero (it is written before it is read)
+        k = self.k.new_zeros((self.k.size(0), B * n, *self.k.shape[2:]))
+        v = torch.zeros_like(k)
+        k[:, :, :, : self.pos] = self.k[:, :, :, : self.pos].repeat_interleave(n, dim=1)
+        v[:, :, :, : self.pos] = self.v[:, :, :, : self.pos].repeat_interleave(n, dim=1)
+        self.k, self.v = k, v
+        return self
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, D) at pos..pos+T of `layer`; return all keys/values so far (views)."""
+        t0, t1 = self.pos, self.pos + k.size(2)
+        if t1 > self.max_len:
+            raise ValueError(f"KV cache overflow: {t1} positions needed, max_len is {self.max_len}")
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.c_q = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, backend, kv_cache=None, return_entropy=False):
+        B, T, C = x.shape
+        if T > 1:
+            # one matmul for q, k and v (~15% faster than three on the CPU benchmark shape); a decode step
+            # (T = 1) keeps three, where concatenating the weights would double the bytes it reads
+            w = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight))
+            q, k, v = F.linear(x, w).split([self.c_q.out_features, self.c_k.out_features, self.c_v.out_features], -1)
+        else:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        # rotary, then QK-norm; heads move to dim 1 as views (no copy)
+        q = rope_norm(q, cos, sin).transpose(1, 2)
+        k = rope_norm(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        key_mask = None
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+            key_mask = getattr(kv_cache, "key_mask", None)  # ragged batches (the engine); None otherwise
+        y = attention(q, k, v, causal=True, backend=backend, return_entropy=return_entropy, key_mask=key_mask)
+        ent = None
+        if return_entropy:
+            y, ent = y
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return y, ent
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(_ReLU2.apply(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, backend, kv_cache=None, return_entropy=False):
+        y, ent = self.attn(norm(x), cos, sin, backend, kv_cache, return_entropy)
+        x = x + y
+        x = x + self.mlp(norm(x))
+        return x, ent
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of soft-capped logits s = cap·tanh(z/cap), keeping one (N, V) tensor for backward.
+
+    Plain autograd would keep tanh's output and log_softmax's output (two N×V tensors) and make a few more
+    passes over them. Here forward keeps only t = tanh(z/cap) and the per-row logsumexp; backward rebuilds
+    softmax(s) = exp(cap·t - lse) in that same buffer: dL/dz = (softmax(s) - onehot(y)) · (1 - t²) · dL/dloss_row.
+    Since |s| < cap, exp(s) cannot overflow float32 for cap ≤ 80, so the logsumexp needs no max subtraction.
+    """
+
+    @staticmethod
+    def forward(ctx, z, targets, cap):
+        t = z.float().div(cap).tanh_()  # a fresh buffer even when z is float32 (div allocates)
+        lse = torch.mul(t, cap).exp_().sum(-1).log_()
+        valid = targets >= 0
+        safe = targets.clamp_min(0)
+        loss = (lse - cap * t.gather(1, safe[:, None]).squeeze(1)) * valid
+        ctx.save_for_backward(t, lse, safe, valid)
+        ctx.cap = cap
+        ctx.in_dtype = z.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        t, lse, safe, valid = ctx.saved_tensors
+        cap = ctx.cap
+        g = (grad_loss * valid)[:, None]
+        one_minus_t2 = torch.mul(t, t).neg_().add_(1)
+        # t becomes softmax(s) in place: the buffer is not needed afterwards (backward runs once)
+        p = t.mul_(cap).sub_(lse[:, None]).exp_()
+        p[torch.arange(p.size(0), device=p.device), safe] -= 1.0
+        grad_z = p.mul_(one_minus_t2).mul_(g)
+        return grad_z.to(ctx.in_dtype), None, None
+
+
+# Logits per chunk of the fused loss (rows = this / vocab). Matmul efficiency wins over cache residency on the
+# CPU: on the benchmark shape (2,048 rows, V = 8,192) one 16M chunk ran the loss fwd+bwd 1.3-1.9x faster than
+# 2M chunks and 2.6-4.8x faster than 512K ones (`bench/model_speed.py --loss-chunks`, two runs under load).
+# 16M float32 is 64 MB (CPU) and 256M is 1 GB (GPU): bounded, whatever the batch.
+_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**28}
+
+
+def _softcap_loss_and_grad_(z, targets, cap):
+    """z (rows, V): raw float32 logits, overwritten. Returns (loss (rows,), dloss/dz (rows, V)) for the
+    cross-entropy of s = cap·tanh(z/cap) (0 for targets of -1). dL/dz = (softmax(s) - onehot(y))·(1 - tanh²);
+    |s| < cap, so exp(s) cannot overflow float32 for cap <= 80 and the logsumexp needs no max subtraction."""
+    t = z.div_(cap).tanh_()
+    e = torch.mul(t, cap).exp_()
+    total = e.sum(-1)
+    valid = targets >= 0
+    safe = targets.clamp_min(0)
+    rows = torch.arange(z.size(0), device=z.device)
+    loss = (total.log() - cap * t[rows, safe]) * valid
+    e.div_(total[:, None])  # softmax(s)
+    e[rows, safe] -= 1.0
+    e.mul_(valid[:, None])
+    return loss, torch.ops.aten.tanh_backward(e, t)  # e·(1 - t²) in one pass
+
+
+class FusedLinearSoftcapCE(torch.autograd.Function):
+    """Mean cross-entropy of cap·tanh(x·Wᵀ / cap) over the targets != -1, never holding all the logits.
+
+    Plain autograd keeps the logits, their tanh and their log-softmax (three N×V float32 tensors: 17 GB each
+    for 32 rows × 2048 tokens × 65,536 vocab) and makes ~15 passes over them. Here the rows go through in
+    chunks: a chunk's logits are made, turned into loss and dL/dlogits in place while cache-resident, and pushed
+    straight through the lm_head's backward (dx = g·W, dW += gᵀ·x). Forward keeps only dx (N×C) and dW (V×C);
+    backward scales them by the incoming gradient, a scalar, so this is exact whatever is done with the loss.
+    The price: the lm_head backward runs inside forward (only when grad is enabled).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, cap):
+        # under autocast the matmuls run in the autocast dtype; the softmax math always runs in float32
+        dev = x.device.type
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        xm, wm = x.to(mm_dtype), weight.to(mm_dtype)
+        N, V = x.size(0), weight.size(0)
+        chunk = max(1, _CHUNK_ELEMENTS.get(dev, 2**28) // V)
+        count = (targets >= 0).sum().clamp_min(1)
+        loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
+        dx = torch.empty(x.shape, device=x.device, dtype=mm_dtype)
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        with torch.autocast(dev, enabled=False):
+            for i in range(0, N, chunk):
+                xc = xm[i : i + chunk]
+                loss, g = _softcap_loss_and_grad_((xc @ wm.t()).float(), targets[i : i + chunk], cap)
+                loss_sum += loss.sum()
+                g = g.to(mm_dtype)
+                torch.mm(g, wm, out=dx[i : i + chunk])
+                if mm_dtype == torch.float32:
+                    dw.addmm_(g.t(), xc)
+                else:
+                    dw += (g.t() @ xc).float()
+        ctx.save_for_backward(dx, dw, count)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw, count = ctx.saved_tensors
+        scale = grad.float() / count
+        return (dx * scale).to(ctx.dtypes[0]), (dw * scale).to(ctx.dtypes[1]), None, None
+
+
+def _softcap_ce(z, targets, cap):
+    """Per-position loss through plain autograd ops (inference, and softcap outside (0, 80])."""
+    s = z.float()
+    if cap > 0:
+        s = torch.tanh(s / cap) * cap
+    return F.cross_entropy(s, targets, ignore_index=-1, reduction="none")
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        if not (cfg.n_embd and cfg.n_head and cfg.n_kv_head):
+            raise ValueError("GPT needs a resolved ModelConfig (run nanorl.config.derive first)")
+        self.config = cfg
+        self.n_layer = cfg.depth
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.softcap = float(cfg.softcap)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Rotary tables, precomputed once (buffers: they follow .to(); not saved in checkpoints; a model made
+        # on the meta device gets them from init_weights after to_empty). Twice the context leaves room for a
+        # prompt plus a long generation; longer positions grow the tables on demand (`_rotary`).
+        cos, sin = rotary_tables(2 * cfg.seq_len, self.head_dim, device=self.wte.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._backend = None
+
+    # ---- init ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's init: embeddings N(0, 1); matrices N(0, std) with std = min(1, sqrt(fan_out/fan_in)) /
+        sqrt(fan_in) (Yang et al. 2023, arXiv 2310.17813); the residual-branch outputs (attn.c_proj,
+        mlp.c_proj) zero, so every block starts as the identity; lm_head N(0, 0.001), small so the first
+        logits are near uniform."""
+        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                fan_out, fan_in = lin.weight.shape
+                nn.init.normal_(lin.weight, mean=0.0, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        cos, sin = rotary_tables(self.rope_cos.size(0), self.head_dim, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The optimizer's groups: the blocks' matrices (Muon), the input embedding and the lm_head (AdamW)."""
+        return {
+            "matrix": [p for p in self.blocks.parameters()],
+            "embedding": [self.wte.weight],
+            "unembedding": [self.lm_head.weight],
+        }
+
+    def num_params(self) -> dict[str, int]:
+        return count_params(self.config)
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        return flops_per_token(self.config, seq_len)
+
+    def attention_backend(self) -> str:
+        if self._backend is None or self._backend[0] != self.wte.weight.device:
+            self._backend = (self.wte.weight.device, resolve_backend(self.config.attention, self.wte.weight.device))
+        return self._backend[1]
+
+    def _rotary(self, t0: int, t1: int):
+        if t1 > self.rope_cos.size(0):
+            cos, sin = rotary_tables(2 * t1, self.head_dim, device=self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos, sin
+        # (T, 1, D/2): broadcast over batch and heads of the (B, T, H, D) q/k
+        return self.rope_cos[t0:t1, None, :], self.rope_sin[t0:t1, None, :]
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", return_entropy=False):
+        """idx (B, T) token ids.
+
+        - no targets: logits (B, T, V), float32, soft-capped (with kv_cache: for the T new positions)
+        - targets (B, T) (-1 = ignore): the mean cross-entropy over the counted positions, or with
+          loss_reduction="none" the per-position loss (B, T) (0 where ignored)
+        - return_entropy=True: returns (output, entropy) with entropy (n_layer, B, n_head, T) float32, the
+          attention entropy of every query row in nats (telemetry; detached)
+        """
+        B, T = idx.shape
+        t0 = kv_cache.pos if kv_cache is not None else 0
+        cos, sin = self._rotary(t0, t0 + T)
+        backend = self.attention_backend()
+        x = norm(self.wte(idx))
+        entropies = []
+        for block in self.blocks:
+            x, ent = block(x, cos, sin, backend, kv_cache, return_entropy)
+            if return_entropy:
+                entropies.append(ent)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = norm(x)
+        if targets is None:
+            out = self.lm_head(x).float()
+            if self.softcap > 0 and out.requires_grad:
+                out = torch.tanh(out / self.softcap) * self.softcap
+            elif self.softcap > 0:  # inference: in place, the matmul's output is ours
+                out = out.div_(self.softcap).tanh_().mul_(self.softcap)
+        elif loss_reduction not in ("mean", "none"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'none', not {loss_reduction!r}")
+        else:
+            x, targets = x.reshape(B * T, -1), targets.reshape(B * T)
+            # the hand-written loss (and its gradient) only when a backward can follow
+            wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
+            fused = 0 < self.softcap <= 80 and wants_grad
+            if loss_reduction == "mean" and fused:
+                out = FusedLinearSoftcapCE.apply(x, self.lm_head.weight, targets, self.softcap)
+            elif fused:
+                out = SoftcapCrossEntropy.apply(self.lm_head(x), targets, self.softcap).view(B, T)
+            else:
+                out = _softcap_ce(self.lm_head(x), targets, self.softcap)
+                out = out.view(B, T) if loss_reduction == "none" else out.sum() / (targets >= 0).sum().clamp_min(1)
+        if return_entropy:
+            return out, torch.stack(entropies).float()
+        return out
+
+    @torch.no_grad()
+    def attention_maps(self, idx) -> torch.Tensor:
+        """The attention probabilities of every layer for a (small) probe batch: (n_layer, B, n_head, T, T).
+        Materialises T×T per head (the eager path) whatever the configured backend."""
+        B, T = idx.shape
+        cos, sin = self._rotary(0, T)
+        x = norm(self.wte(idx))
+        maps = []
+        for block in self.blocks:
+            a = block.attn
+            h = norm(x)
+            q = rope_norm(a.c_q(h).view(B, T, a.n_head, a.head_dim), cos, sin).transpose(1, 2)
+            k = rope_norm(a.c_k(h).view(B, T, a.n_kv_head, a.head_dim), cos, sin).transpose(1, 2)
+            v = a.c_v(h).view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2)
+            y, probs = eager_attention(q, k, v, causal=True, return_probs=True)
+            maps.append(probs)
+            x = x + a.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + block.mlp(norm(x))
+        return torch.stack(maps)

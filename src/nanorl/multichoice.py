@@ -1,0 +1,627 @@
+"""Five-way multiple choice, shared by the built-in `arith` task and the AQuA-RAT plugin.
+
+Pure Python (no torch at import): the prompt, the answer line, answer extraction, the two rewards, the
+statistics an honest evaluation needs (Wilson interval, McNemar test, chance and majority baselines, confusion
+table, option shuffling for position bias), and `LetterTelemetry`, the RL telemetry hook over the answer letter.
+
+Plugins reach it through `nanorl.api` (`from nanorl.api import extract_letter`, or `nanorl.api.multichoice`).
+
+Extraction rules (`extract_letter`), in order:
+1. the last `Final Answer: X` (any case, optional parentheses, trailing punctuation);
+2. else the last other explicit answer statement: "Answer: C", "ANSWER:E", "Ans - C", "The answer is (C)",
+   "Correct answer - A", "correct option is B", "Option C", "Choice B.", "C is the correct answer",
+   "Therefore A is correct", "E is the answer";
+3. else a last line that is nothing but a letter ("D", "(D)", "D."), or a letter closing it ("12-5=7 C");
+4. only when the options are given (`extract_letter(text, options=...)`): else the last number of the last
+   line, when it equals the value of exactly one option ("... = 24." with "C)24"). Used to read gold
+   rationales; the tasks score model completions without it, since the prompt asks for a letter.
+A letter only counts as a standalone token: not the start of a word ("Answer: each"), not a variable in an
+expression ("answer: a = 5", "A + B"), not the English article ("the answer is a multiple of 3"); a lowercase
+letter counts only in parentheses or as the last thing on its line. No statement: None.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from nanorl.api import LETTERS, Conversation, Example, RolloutBatch, Scorer, StageInfo, TelemetryHook
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------
+# The prompt and the answer line (wording specified by the AQuA issue, after nanochatAquaRat)
+
+PROMPT_HEAD = "You are a careful math tutor. Solve step by step."
+PROMPT_TAIL = "Think step by step. On the last line, output exactly: Final Answer: <LETTER>"
+FINAL_ANSWER = "Final Answer:"
+
+# "A)12", "A) 12", "(A) 12", "A. 12", "A: 12": the labels option texts come with
+_OPTION_LABEL = re.compile(r"^\s*\(?([A-Ea-e])\s*[).:]\s*")
+
+
+def option_text(option: str) -> str:
+    """An option without its letter label: "A)32400" -> "32400"."""
+    return _OPTION_LABEL.sub("", option, count=1).strip()
+
+
+def option_label(option: str) -> str | None:
+    """The letter an option is labelled with ("A)32400" -> "A"), or None when it has no label."""
+    m = _OPTION_LABEL.match(option)
+    return m.group(1).upper() if m else None
+
+
+def mc_conversation(question: str, options: Sequence[str]) -> Conversation:
+    """The user turn that asks a multiple-choice question: instruction, problem, one choice per line, format.
+
+    Options are written as "A) text" whatever label style the data uses (or none), so every task reads alike.
+    """
+    choices = [f"{letter}) {option_text(opt)}" for letter, opt in zip(LETTERS, options, strict=False)]
+    content = "\n".join([PROMPT_HEAD, "", question.strip(), "", *choices, "", PROMPT_TAIL])
+    return [{"role": "user", "content": content}]
+
+
+def final_answer_line(letter: str) -> str:
+    """The line a completion must end with: "Final Answer: C"."""
+    return f"{FINAL_ANSWER} {letter}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Answer extraction
+
+
+def _letter_token(letters: str) -> str:
+    """A letter as an answer: optional parentheses/brackets, then not glued to a word or an expression.
+
+    Lookahead (?![\\w'’]) keeps "each"/"an"/"A's" out; the operator lookahead keeps "a = 5", "A+B", "B-C", "A * 2"
+    out (but not markdown bold: "**C**"). Whitespace runs are never split between two `\\s*`: linear time.
+    """
+    cls = "".join(sorted(set(letters.upper() + letters.lower())))
+    return rf"(?:\*\*)?(?:[(\[]\s*)?(?P<L>[{cls}])(?:\s*[)\]])?(?![\w'’])(?!\s*(?:[=+/^<>]|\*(?!\*))|-\w)"
+
+
+# Words that may follow an uppercase "A" that is an answer ("Answer A is correct", "A because ..."); after
+# any other word "A" is read as the article ("The answer: A total of 5 ...").
+_AFTER_A_OK = {"is", "as", "because", "since", "which", "option", "choice", "the", "and", "will", "would"}
+
+
+def _accept(text: str, m: re.Match) -> bool:
+    letter, end = m.group("L"), m.end("L")
+    rest = text[end:]
+    if letter.islower():
+        # lowercase: in parentheses, or the last thing on its line ("answer is b." / "final answer: (c)")
+        before = text[: m.start("L")].rstrip()
+        in_parens = before.endswith(("(", "[")) and rest.lstrip().startswith((")", "]"))
+        return in_parens or re.match(r"[\s)\].!]*(?:\n|$)", rest) is not None
+    if letter == "A":
+        w = re.match(r"[ \t]+([a-z]+)", rest)
+        if w and w.group(1) not in _AFTER_A_OK:
+            return False
+    return True
+
+
+def _statements(pattern: re.Pattern, text: str) -> list[re.Match]:
+    """All accepted matches of an answer-statement pattern, in text order."""
+    return [m for m in pattern.finditer(text) if _accept(text, m)]
+
+
+_PATTERNS: dict[str, tuple[re.Pattern, list[re.Pattern], re.Pattern]] = {}
+
+
+def _patterns(letters: str) -> tuple[re.Pattern, list[re.Pattern], re.Pattern]:
+    if letters not in _PATTERNS:
+        tok = _letter_token(letters)
+        sep = r"\s*(?:\*+\s*)?(?:(?:is|=|:|-|–|—|:-)\s*(?:\*+\s*)?)?"
+        final = re.compile(
+            rf"final\s+answer\s*(?:\*+\s*)?(?:(?:is\b|:|=|-)\s*(?:\*+\s*)?)?(?:(?:option|choice)\s*)?{tok}", re.I
+        )
+        # a strong cue names the answer ("answer", "ans", "correct option"); a bare "option"/"choice" only
+        # counts when the letter ends its line ("Option C"), not in "option A is 5 and option B is 7"
+        strong = (
+            r"(?:the\s+)?(?:(?:correct|right|final|required)\s+(?:answer|option|choice)s?|answer|ans\b\.?)"
+            r"(?:\s+(?:is|will\s+be|should\s+be|would\s+be|must\s+be|=|:|-|–|:-)){0,2}"
+        )
+        upper = letters.upper()
+        explicit = [
+            # "Answer: C", "ANSWER:E", "Ans - C", "The answer is (C)", "correct option is B",
+            # "CORRECT OPTION:OPTION E", "Answer: Option B", "Answer = E"
+            re.compile(rf"\b{strong}{sep}(?:(?:option|choice)\s*(?:[:\-]\s*)?)?{tok}", re.I),
+            # "Option C", "Choice B.", "Hence option (D)" at the end of a line
+            re.compile(rf"\b(?:option|choice)\s*(?:[:\-]\s*)?{tok}(?=[ \t.)\]]*(?:\n|$))", re.I),
+            # "C is the correct answer", "E is the answer", "Therefore A is correct", "A is the right option"
+            re.compile(
+                rf"(?<![\w=+\-*/^<>])(?P<L>[{upper}])\s+is\s+(?:the\s+)?(?:correct|right|answer)"
+                r"(?:\s+(?:answer|option|choice))?\b"
+            ),
+            # LaTeX habit: "\boxed{B}"
+            re.compile(rf"\\boxed\{{\s*(?:\\text\{{)?(?P<L>[{upper}])\}}?\s*\}}"),
+        ]
+        # a last line that is only a letter ("D", "(D)", "D."), or a letter closing a line after a word, number
+        # or full stop ("12-5=7 C"); not after an operator ("x = A + B")
+        last = re.compile(rf"(?:^|\n|(?<=[\w.)%])[ \t]+)[(\[]?(?P<L>[{upper}])[)\]]?\.?\s*$")
+        _PATTERNS[letters] = (final, explicit, last)
+    return _PATTERNS[letters]
+
+
+def extract_letter(text: str, letters: str = "ABCDE", options: Sequence[str] | None = None) -> str | None:
+    """The answer letter a text gives (uppercase), or None when it states none. Rules: the module docstring."""
+    if not text:
+        return None
+    final, explicit, last = _patterns(letters)
+    found = _statements(final, text)
+    if not found:
+        found = sorted((m for p in explicit for m in _statements(p, text)), key=lambda m: m.start("L"))
+    if not found:
+        m = last.search(text.rstrip())
+        found = [m] if m else []
+    if not found:
+        return _letter_by_value(text, letters, options) if options else None
+    letter = found[-1].group("L").upper()
+    return letter if letter in letters.upper() else None
+
+
+# a number as rationales write it: "-1,250", "4.5", "15/4" (a fraction is one number), "3.75"
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?")
+
+
+def _value(s: str) -> float | None:
+    try:
+        if "/" in s:
+            num, den = s.split("/")
+            return float(num.replace(",", "")) / float(den)
+        return float(s.replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _letter_by_value(text: str, letters: str, options: Sequence[str]) -> str | None:
+    """The option whose only number equals the last number of the text's last line; None unless exactly one."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    numbers = _NUMBER.findall(lines[-1]) if lines else []
+    said = _value(numbers[-1]) if numbers else None
+    if said is None:
+        return None
+    hits = []
+    for letter, opt in zip(letters.upper(), options, strict=False):
+        nums = _NUMBER.findall(option_text(opt))
+        value = _value(nums[0]) if len(nums) == 1 else None
+        if value is not None and math.isclose(value, said, rel_tol=1e-9, abs_tol=1e-12):
+            hits.append(letter)
+    return hits[0] if len(hits) == 1 else None
+
+
+# What may follow the letter of a trailing answer statement on its line and still be part of it ("Answer: D)
+# 109 rolls", "Answer A is correct option"); 40 characters covers every such tail in the AQuA dev rationales.
+_MAX_TAIL = 40
+# Words and arrows that lead into an answer statement ("Hence, answer is B", "==> the correct answer is D")
+_LEAD_IN = re.compile(
+    r"(?:\b(?:hence|so|thus|therefore|then|and|the|option|choice)\b[,:]?|==>|=>|-->|[,;:])[ \t]*\Z", re.I
+)
+# a letter closing a line right after a number, percent or bracket ("12-5=7 C") may be cut; after a word it
+# is left alone ("This gives us B" would lose its object)
+_BARE_AFTER = re.compile(r"(?:^|[\d%).])[ \t]*$")
+
+
+def strip_answer_statement(text: str, letters: str = "ABCDE") -> str:
+    """The text without the answer statement(s) that end it: what SFT keeps before its own `Final Answer: X`.
+
+    "x = 250 m. Answer D" -> "x = 250 m."; "...\nCorrect answer - A" -> "..."; "Thus, C is the correct answer"
+    -> "" (the whole line). A statement is only cut when it is on the last line and at most a short tail
+    follows its letter; anything else is kept, so no reasoning is lost.
+    """
+    text = text.rstrip()
+    for _ in range(3):  # a rationale may repeat its answer ("Answer: B\nANSWER: B"); three is plenty
+        cut = _trailing_statement(text, letters)
+        if cut is None:
+            break
+        head = text[:cut].rstrip(" \t")
+        # lead-in words belong to a statement that starts mid-line; a previous line keeps its punctuation
+        while (m := _LEAD_IN.search(head)) and m.group(0).strip():
+            head = head[: m.start()].rstrip(" \t")
+        text = head.rstrip()
+    return text
+
+
+def _trailing_statement(text: str, letters: str) -> int | None:
+    """Where the answer statement that ends the text starts, or None when it does not end with one."""
+    final, explicit, last = _patterns(letters)
+    line_start = text.rfind("\n") + 1
+    starts = []
+    for pattern in (final, *explicit):
+        for m in _statements(pattern, text):
+            if m.start("L") >= line_start and len(text) - m.end("L") <= _MAX_TAIL:
+                starts.append(m.start())
+    m = last.search(text)
+    if m and _BARE_AFTER.search(text[line_start : m.start("L")].rstrip("([ \t")):
+        starts.append(m.start("L") - (1 if text[m.start("L") - 1 : m.start("L")] in "([" else 0))
+    return min(starts) if starts else None
+
+
+_WELL_FORMED = re.compile(r"(?:^|\n)[ \t]*Final Answer: ([A-E])\s*\Z")
+
+
+def ends_with_final_answer(text: str, letters: str = "ABCDE") -> bool:
+    """True when the text's last non-empty line is exactly `Final Answer: X` (X one of `letters`)."""
+    m = _WELL_FORMED.search(text)
+    return m is not None and m.group(1) in letters
+
+
+def correct_reward(example: Example, completion: str, answer: str | None) -> float:
+    """1.0 when the answer extracted from the completion is the gold letter, else 0.0."""
+    got = answer if answer is not None else extract_letter(completion)
+    return 1.0 if got is not None and got == example.answer else 0.0
+
+
+# The format bonus is a tenth of a correct answer (the AQuA issue): enough to teach the answer line, too little
+# to be worth more than getting the answer right.
+FORMAT_BONUS = 0.1
+
+
+def format_reward(example: Example, completion: str, answer: str | None) -> float:
+    """0.1 when the completion ends with a well-formed `Final Answer: <A-E>` line, else 0.0."""
+    return FORMAT_BONUS if ends_with_final_answer(completion) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics for an honest evaluation
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion k/n (z = 1.96: 95%). (0, 1) when n is 0.
+
+    Wilson rather than the normal approximation p ± z·sqrt(p(1-p)/n): it stays inside [0, 1] and keeps its
+    coverage at the small n (254 dev questions) and extreme p a small model gives.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: b, c are the discordant pairs (only A right, only B right).
+
+    Under the null each discordant pair goes either way with probability 1/2, so min(b, c) is Binomial(b+c,
+    1/2); p = 2·P(X <= min(b, c)), capped at 1. Exact integer arithmetic, so no underflow at large b + c.
+    """
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def mcnemar_chi2_p(b: int, c: int) -> float:
+    """McNemar's chi-square test with continuity correction (1 degree of freedom), for comparison at large n."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    chi2 = (abs(b - c) - 1) ** 2 / n if abs(b - c) > 1 else 0.0
+    return math.erfc(math.sqrt(chi2 / 2))  # survival function of chi-square with 1 dof
+
+
+def majority_baseline(golds: Sequence[str]) -> tuple[str | None, float]:
+    """The most common gold letter and the accuracy of always answering it (ties: the earliest letter)."""
+    if not golds:
+        return None, 0.0
+    counts = Counter(golds)
+    letter = max(sorted(counts), key=lambda x: counts[x])
+    return letter, counts[letter] / len(golds)
+
+
+def _record(r: Any) -> tuple[str, str | None, bool]:
+    """(gold, predicted, format_ok) of one per-question record: a dict with keys gold, pred and format_ok."""
+    gold, pred = r["gold"], r.get("pred")
+    return gold, pred, bool(r.get("format_ok", pred is not None))
+
+
+def summarize(records: Sequence[dict[str, Any]], letters: str = "ABCDE") -> dict[str, Any]:
+    """Evaluation metrics from per-question records `{"gold": "C", "pred": "B" | None, "format_ok": bool}`.
+
+    Returns accuracy with its 95% Wilson interval, the chance (1/letters) and majority-letter baselines of the
+    records' gold letters, whether the interval's lower end clears the majority baseline, the format-valid
+    rate, the predicted-letter distribution ("none": no answer) and the gold × predicted confusion table.
+    """
+    rows = [_record(r) for r in records]
+    n = len(rows)
+    k = sum(1 for gold, pred, _ in rows if pred is not None and pred == gold)
+    lo, hi = wilson_interval(k, n)
+    golds = [gold for gold, _, _ in rows]
+    major, major_acc = majority_baseline(golds)
+    cols = [*letters, "none"]
+    pred_counts = {c: 0 for c in cols}
+    confusion = {g: {c: 0 for c in cols} for g in letters}
+    for gold, pred, _ in rows:
+        col = pred if pred in pred_counts else "none"
+        pred_counts[col] += 1
+        confusion.setdefault(gold, {c: 0 for c in cols})[col] += 1
+    return {
+        "n": n,
+        "correct": k,
+        "accuracy": k / n if n else 0.0,
+        "accuracy_ci95": [lo, hi],
+        "chance_baseline": 1 / len(letters),
+        "majority_letter": major,
+        "majority_baseline": major_acc,
+        "beats_majority": n > 0 and lo > major_acc,
+        "format_rate": sum(ok for _, _, ok in rows) / n if n else 0.0,
+        "answered_rate": sum(pred is not None for _, pred, _ in rows) / n if n else 0.0,
+        "pred_counts": pred_counts,
+        "gold_counts": {c: golds.count(c) for c in letters},
+        "confusion": confusion,
+    }
+
+
+def eval_record(example: Example, pred: str | None, completion: str | None = None) -> dict[str, Any]:
+    """One question's record for `summarize` / `compare`: id, gold, pred and whether the answer was well-formed
+    (generative: the completion ends with `Final Answer: X`; categorical, no completion: a letter was chosen)."""
+    format_ok = ends_with_final_answer(completion) if completion is not None else pred is not None
+    return {"id": example.id, "gold": example.answer, "pred": pred, "format_ok": format_ok}
+
+
+def compare(records_a: Sequence[dict[str, Any]], records_b: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Paired comparison of two evaluations of the same questions (same order, or matched by "id").
+
+    diff = accuracy(a) - accuracy(b); `a_only`/`b_only` are the discordant pairs; p from the exact McNemar test
+    (`mcnemar_p`); `diff_ci95` a normal-approximation interval for a paired difference of proportions.
+    """
+    if all("id" in r for r in records_a) and all("id" in r for r in records_b):
+        by_id = {r["id"]: r for r in records_b}
+        missing = [r["id"] for r in records_a if r["id"] not in by_id]
+        if missing or len(by_id) != len(records_a):
+            raise ValueError(f"the two evaluations cover different questions (e.g. {missing[:3]})")
+        records_b = [by_id[r["id"]] for r in records_a]
+    if len(records_a) != len(records_b):
+        raise ValueError(f"cannot pair {len(records_a)} records with {len(records_b)}")
+    both = a_only = b_only = 0
+    for ra, rb in zip(records_a, records_b, strict=True):
+        (ga, pa, _), (gb, pb, _) = _record(ra), _record(rb)
+        if ga != gb:
+            raise ValueError(f"paired records disagree on the gold letter ({ga} vs {gb})")
+        right_a, right_b = pa == ga, pb == gb
+        both += right_a and right_b
+        a_only += right_a and not right_b
+        b_only += right_b and not right_a
+    n = len(records_a)
+    diff = (a_only - b_only) / n if n else 0.0
+    # variance of the mean of paired differences d_i in {-1, 0, 1}: (E[d^2] - E[d]^2) / n
+    se = math.sqrt(max(0.0, (a_only + b_only) / n - diff * diff) / n) if n else 0.0
+    return {
+        "n": n,
+        "accuracy_a": (both + a_only) / n if n else 0.0,
+        "accuracy_b": (both + b_only) / n if n else 0.0,
+        "diff": diff,
+        "diff_ci95": [diff - 1.96 * se, diff + 1.96 * se],
+        "both_correct": both,
+        "a_only": a_only,
+        "b_only": b_only,
+        "p_value": mcnemar_p(a_only, b_only),
+        "test": "McNemar exact (two-sided binomial on discordant pairs)",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Position bias: re-ask with the options permuted
+
+
+def shuffle_options(example: Example, k: int, seed: int = 0) -> list[Example]:
+    """K copies of a multiple-choice example with its options permuted, the gold letter remapped.
+
+    Each copy's `meta["perm"]` lists, for each new position, the index of the original option shown there,
+    so `unshuffle_letter` maps a predicted letter back to the original option (its content). The seed and
+    the example id fix the permutations, so two checkpoints are asked the same shuffled questions.
+    """
+    if not example.options:
+        raise ValueError(f"example {example.id!r} has no options to shuffle")
+    rng = random.Random(f"{seed}:{example.id}")  # str seeds hash deterministically across processes
+    n = len(example.options)
+    gold = LETTERS.index(example.answer)
+    texts = [option_text(o) for o in example.options]
+    out = []
+    for j in range(k):
+        perm = list(range(n))
+        rng.shuffle(perm)
+        options = [f"{LETTERS[i]}){texts[p]}" for i, p in enumerate(perm)]
+        meta = {**example.meta, "perm": perm, "shuffle": j}
+        out.append(replace(example, options=options, answer=LETTERS[perm.index(gold)], meta=meta))
+    return out
+
+
+def unshuffle_letter(example: Example, letter: str | None) -> str | None:
+    """The original letter of the option a shuffled example shows at `letter` (None stays None)."""
+    if letter is None or letter not in LETTERS[: len(example.meta["perm"])]:
+        return None
+    return LETTERS[example.meta["perm"][LETTERS.index(letter)]]
+
+
+def position_bias(
+    base_preds: Sequence[str | None],
+    variants: Sequence[Sequence[Example]],
+    variant_preds: Sequence[Sequence[str | None]],
+) -> dict[str, Any]:
+    """Accuracy under shuffled options and how often the chosen content survives the shuffle.
+
+    `base_preds[i]`: the letter answered to question i as given; `variants[i]`: its shuffled copies
+    (`shuffle_options`); `variant_preds[i][j]`: the letter answered to copy j. `content_consistency`: among
+    pairs where both were answered, how often the same option content was chosen; `same_letter_rate`: how
+    often the same letter was (a model that reads the options and ignores positions keeps the content, one
+    that favours a position keeps the letter).
+    """
+    k = total = answered = same_content = same_letter = 0
+    for base, copies, preds in zip(base_preds, variants, variant_preds, strict=True):
+        for ex, pred in zip(copies, preds, strict=True):
+            total += 1
+            k += pred is not None and pred == ex.answer
+            if base is None or pred is None:
+                continue
+            answered += 1
+            same_content += unshuffle_letter(ex, pred) == base
+            same_letter += pred == base
+    lo, hi = wilson_interval(k, total)
+    return {
+        "shuffled_n": total,
+        "shuffled_accuracy": k / total if total else 0.0,
+        "shuffled_accuracy_ci95": [lo, hi],
+        "answered_pairs": answered,
+        "content_consistency": same_content / answered if answered else 0.0,
+        "same_letter_rate": same_letter / answered if answered else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Letter telemetry for RL
+
+
+class LetterTelemetry(TelemetryHook):
+    """RL telemetry over the answer letter, for any five-way multiple-choice task (docs/aqua.md).
+
+    Active in the `rl` stage of its task only. Every call: rl/acc, rl/mean_reward. Every `rl.kl_every` steps
+    (the first call, then the first call at least kl_every steps after the last KL step: right whether the RL
+    stage hands over every step's rollouts or only every kl_every-th):
+      rl/kl_letter_mean          KL(policy || reference) of the letter distributions (renormalised over 5)
+      rl/letter_margin_mean      policy's top-1 minus top-2 letter logit
+      rl/letter_pred_counts/X    how many rows the policy's most likely letter is X
+      rl/kl_sequence_mean        mean over sampled tokens of log p_policy - log p_reference (Monte-Carlo KL)
+      rl/letter_collapse         1 when one letter takes more than 60% of the predictions while the batch
+                                 accuracy is not above the majority-letter baseline of the gold letters seen
+                                 so far in the stage (a warning is logged too), else 0
+
+    Where the letter is read: the prompt plus the completion's text up to and including its last
+    "Final Answer:", re-encoded from text as the model would read it; a completion without one gets
+    "\nFinal Answer:" appended to its whole text ("what would it answer if made to answer now").
+    Letter tokens: " A".." E" when each is one token (in a GPT-style BPE "Final Answer: A" splits as ":" " A"),
+    the context then ending at ":"; otherwise "A".."E" after a context ending in ": ".
+    """
+
+    COLLAPSE_SHARE = 0.6  # the issue's alarm threshold: one letter above 60% of predictions
+
+    def __init__(self, name: str, task: str, letters: str = "ABCDE"):
+        self.name = name
+        self.task = task
+        self.letters = letters
+        self.active = False
+        self.kl_every = 0
+        self.last_kl_step: int | None = None
+        self.gold_counts: Counter[str] = Counter()
+
+    def on_stage_start(self, info: StageInfo) -> dict[str, float] | None:
+        self.active = info.stage == "rl" and info.task == self.task
+        rl = info.config.get("rl", info.config) if isinstance(info.config, dict) else {}
+        self.kl_every = int(rl.get("kl_every", 10))  # 10: the config's default
+        self.gold_counts = Counter()
+        self.last_kl_step = None
+        return None
+
+    def on_rollouts(self, batch: RolloutBatch) -> dict[str, float] | None:
+        if not self.active or not batch.completions:
+            return None
+        n = len(batch.completions)
+        for ex in batch.examples:
+            self.gold_counts[ex.answer] += batch.group_size
+        acc = sum(bool(c) for c in batch.correct) / n
+        out: dict[str, float] = {"rl/acc": acc, "rl/mean_reward": sum(batch.rewards) / n}
+        due = self.last_kl_step is None or batch.step - self.last_kl_step >= self.kl_every
+        if self.kl_every and due:
+            self.last_kl_step = batch.step
+            out.update(self.letter_metrics(batch))
+            out["rl/kl_sequence_mean"] = self.sequence_kl(batch)
+            preds = [out[f"rl/letter_pred_counts/{x}"] for x in self.letters]
+            _, majority = majority_baseline(list(self.gold_counts.elements()))
+            collapsed = max(preds) > self.COLLAPSE_SHARE * n and acc <= majority
+            out["rl/letter_collapse"] = float(collapsed)
+            if collapsed:
+                top = self.letters[preds.index(max(preds))]
+                logger.warning(
+                    "%s: letter collapse at step %d: %s is %.0f%% of predictions, accuracy %.3f <= majority "
+                    "baseline %.3f",
+                    self.name,
+                    batch.step,
+                    top,
+                    100 * max(preds) / n,
+                    acc,
+                    majority,
+                )
+        return out
+
+    def letter_ids(self, scorer: Scorer) -> tuple[list[int], str]:
+        """The letter candidate tokens and the text that must end the context before them."""
+        spaced = [scorer.encode(" " + x) for x in self.letters]
+        if all(len(ids) == 1 for ids in spaced):
+            return [ids[0] for ids in spaced], ""
+        bare = [scorer.encode(x) for x in self.letters]
+        if not all(len(ids) == 1 for ids in bare):
+            raise ValueError("the answer letters are not single tokens in this tokenizer")
+        return [ids[0] for ids in bare], " "
+
+    def letter_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        cands, pad = self.letter_ids(batch.scorer)
+        contexts = []
+        for row, text in enumerate(batch.completions):
+            cut = text.rfind(FINAL_ANSWER)
+            prefix = text[: cut + len(FINAL_ANSWER)] if cut >= 0 else text + "\n" + FINAL_ANSWER
+            contexts.append(batch.prompt_ids[row // batch.group_size] + batch.scorer.encode(prefix + pad))
+        pol = batch.scorer.next_token_logits("policy", contexts, cands)
+        ref = batch.scorer.next_token_logits("reference", contexts, cands)
+        kls, margins, counts = [], [], dict.fromkeys(self.letters, 0)
+        for lp, lr in zip(pol, ref, strict=True):
+            kls.append(letter_kl(lp, lr))
+            top = sorted(lp, reverse=True)
+            margins.append(top[0] - top[1])
+            counts[self.letters[lp.index(top[0])]] += 1
+        out = {"rl/kl_letter_mean": sum(kls) / len(kls), "rl/letter_margin_mean": sum(margins) / len(margins)}
+        out.update({f"rl/letter_pred_counts/{x}": float(c) for x, c in counts.items()})
+        return out
+
+    def sequence_kl(self, batch: RolloutBatch) -> float:
+        """Token-weighted mean of log p_policy - log p_reference over the sampled completions' tokens."""
+        total, count = 0.0, 0
+        g = batch.group_size
+        for i in range(len(batch.examples)):
+            comps = batch.completion_ids[i * g : (i + 1) * g]
+            pol = batch.scorer.token_logprobs("policy", batch.prompt_ids[i], comps)
+            ref = batch.scorer.token_logprobs("reference", batch.prompt_ids[i], comps)
+            for lp, lr in zip(pol, ref, strict=True):
+                total += sum(a - b for a, b in zip(lp, lr, strict=True))
+                count += len(lp)
+        return total / count if count else 0.0
+
+
+def shuffle_eval(
+    examples: Sequence[Example],
+    base_preds: Sequence[str | None],
+    k: int,
+    answer: Callable[[list[Example]], list[str | None]],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`--shuffle-options K` in one call: ask every question again with its options permuted K times.
+
+    `answer(examples)` is the evaluation's own way to get one letter (or None) per example (generative or
+    categorical); `base_preds` are its answers to the questions as given. Returns `position_bias`'s metrics.
+    """
+    variants = [shuffle_options(ex, k, seed) for ex in examples]
+    flat = answer([c for copies in variants for c in copies])
+    if len(flat) != k * len(examples):
+        raise ValueError(f"answer() returned {len(flat)} letters for {k * len(examples)} shuffled questions")
+    preds = [flat[i * k : (i + 1) * k] for i in range(len(examples))]
+    return {"shuffle_k": k, "shuffle_seed": seed, **position_bias(base_preds, variants, preds)}
+
+
+def _log_softmax(logits: Sequence[float]) -> list[float]:
+    m = max(logits)
+    log_z = m + math.log(sum(math.exp(x - m) for x in logits))
+    return [x - log_z for x in logits]
+
+
+def letter_kl(policy_logits: Sequence[float], reference_logits: Sequence[float]) -> float:
+    """KL(p || q) of the softmaxes of two logit vectors over the same candidates (renormalised over them)."""
+    lp, lq = _log_softmax(policy_logits), _log_softmax(reference_logits)
+    return sum(math.exp(a) * (a - b) for a, b in zip(lp, lq, strict=True))

@@ -1,0 +1,93 @@
+"""Stage `base`: pretraining, next-token loss on the packed corpus (`data.corpus`), validation in bits per byte.
+
+The budget rule (steps = -1): train on `base.tokens_per_param` tokens per parameter (Chinchilla's 20, as
+nanochat), counting the parameters of the matrices and the unembedding (the embedding lookup does no
+compute). `total_batch_tokens` (0: one pass of device_batch_size x seq_len per rank) sets the tokens per step.
+
+Bits per byte: the summed next-token loss (nats) over the validation tokens, divided by ln 2 and by the UTF-8
+bytes those tokens stand for (special tokens count 0 bytes and are left out), so the figure does not depend on
+the tokenizer (nanochat's metric).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from nanorl.device import all_reduce_mean, autocast
+from nanorl.stages.common import Context, micro_batch, train_supervised
+
+# batches of validation (per rank) behind each val_bpb figure: ~40k tokens at the tiny shape, enough for a
+# stable figure at a small fraction of the stage's time
+VAL_BATCHES = 20
+
+
+def budget_steps(ctx: Context, tokens_per_step: int) -> int:
+    tcfg = ctx.cfg.base
+    if tcfg.steps >= 0:
+        return tcfg.steps
+    from nanorl.model import count_params
+
+    n = count_params(ctx.cfg.model)
+    tokens = tcfg.tokens_per_param * (n["matrices"] + n["unembedding"])
+    return max(1, round(tokens / tokens_per_step))
+
+
+def token_bytes(tok, vocab_size: int, device) -> torch.Tensor:
+    """UTF-8 length of every token id (0 for special tokens and unused ids)."""
+    lens = [0 if tok.is_special(i) else len(tok.token_bytes(i)) for i in range(tok.vocab_size)]
+    lens += [0] * (vocab_size - len(lens))
+    return torch.tensor(lens, dtype=torch.float32, device=device)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    from nanorl.data import PackedLoader, open_corpus
+
+    cfg, tcfg = ctx.cfg, ctx.cfg.base
+    tok = ctx.tokenizer()
+    B, accum = micro_batch(ctx, tcfg)
+    T = cfg.model.seq_len
+    corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad)
+    loader = PackedLoader(corpus, tok, B, T, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+    steps = budget_steps(ctx, B * T * accum * ctx.world_size)
+    val_fn = _val_fn(ctx, B, T)
+    model = ctx.previous_model("base")
+    return train_supervised(ctx, "base", model, loader, steps, tcfg, val_fn=val_fn, accum=accum)
+
+
+def _val_fn(ctx: Context, B: int, T: int):
+    """Bits per byte on held-out text: the task's dev corpus (when it has one), else a slice of the corpus."""
+    from nanorl.data import PackedLoader, open_corpus
+
+    cfg = ctx.cfg
+    try:
+        corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad, split="dev")
+    except Exception:  # a corpus with no dev split (local files): validate on the training text's first batches
+        corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad)
+    tbytes = token_bytes(ctx.tokenizer(), cfg.model.vocab_size, ctx.device)
+
+    @torch.no_grad()
+    def val(model) -> dict[str, float]:
+        model.eval()
+        # a fresh loader each time: the same validation batches every evaluation (seed fixed, no shuffle)
+        loader = PackedLoader(
+            corpus, ctx.tokenizer(), B, T, seed=0, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+            shuffle=False,
+        )  # fmt: skip
+        nats = torch.zeros((), device=ctx.device, dtype=torch.float64)
+        nbytes = torch.zeros((), device=ctx.device, dtype=torch.float64)
+        for _ in range(VAL_BATCHES):
+            x, y = next(loader)
+            with autocast(ctx.device, ctx.dtype):
+                loss = model(x, y, loss_reduction="none").float()
+            b = tbytes[y]
+            nats += (loss * (b > 0)).sum().double()
+            nbytes += b.sum().double()
+            if loader.epoch > 0:  # a small dev corpus: one pass is all there is
+                break
+        nats, nbytes = all_reduce_mean(nats), all_reduce_mean(nbytes)
+        return {"val_bpb": float(nats / (math.log(2) * nbytes.clamp_min(1)))}
+
+    return val

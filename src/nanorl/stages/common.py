@@ -1,0 +1,361 @@
+"""What every stage shares: the run context, model loading, the conversation loader, and the supervised loop.
+
+`Context` holds the resolved config, the run folder, the device and the ranks, the metrics bus and the task.
+`train_supervised` is the one training loop of base, mid and sft: gradient accumulation to the stage's
+`total_batch_tokens`, the lr schedule, clipping, periodic validation and checkpoints, exact resume.
+
+Data parallelism: every rank runs the same loop on its own shard of the data; after the backward passes of a
+step the gradients are averaged across ranks with one all-reduce of a flat buffer (`sync_grads`), so every
+rank takes the identical optimizer step. (Not the DistributedDataParallel wrapper: RL runs several forward
+passes per backward with a shared-prompt cache, which DDP's reducer does not expect; one mechanism for all
+stages.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanorl import checkpoint as ckpt
+from nanorl.api import Example, NanorlError, StageInfo, Task
+from nanorl.config import RunConfig, config_hash
+from nanorl.device import all_reduce_mean, autocast, is_distributed
+from nanorl.optim import Optimizers, lr_schedule
+from nanorl.telemetry import Telemetry
+
+# the order of the pipeline; each stage's folder is runs/<name>/<stage>/
+STAGES = ("tokenizer", "base", "mid", "sft", "rl", "eval", "report")
+MODEL_STAGES = ("base", "mid", "sft", "rl")
+
+
+class Interrupted(Exception):  # noqa: N818 - it is a signal, not an error
+    """Raised by `stop_after` (tests): the process "dies" right after a step, as a kill would leave it."""
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    bus: Telemetry
+    task: Task
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    stop_after: dict[str, int] = field(default_factory=dict)  # stage -> step (tests: simulate a crash)
+    init_from: dict[str, Path] = field(default_factory=dict)  # stage -> checkpoint to start from (nanorl train)
+    _tokenizer: Any = None
+    _data_cache: dict[str, list[Example]] = field(default_factory=dict)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    @property
+    def model_hash(self) -> str:
+        return config_hash(self.cfg, ("model",))
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from nanorl.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.load(self.stage_dir("tokenizer"))
+        return self._tokenizer
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in self._data_cache:
+            self._data_cache[split] = self.task.load(split, self.cfg.data.data_dir or None)
+        return self._data_cache[split]
+
+    def new_model(self):
+        from nanorl.model import GPT
+
+        tok = self.tokenizer()
+        if tok.vocab_size > self.cfg.model.vocab_size:
+            raise NanorlError(
+                f"the tokenizer has {tok.vocab_size} tokens, more than model.vocab_size={self.cfg.model.vocab_size}",
+                hint=f"set model.vocab_size to at least {tok.vocab_size}",
+                exit_code=2,
+            )
+        with torch.device(self.device):
+            model = GPT(self.cfg.model)
+        model.init_weights()
+        return model
+
+    def load_model(self, stage: str):
+        """A model with the weights of `stage`'s checkpoint (or the `--checkpoint` given for it)."""
+        model = self.new_model()
+        ckpt.load(self.init_from.get(stage, self.stage_dir(stage)), model, config_hash=self.model_hash)
+        return model
+
+    def previous_model(self, stage: str):
+        """The model a stage starts from: `--checkpoint`, else the nearest earlier model stage that finished."""
+        if stage in self.init_from:
+            model = self.new_model()
+            ckpt.load(self.init_from[stage], model, config_hash=self.model_hash)
+            return model
+        earlier = MODEL_STAGES[: MODEL_STAGES.index(stage)] if stage in MODEL_STAGES else MODEL_STAGES
+        for prev in reversed(earlier):
+            if ckpt.is_done(self.stage_dir(prev)):
+                return self.load_model(prev)
+        if stage == "base":
+            return self.new_model()
+        raise NanorlError(
+            f"stage {stage} needs a trained model, and no earlier stage of run {self.cfg.name} has finished",
+            hint="run the pipeline from the start (nanorl pipeline ...) or give --checkpoint",
+        )
+
+    def info(self, stage: str, total_steps: int) -> StageInfo:
+        return StageInfo(self.cfg.name, str(self.run_dir), stage, self.cfg.task, self.cfg.to_dict(), total_steps)
+
+    def store(self):
+        if not self.cfg.checkpoint.store:
+            return None
+        from nanorl.store import open_store
+
+        return open_store(self.cfg.checkpoint.store)
+
+    def save(self, stage: str, model, optimizers, state: dict[str, Any]) -> None:
+        ckpt.save(
+            self.stage_dir(stage),
+            model,
+            optimizers,
+            state,
+            config_hash=self.model_hash,
+            rank=self.rank,
+            store=self.store(),
+            store_prefix=f"{self.cfg.name}/{stage}",
+        )
+
+
+def broadcast_params(model) -> None:
+    """Every rank starts a stage from rank 0's weights (they agree already; this makes sure)."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+def sync_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients over ranks (one all-reduce of a flat buffer); a no-op in a single process."""
+    if not is_distributed():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for p, g in zip(params, grads, strict=False):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+# ---- conversations as training rows (mid and sft) ----------------------------------------------------------
+class ConversationLoader:
+    """Rendered conversations -> (x, y) batches, deterministic for a seed, resumable by (epoch, position).
+
+    Each row starts with a conversation's <|bos|> and holds whole conversations only (`packed`: as many as fit,
+    mid; else one per row, sft); the rest of a row is padding whose targets are -1. `assistant_only`: the
+    targets of every token but the assistant's (the tokenizer's loss mask) are -1 too. A conversation longer
+    than a row is cut. Ranks take every world_size-th conversation of the shuffled order.
+    """
+
+    def __init__(
+        self,
+        rendered: list[tuple[list[int], list[int]]],
+        batch_size: int,
+        seq_len: int,
+        pad_id: int,
+        *,
+        packed: bool,
+        assistant_only: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device="cpu",
+    ):
+        if not rendered:
+            raise NanorlError("no conversations to train on", hint="check the task's train split")
+        self.rendered = rendered
+        self.B, self.T = batch_size, seq_len
+        self.pad_id = pad_id
+        self.packed, self.assistant_only = packed, assistant_only
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = device
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rendered))
+        return perm[self.rank :: self.world_size].tolist()
+
+    def _next_conv(self) -> tuple[list[int], list[int]]:
+        if self.pos >= len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._make_order()
+        ids, mask = self.rendered[self._order[self.pos]]
+        self.pos += 1
+        return ids, mask
+
+    def _peek_len(self) -> int:
+        if self.pos >= len(self._order):
+            return -1  # an epoch boundary closes the row (keeps resume simple)
+        return len(self.rendered[self._order[self.pos]][0])
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        L = self.T + 1
+        rows_x, rows_y = [], []
+        for _ in range(self.B):
+            ids: list[int] = []
+            trained: list[int] = []
+            while True:
+                cid, cmask = self._next_conv()
+                cid, cmask = cid[:L], cmask[:L]
+                ids += cid
+                trained += cmask if self.assistant_only else [1] * len(cid)
+                n = self._peek_len()
+                if not self.packed or n < 0 or len(ids) + n > L:
+                    break
+            rows_x.append(ids)
+            rows_y.append([t if m else -1 for t, m in zip(ids, trained, strict=False)])
+        # one conversation per row (sft): rows only as long as the batch's longest (less padding to compute)
+        width = L if self.packed else max(len(r) for r in rows_x)
+        for r in range(self.B):
+            pad = width - len(rows_x[r])
+            rows_x[r] = (rows_x[r] + [self.pad_id] * pad)[:-1]
+            rows_y[r] = (rows_y[r] + [-1] * pad)[1:]
+        x = torch.tensor(rows_x, dtype=torch.long, device=self.device)
+        y = torch.tensor(rows_y, dtype=torch.long, device=self.device)
+        return x, y
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._make_order()
+
+
+def render_examples(ctx: Context, examples: list[Example], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Each example as the chat the task asks plus its SFT target: (ids, loss mask)."""
+    tok, task = ctx.tokenizer(), ctx.task
+    out = []
+    for ex in examples:
+        conv = [*task.prompt(ex), {"role": "assistant", "content": task.target(ex)}]
+        out.append(tok.render_conversation(conv, max_len=seq_len + 1))
+    return out
+
+
+# ---- the supervised loop -----------------------------------------------------------------------------------
+def micro_batch(ctx: Context, tcfg) -> tuple[int, int]:
+    """(rows per forward pass, micro-steps per optimizer step) from device_batch_size and total_batch_tokens."""
+    T = ctx.cfg.model.seq_len
+    B = tcfg.device_batch_size or (8 if ctx.device.type == "cpu" else 32)  # 0: a size that fits the device
+    per_pass = B * T * ctx.world_size
+    accum = max(1, math.ceil(tcfg.total_batch_tokens / per_pass)) if tcfg.total_batch_tokens else 1
+    return B, accum
+
+
+def train_supervised(
+    ctx: Context,
+    stage: str,
+    model,
+    loader,
+    total_steps: int,
+    tcfg,
+    val_fn: Callable[[Any], dict[str, float]] | None = None,
+    accum: int = 1,
+) -> dict[str, Any]:
+    """Train `model` for `total_steps` optimizer steps on `loader`; checkpoint, resume, log. Returns a summary."""
+    sdir = ctx.stage_dir(stage)
+    opt = Optimizers(model, ctx.cfg.optim, lr_mult=tcfg.lr)
+    start = 0
+    if ckpt.has_checkpoint(sdir):  # an interrupted run: continue exactly where the last checkpoint left off
+        state = ckpt.load(sdir, model, opt, config_hash=ctx.model_hash, restore_rng=True)
+        start = int(state["step"])
+        if state.get("loader") is not None:
+            ls = state["loader"]
+            loader.load_state_dict(ls[ctx.rank] if isinstance(ls, list) else ls)
+        if ctx.rank == 0:
+            ctx.bus.console.print(f"[dim]{stage}: resuming at step {start}/{total_steps}[/]", highlight=False)
+    broadcast_params(model)
+    info = ctx.info(stage, total_steps)
+    ctx.bus.stage_start(info)
+    model.train()
+    tokens_per_step = 0
+    last: dict[str, Any] = {}
+    t_stage = time.time()
+    for step in range(start, total_steps):
+        t0 = time.time()
+        lrf = lr_schedule(step, total_steps, tcfg.warmup_ratio, tcfg.warmdown_ratio, tcfg.final_lr_frac)
+        opt.set_lr(lrf)
+        loss_sum = torch.zeros((), device=ctx.device)
+        n_tok = 0
+        for _ in range(accum):
+            x, y = next(loader)
+            with autocast(ctx.device, ctx.dtype):
+                loss = model(x, y)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+            n_tok += int((y >= 0).sum())
+        sync_grads(opt.params)
+        gnorm = opt.step()
+        loss_val = float(all_reduce_mean(loss_sum / accum))
+        if not math.isfinite(loss_val):
+            raise NanorlError(
+                f"{stage}: the loss became {loss_val} at step {step + 1}",
+                hint=f"lower the learning rate ({stage}.lr) or raise optim.grad_clip",
+            )
+        dt = max(time.time() - t0, 1e-9)
+        tokens_per_step = n_tok * ctx.world_size
+        last = {
+            "loss": loss_val,
+            "lr": lrf,
+            "grad_norm": gnorm,
+            "tok_per_s": tokens_per_step / dt,
+            "step_s": dt,
+        }
+        done = step + 1
+        is_last = done == total_steps
+        if val_fn is not None and ((tcfg.eval_every and done % tcfg.eval_every == 0) or is_last):
+            last.update(val_fn(model))
+            model.train()
+        if done % ctx.cfg.telemetry.log_every == 0 or is_last:
+            ctx.bus.log(stage, done, last)
+        if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and not is_last:
+            ctx.save(stage, model, opt, {"step": done, "loader": _loader_state(ctx, loader)})
+        if ctx.stop_after.get(stage) == done:
+            raise Interrupted(f"{stage} stopped after step {done}")
+    ctx.save(stage, model, None, {"step": total_steps, "loader": None})
+    summary = {
+        **last,
+        "steps": total_steps,
+        "seconds": time.time() - t_stage,
+        "tokens_per_step": tokens_per_step,
+    }
+    ctx.bus.stage_end(info, summary)
+    return summary
+
+
+def _loader_state(ctx: Context, loader) -> Any:
+    """Every rank's loader position (rank 0 writes the checkpoint, so it gathers them)."""
+    state = loader.state_dict()
+    if not is_distributed():
+        return state
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(states, state)
+    return states

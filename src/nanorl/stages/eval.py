@@ -1,0 +1,247 @@
+"""Stage `eval`: the task's evaluation on dev/test, written to `eval/<task>-<split>.json`.
+
+Two modes (`eval.mode`):
+- generative: sample a completion (greedy at eval.temperature 0), `task.extract` the answer, `task.is_correct`;
+- categorical (multiple-choice tasks): after the prompt and the words of the answer line ("Final Answer:"),
+  compare the logits of the answer letters' tokens; the largest is the prediction. It asks the model for the
+  answer without its reasoning, and answers every question, so it is the "what does it believe" reading.
+
+Per question a record {"id", "gold", "pred", "format_ok", "correct", ...}; per mode the summary of
+`nanorl.multichoice.summarize` (accuracy with its Wilson interval, chance and majority baselines, format rate,
+letter distribution, confusion) when the task has choices, else accuracy with its Wilson interval.
+
+The stage evaluates the run's final model (`eval/<task>-<split>.json`) and, when RL ran, the SFT model as well
+(`eval/<task>-<split>-sft.json`); the final file then holds the paired comparison (McNemar) of the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanorl import checkpoint as ckpt
+from nanorl.api import EvalResult, Example
+from nanorl.device import autocast
+from nanorl.stages.common import MODEL_STAGES, Context
+
+ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (nanorl.multichoice)
+
+
+def generative_records(ctx: Context, model, examples: list[Example], seed: int = 0) -> list[dict[str, Any]]:
+    from nanorl.engine import Engine
+
+    task, tok, ecfg = ctx.task, ctx.tokenizer(), ctx.cfg.eval
+    engine = Engine(model, tok, tools=task.tools(), dtype=ctx.dtype)
+    prompts = [tok.render_for_completion(task.prompt(ex)) for ex in examples]
+    samples = []
+    for i in range(0, len(prompts), ecfg.batch_size):
+        groups = engine.sample(
+            prompts[i : i + ecfg.batch_size], 1, ecfg.max_new_tokens, ecfg.temperature, 0, seed=seed + i
+        )
+        samples += [g[0] for g in groups]
+    from nanorl.multichoice import ends_with_final_answer
+
+    records = []
+    for ex, s in zip(examples, samples, strict=False):
+        pred = task.extract(s.text)
+        has_choices = task.choices(ex) is not None
+        records.append(
+            {
+                "id": ex.id,
+                "gold": ex.answer,
+                "pred": pred,
+                "correct": bool(task.is_correct(ex, pred)),
+                "format_ok": ends_with_final_answer(s.text) if has_choices else pred is not None,
+                "finished": s.finished,
+                "completion_tokens": len(s.tokens),
+                "completion": s.text,
+            }
+        )
+    return records
+
+
+def letter_token(tok, letter: str) -> int:
+    """The token the answer line's letter is written with: " C" after "Final Answer:" (one token in any BPE
+    trained on text with that line; else the bare letter's first token)."""
+    ids = tok.encode(f" {letter}")
+    return ids[0] if len(ids) == 1 else tok.encode(letter)[0]
+
+
+@torch.no_grad()
+def categorical_records(ctx: Context, model, examples: list[Example]) -> list[dict[str, Any]]:
+    task, tok = ctx.task, ctx.tokenizer()
+    cue = tok.encode(ANSWER_CUE)
+    model.eval()
+    rows = []
+    for ex in examples:
+        letters = task.choices(ex)
+        if not letters:
+            continue
+        ctx_ids = tok.render_for_completion(task.prompt(ex)) + cue
+        rows.append((ex, letters, ctx_ids, [letter_token(tok, lt) for lt in letters]))
+    # batch contexts of equal length (no padding: a padded row would attend to the padding)
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_len.setdefault(len(r[2]), []).append(i)
+    preds: dict[int, str] = {}
+    bs = ctx.cfg.eval.batch_size
+    for idx in by_len.values():
+        for s in range(0, len(idx), bs):
+            chunk = idx[s : s + bs]
+            x = torch.tensor([rows[i][2] for i in chunk], device=ctx.device)
+            with autocast(ctx.device, ctx.dtype):
+                logits = model(x)[:, -1].float()
+            for k, i in enumerate(chunk):
+                cand = torch.tensor(rows[i][3], device=ctx.device)
+                preds[i] = rows[i][1][int(logits[k, cand].argmax())]
+    records = []
+    for i, (ex, _, _, _) in enumerate(rows):
+        pred = preds[i]
+        records.append(
+            {
+                "id": ex.id,
+                "gold": ex.answer,
+                "pred": pred,
+                "correct": bool(task.is_correct(ex, pred)),
+                "format_ok": True,
+            }
+        )
+    return records
+
+
+def summary(records: list[dict[str, Any]], multiple_choice: bool) -> dict[str, Any]:
+    from nanorl.multichoice import summarize, wilson_interval
+
+    if multiple_choice:
+        out = summarize(records)
+        # the task decides correctness (summarize compares letters; they agree for letter tasks)
+        out["correct"] = sum(r["correct"] for r in records)
+        out["accuracy"] = out["correct"] / len(records) if records else 0.0
+        out["accuracy_ci95"] = list(wilson_interval(out["correct"], len(records)))
+        return out
+    n, k = len(records), sum(r["correct"] for r in records)
+    return {
+        "n": n,
+        "correct": k,
+        "accuracy": k / n if n else 0.0,
+        "accuracy_ci95": list(wilson_interval(k, n)),
+        "answered_rate": sum(r["pred"] is not None for r in records) / n if n else 0.0,
+    }
+
+
+def evaluate(ctx: Context, model, split: str, mode: str, max_examples: int = 0, seed: int = 0) -> dict[str, Any]:
+    """Evaluate `model` on a split: {"task", "split", "n", "modes": {mode: summary + "records"}}."""
+    examples = ctx.examples(split)
+    if max_examples:
+        examples = examples[:max_examples]
+    mc = bool(examples) and ctx.task.choices(examples[0]) is not None
+    modes = ["generative", "categorical"] if mode == "both" else [mode]
+    if not mc:
+        modes = [m for m in modes if m == "generative"] or ["generative"]
+    out: dict[str, Any] = {"task": ctx.task.name, "split": split, "n": len(examples), "modes": {}}
+    for m in modes:
+        t0 = time.time()
+        if m == "generative":
+            records = generative_records(ctx, model, examples, seed=seed)
+        else:
+            records = categorical_records(ctx, model, examples)
+        out["modes"][m] = {**summary(records, mc), "seconds": time.time() - t0, "records": records}
+    first = out["modes"][modes[0]]
+    out["accuracy"] = first["accuracy"]
+    out["mode"] = modes[0]
+    return out
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def publish(ctx: Context, stage: str, result: dict[str, Any], step: int | None = None) -> None:
+    """Hand every mode's summary to the metrics bus (and through it to the hooks)."""
+    for mode, s in result["modes"].items():
+        metrics = {k: v for k, v in s.items() if k != "records"}
+        metrics["mode"] = mode
+        metrics["model_stage"] = result.get("stage", stage)
+        ctx.bus.eval(stage, step, EvalResult(result["task"], result["split"], metrics))
+
+
+def final_stage(ctx: Context) -> str | None:
+    for stage in reversed(MODEL_STAGES):
+        if ckpt.is_done(ctx.stage_dir(stage)):
+            return stage
+    return None
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    from nanorl.multichoice import compare
+
+    ecfg = ctx.cfg.eval
+    final = final_stage(ctx)
+    if final is None:
+        from nanorl.api import NanorlError
+
+        raise NanorlError("nothing to evaluate: no model stage of this run has finished", hint="run the pipeline")
+    stages = [final] + (["sft"] if final == "rl" and ckpt.is_done(ctx.stage_dir("sft")) else [])
+    info = ctx.info("eval", len(stages) * len(ecfg.splits))
+    ctx.bus.stage_start(info)
+    out: dict[str, Any] = {}
+    for split in ecfg.splits:
+        results = {}
+        for stage in stages:
+            model = ctx.load_model(stage)
+            res = evaluate(ctx, model, split, ecfg.mode, ecfg.max_examples, seed=ctx.cfg.seed)
+            res["stage"] = stage
+            res["checkpoint"] = str(ctx.stage_dir(stage))
+            results[stage] = res
+            publish(ctx, "eval", res)
+            del model
+        main = results[final]
+        if "sft" in results and final != "sft":
+            main["compare"] = {
+                m: {
+                    "a": final,
+                    "b": "sft",
+                    **compare(main["modes"][m]["records"], results["sft"]["modes"][m]["records"]),
+                }
+                for m in main["modes"]
+            }
+        if ctx.rank == 0:
+            split_name = "dev" if split == "validation" else split
+            for stage, res in results.items():
+                suffix = "" if stage == final else f"-{stage}"
+                write_json(ctx.run_dir / "eval" / f"{ctx.task.name}-{split_name}{suffix}.json", res)
+        out[split] = {stage: r["accuracy"] for stage, r in results.items()}
+    summary_metrics = {f"{split}_{stage}_acc": acc for split, d in out.items() for stage, acc in d.items()}
+    ctx.bus.stage_end(info, summary_metrics)
+    return summary_metrics
+
+
+def shuffle_check(ctx: Context, model, result: dict[str, Any], k: int, seed: int = 0) -> None:
+    """`nanorl eval --shuffle-options K`: re-ask each question of `result` with its options permuted K times, in
+    each of its modes, and add `shuffle` to the mode (`nanorl.multichoice.shuffle_eval`: accuracy under the
+    permutations, and how often the chosen option *content* / *letter* stays the same: position bias)."""
+    from nanorl.api import NanorlError
+    from nanorl.multichoice import shuffle_eval
+
+    examples = ctx.examples(result["split"])[: result["n"]]
+    if not examples or ctx.task.choices(examples[0]) is None:
+        raise NanorlError(
+            f"--shuffle-options needs a multiple-choice task ({ctx.task.name} has no options)", exit_code=2
+        )
+    for mode, s in result["modes"].items():
+        base = {r["id"]: r["pred"] for r in s["records"]}
+
+        def answer(exs: list[Example], mode: str = mode) -> list[str | None]:
+            if mode == "generative":
+                return [r["pred"] for r in generative_records(ctx, model, exs, seed=seed)]
+            return [r["pred"] for r in categorical_records(ctx, model, exs)]
+
+        s["shuffle"] = shuffle_eval(examples, [base.get(e.id) for e in examples], k, answer, seed=seed)

@@ -1,0 +1,377 @@
+"""Stage `rl`: GRPO (Shao et al. 2024, DeepSeekMath) on the task's train prompts, rewarded by its reward functions.
+
+One step:
+1. take `rl.prompts_per_step` train prompts (a fixed shuffle per epoch; ranks take disjoint prompts);
+2. sample G = `rl.group_size` completions of each with the engine (each prompt prefilled once, then G rows);
+3. reward each completion: r = sum_k w_k * reward_k(example, completion, answer), with the weights of
+   `rl.rewards` (or the task's `default_rewards`), each reward looked up by name in the plugin registry;
+4. advantages per group: A_i = r_i - mean(r), divided by (std(r) + 1e-4) when `rl.std_normalize`;
+   a group whose rewards are all equal (zero variance) has A = 0: counted, and dropped when `rl.drop_zero_variance`;
+5. the loss over the completion tokens t of every kept row i (token-level normalisation, as DAPO):
+
+       rho_it = exp(logp_theta(t) - logp_old(t))
+       L = (1 / N) * sum_{i,t} m_it * [ -min(rho_it * A_i, clip(rho_it, 1 - eps, 1 + eps) * A_i) + beta * KL_it ]
+       KL_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1        (the k3 estimator, Schulman 2020)
+
+   m_it = 1 for sampled tokens of completions that finished (a truncated completion is masked whole, a tool's
+   output tokens are masked), N = sum m_it. logp_old is the policy that sampled (detached); with
+   `rl.ppo_epochs` = 1 the ratio is 1 and the clip is inactive, with more epochs it bounds each pass's change.
+6. one optimizer step per epoch (Muon + AdamW, at `rl.lr` times the optim rates, constant).
+
+The training forward computes each prompt once, too: the prompt's keys and values (with gradient) go into a
+small autograd-friendly cache (`PrefixCache`) whose rows are repeated for the G completions, so the backward
+pass sums the G completions' gradients through the shared prompt instead of recomputing it G times.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from nanorl.api import Example, NanorlError, Reward, RolloutBatch
+from nanorl.device import all_reduce_mean, autocast
+from nanorl.optim import Optimizers
+from nanorl.stages.common import Context, Interrupted, broadcast_params, sync_grads
+
+STD_EPS = 1e-4  # added to the group std before dividing (TRL uses the same), so a tiny spread can't blow up A
+
+
+# ---- rewards and advantages ---------------------------------------------------------------------------------
+def resolve_rewards(cfg, task) -> list[tuple[Reward, float]]:
+    from nanorl.plugins import get_plugins
+
+    weights = cfg.rl.rewards or dict(task.default_rewards)
+    if not weights:
+        raise NanorlError(
+            f"task {task.name!r} names no default rewards and rl.rewards is empty",
+            hint="set rl.rewards, e.g. rl.rewards=arith.correct:1",
+            exit_code=2,
+        )
+    plugins = get_plugins()
+    return [(plugins.reward(name), float(w)) for name, w in weights.items()]
+
+
+def group_advantages(rewards: torch.Tensor, std_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards (P, G) -> (advantages (P, G), zero_variance (P,) bool)."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    adv = rewards - mean
+    zero_var = (rewards.max(dim=1).values - rewards.min(dim=1).values) == 0
+    if std_normalize:
+        adv = adv / (rewards.std(dim=1, keepdim=True, unbiased=False) + STD_EPS)
+    return adv, zero_var
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    n_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of the module docstring over rows (R, C): logp/old_logp/ref_logp/mask (R, C), advantages (R,).
+
+    `n_tokens` is N of the formula (default: mask.sum()); pass the whole batch's count when the batch is split
+    into chunks, so the chunks' losses add up to the batch loss. Returns (loss, sums for logging).
+    """
+    mask = mask.to(logp.dtype)
+    N = mask.sum() if n_tokens is None else torch.as_tensor(n_tokens, dtype=logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    A = advantages[:, None]
+    per_tok = -torch.minimum(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * A)
+    stats = {"clipped": (((ratio - 1).abs() > epsilon).to(logp.dtype) * mask).sum().detach()}
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        if beta > 0:
+            per_tok = per_tok + beta * kl
+        stats["kl"] = (kl * mask).sum().detach()
+    loss = (per_tok * mask).sum() / N.clamp_min(1)
+    return loss, stats
+
+
+# ---- the shared-prompt forward --------------------------------------------------------------------------------
+class PrefixCache:
+    """A KV cache for training: the prompts' keys/values (with gradient), reused by the completions' rows.
+
+    It speaks the model's cache protocol (`pos`, `insert(layer, k, v)`): the first forward (the prompts, P rows)
+    stores its keys/values; the second (P*G completion rows) gets each prompt's repeated G times in front of its
+    own. No in-place writes, so autograd flows through both passes.
+    """
+
+    def __init__(self, group_size: int):
+        self.G = group_size
+        self.pos = 0
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.key_mask: torch.Tensor | None = None  # (rows, positions) True = a real token (ragged prompts)
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if layer not in self.k:
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        pk = self.k[layer].repeat_interleave(self.G, dim=0) if self.G > 1 else self.k[layer]
+        pv = self.v[layer].repeat_interleave(self.G, dim=0) if self.G > 1 else self.v[layer]
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+
+
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], device, dtype) -> torch.Tensor:
+    """log p(completion token) under `model`, (P*G, C) padded with 0 past each completion's end.
+
+    `prompts`: P prompts; `completions`: their P*G completions, grouped (rows i*G .. i*G+G-1 belong to prompt
+    i). Each prompt is run once (prompts of different lengths left-padded, the padding masked out of attention);
+    its last token starts each completion row's input.
+    """
+    P = len(prompts)
+    G = len(completions) // P
+    C = max(1, max(len(c) for c in completions))
+    Lp = max(len(p) for p in prompts) - 1
+    pads = [Lp - (len(p) - 1) for p in prompts]
+    cache = PrefixCache(G)
+    prefix = torch.tensor(
+        [[p[0]] * n + p[:-1] for n, p in zip(pads, prompts, strict=False)], dtype=torch.long, device=device
+    )
+    if any(pads):
+        pad_t = torch.tensor(pads, device=device)[:, None]
+        cache.key_mask = torch.arange(Lp, device=device)[None, :] >= pad_t
+    inp = torch.zeros(P * G, C, dtype=torch.long, device=device)
+    tgt = torch.full((P * G, C), -1, dtype=torch.long, device=device)
+    for r, comp in enumerate(completions):
+        row = [prompts[r // G][-1], *comp[:-1]]
+        inp[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        tgt[r, : len(comp)] = torch.tensor(comp, dtype=torch.long)
+    with autocast(device, dtype):
+        model(prefix, kv_cache=cache)  # fills the cache; its logits are not needed
+        if cache.key_mask is not None:
+            ones = torch.ones(P, C, dtype=torch.bool, device=device)
+            cache.key_mask = torch.cat([cache.key_mask, ones], dim=1).repeat_interleave(G, dim=0)
+        nll = model(inp, tgt, kv_cache=cache, loss_reduction="none")
+    return -nll.to(torch.promote_types(nll.dtype, torch.float32))
+
+
+def _chunks(n_prompts: int, G: int, max_rows: int) -> list[list[int]]:
+    """Prompt indices in chunks of at most max_rows completion rows (one forward + backward each)."""
+    per = max(1, max_rows // G)
+    return [list(range(s, min(n_prompts, s + per))) for s in range(0, n_prompts, per)]
+
+
+# ---- the Scorer handed to telemetry hooks -----------------------------------------------------------------------
+class ModelScorer:
+    """`nanorl.api.Scorer` over the policy and the frozen reference (no gradients)."""
+
+    def __init__(self, tok, policy, reference_fn, device, dtype):
+        self.tok, self.policy, self.reference_fn = tok, policy, reference_fn
+        self.device, self.dtype = device, dtype
+
+    def _model(self, which: Literal["policy", "reference"]):
+        if which == "policy":
+            return self.policy
+        if which == "reference":
+            return self.reference_fn()
+        raise ValueError(f"which must be 'policy' or 'reference', not {which!r}")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    @torch.no_grad()
+    def next_token_logits(self, which, contexts, candidates) -> list[list[float]]:
+        from nanorl.model import KVCache
+
+        model = self._model(which)
+        model.eval()
+        cand = torch.tensor(list(candidates), device=self.device)
+        out: list[list[float]] = []
+        for s in range(0, len(contexts), 64):  # 64 contexts per forward pass, left-padded and masked
+            chunk = [list(c) for c in contexts[s : s + 64]]
+            L = max(len(c) for c in chunk)
+            pads = [L - len(c) for c in chunk]
+            x = torch.tensor([[c[0]] * n + c for n, c in zip(pads, chunk, strict=True)], device=self.device)
+            cache = KVCache(len(chunk), model.config, L, device=self.device, dtype=self.dtype)
+            cache.key_mask = (
+                torch.arange(L, device=self.device)[None, :] >= torch.tensor(pads, device=self.device)[:, None]
+            )
+            with autocast(self.device, self.dtype):
+                logits = model(x, kv_cache=cache)[:, -1].float()
+            out += logits[:, cand].tolist()
+        return out
+
+    @torch.no_grad()
+    def token_logprobs(self, which, prompt_ids, completions) -> list[list[float]]:
+        model = self._model(which)
+        model.eval()
+        comps = [list(c) for c in completions]
+        if not comps:
+            return []
+        lp = completion_logprobs(model, [list(prompt_ids)], comps, self.device, self.dtype)
+        return [lp[r, : len(c)].tolist() for r, c in enumerate(comps)]
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------
+def prompts_for_step(
+    examples: list[Example], step: int, per_step: int, seed: int, rank: int, world: int
+) -> list[Example]:
+    """The prompts of one step on one rank: positions in a per-epoch shuffle, a pure function of the step."""
+    n = len(examples)
+    out = []
+    for k in range(per_step):
+        pos = (step * world + rank) * per_step + k
+        epoch, i = divmod(pos, n)
+        perm = np.random.default_rng([seed, 7, epoch]).permutation(n)  # 7: apart from the other stages' streams
+        out.append(examples[int(perm[i])])
+    return out
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    from nanorl import checkpoint as ckpt
+    from nanorl.engine import Engine
+
+    cfg, rcfg, task = ctx.cfg, ctx.cfg.rl, ctx.task
+    tok = ctx.tokenizer()
+    rewards = resolve_rewards(cfg, task)
+    train = ctx.examples("train")
+    if not train:
+        raise NanorlError(f"task {task.name} has no train examples for RL")
+    G, P = rcfg.group_size, rcfg.prompts_per_step
+    steps = rcfg.steps if rcfg.steps >= 0 else max(1, len(train) // (P * ctx.world_size))
+    sdir = ctx.stage_dir("rl")
+
+    model = ctx.previous_model("rl")
+    opt = Optimizers(model, cfg.optim, lr_mult=rcfg.lr)
+    start = 0
+    if ckpt.has_checkpoint(sdir):
+        state = ckpt.load(sdir, model, opt, config_hash=ctx.model_hash, restore_rng=True)
+        start = int(state["step"])
+    ref_holder: dict[str, Any] = {}
+
+    def reference():
+        if "m" not in ref_holder:  # the model RL started from, frozen (loaded again: not the resumed policy)
+            ref = ctx.previous_model("rl")
+            ref.requires_grad_(False)
+            ref.eval()
+            ref_holder["m"] = ref
+        return ref_holder["m"]
+
+    broadcast_params(model)
+    engine = Engine(model, tok, tools=task.tools(), dtype=ctx.dtype)
+    scorer = ModelScorer(tok, model, reference, ctx.device, ctx.dtype)
+    info = ctx.info("rl", steps)
+    ctx.bus.stage_start(info)
+    last: dict[str, Any] = {}
+    t_stage = time.time()
+    for step in range(start, steps):
+        t0 = time.time()
+        examples = prompts_for_step(train, step, P, cfg.seed, ctx.rank, ctx.world_size)
+        prompt_ids = [tok.render_for_completion(task.prompt(ex)) for ex in examples]
+        groups = engine.sample(
+            prompt_ids, G, rcfg.max_new_tokens, rcfg.temperature, rcfg.top_k,
+            seed=(cfg.seed * 1_000_003 + step) * 64 + ctx.rank,
+        )  # fmt: skip
+        t_sample = time.time() - t0
+
+        samples = [s for g in groups for s in g]
+        answers = [task.extract(s.text) for s in samples]
+        ex_rows = [ex for ex in examples for _ in range(G)]
+        r = [
+            sum(w * rw(ex, s.text, a) for rw, w in rewards) for ex, s, a in zip(ex_rows, samples, answers, strict=False)
+        ]
+        correct = [bool(task.is_correct(ex, a)) for ex, a in zip(ex_rows, answers, strict=False)]
+        rewards_t = torch.tensor(r, dtype=torch.float32).view(P, G)
+        adv, zero_var = group_advantages(rewards_t, rcfg.std_normalize)
+        keep_row = torch.ones(P * G, dtype=torch.bool)
+        if rcfg.drop_zero_variance:
+            keep_row = ~zero_var.repeat_interleave(G)
+        finished = torch.tensor([s.finished for s in samples])
+        completions = [s.tokens for s in samples]
+        masks = []
+        for i, s in enumerate(samples):
+            use = bool(keep_row[i]) and s.finished
+            masks.append([0.0 if (f or not use) else 1.0 for f in s.forced])
+        n_tokens = float(all_reduce_mean(torch.tensor(sum(sum(m) for m in masks), device=ctx.device)))
+
+        # ---- the policy update ----
+        t1 = time.time()
+        model.train()
+        sums = {"clipped": 0.0, "kl": 0.0, "loss": 0.0}
+        need_ref = rcfg.beta > 0 or (rcfg.kl_every and (step + 1) % rcfg.kl_every == 0)
+        old: dict[int, torch.Tensor] = {}
+        gnorm = 0.0
+        chunks = _chunks(len(prompt_ids), G, max_rows=64)
+        for epoch in range(rcfg.ppo_epochs):
+            for ci, chunk in enumerate(chunks):
+                rows = [i * G + j for i in chunk for j in range(G)]
+                comps = [completions[k] for k in rows]
+                logp = completion_logprobs(model, [prompt_ids[i] for i in chunk], comps, ctx.device, ctx.dtype)
+                C = logp.size(1)
+                mask = torch.zeros(len(rows), C, device=ctx.device)
+                for k, row in enumerate(rows):
+                    mask[k, : len(masks[row])] = torch.tensor(masks[row])
+                if epoch == 0:
+                    old[ci] = logp.detach()
+                ref_lp = None
+                if need_ref and epoch == 0 or rcfg.beta > 0:
+                    with torch.no_grad():
+                        ref_lp = completion_logprobs(
+                            reference(), [prompt_ids[i] for i in chunk], comps, ctx.device, ctx.dtype
+                        )
+                A = adv.view(-1)[rows].to(ctx.device)
+                loss, st = grpo_loss(
+                    logp, old[ci], A, mask, rcfg.epsilon, rcfg.beta, ref_lp, n_tokens=max(n_tokens, 1.0)
+                )
+                loss.backward()
+                sums["loss"] += float(loss.detach())
+                sums["clipped"] += float(st["clipped"])
+                sums["kl"] += float(st.get("kl", 0.0))
+            sync_grads(opt.params)
+            gnorm = opt.step()
+        t_train = time.time() - t1
+
+        done = step + 1
+        lens = [len(s.tokens) for s in samples]
+        denom = max(n_tokens, 1.0) * rcfg.ppo_epochs
+        last = {
+            "reward": float(rewards_t.mean()),
+            "acc": sum(correct) / len(correct),
+            "completion_len": sum(lens) / len(lens),
+            "truncated_frac": float((~finished).float().mean()),
+            "zero_var_frac": float(zero_var.float().mean()),
+            "loss": sums["loss"] / rcfg.ppo_epochs,
+            "clip_frac": sums["clipped"] / denom,
+            "grad_norm": gnorm,
+            "sample_s": t_sample,
+            "train_s": t_train,
+            "tok_per_s": sum(lens) / max(time.time() - t0, 1e-9),
+        }
+        if need_ref or rcfg.beta > 0:
+            last["kl"] = sums["kl"] / denom
+        last["reward"] = float(all_reduce_mean(torch.tensor(last["reward"], device=ctx.device)))
+        last["acc"] = float(all_reduce_mean(torch.tensor(last["acc"], device=ctx.device)))
+        if rcfg.kl_every and done % rcfg.kl_every == 0:
+            batch = RolloutBatch(
+                step=done, examples=examples, group_size=G, prompt_ids=prompt_ids,
+                completions=[s.text for s in samples], completion_ids=completions, answers=answers,
+                rewards=r, correct=correct, scorer=scorer,
+            )  # fmt: skip
+            last.update(ctx.bus.rollouts("rl", batch))
+        if rcfg.eval_every and done % rcfg.eval_every == 0 and done != steps:
+            from nanorl.stages.eval import evaluate
+
+            res = evaluate(ctx, model, "dev", "generative", min(ctx.cfg.eval.max_examples or 100, 100))
+            last["dev_acc"] = res["accuracy"]
+        if done % cfg.telemetry.log_every == 0 or done == steps:
+            ctx.bus.log("rl", done, last)
+        if rcfg.checkpoint_every and done % rcfg.checkpoint_every == 0 and done != steps:
+            ctx.save("rl", model, opt, {"step": done})
+        if ctx.stop_after.get("rl") == done:
+            raise Interrupted(f"rl stopped after step {done}")
+    ctx.save("rl", model, None, {"step": steps})
+    summary = {**last, "steps": steps, "seconds": time.time() - t_stage}
+    ctx.bus.stage_end(info, summary)
+    if not math.isfinite(summary.get("loss", 0.0)):
+        raise NanorlError("rl: the loss is not finite", hint="lower rl.lr")
+    return summary

@@ -1,0 +1,36 @@
+"""Where checkpoints are mirrored: a local folder or an S3 bucket (any S3-compatible endpoint).
+
+    store = open_store("s3://bucket/prefix")      # or "/some/dir", "file:///some/dir"
+    store.put(local_file, "runs/x/base/model.safetensors")
+    store.get("runs/x/base/model.safetensors", local_file)
+    store.exists(key); store.list(prefix)
+
+The S3 endpoint comes from `NANORL_S3_ENDPOINT` (else boto3's own `AWS_ENDPOINT_URL`, else AWS), credentials
+from boto3's usual chain (environment, ~/.aws). Every failure is a `NanorlError` saying what to check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanorl.api import NanorlError
+from nanorl.store.local import LocalStore
+
+
+def open_store(url: str):
+    """A store for `url`: s3://bucket[/prefix] or a local path (file:// optional)."""
+    if not url:
+        raise NanorlError("no store given", hint="e.g. checkpoint.store=s3://bucket/prefix or a local folder")
+    if url.startswith("s3://"):
+        from nanorl.store.s3 import S3Store
+
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        if not bucket:
+            raise NanorlError(f"invalid store URL {url!r}", hint="s3://bucket/prefix", exit_code=2)
+        return S3Store(bucket, prefix.strip("/"))
+    if "://" in url and not url.startswith("file://"):
+        raise NanorlError(f"unsupported store {url!r}", hint="use s3://bucket/prefix or a local folder", exit_code=2)
+    return LocalStore(Path(url.removeprefix("file://")))
+
+
+__all__ = ["open_store", "LocalStore"]

@@ -1,0 +1,175 @@
+"""The metrics bus: every metric a stage logs goes through one `Telemetry` object.
+
+    bus = Telemetry(run_dir, cfg)                     # hooks: the registered TelemetryHooks (plugins, sinks)
+    bus.stage_start(info)                             # StageInfo
+    bus.log("base", step, {"loss": 2.1, ...})         # every training step
+    bus.rollouts(batch)                               # RL: a RolloutBatch, every rl.kl_every steps
+    bus.eval(result)                                  # EvalResult
+    bus.stage_end(info, metrics)
+    bus.close()
+
+What it does with a record:
+1. calls every plugin hook (`nanorl.api.TelemetryHook`) and merges the metrics they return into the record;
+   a hook that raises is reported once on the console and switched off for the rest of the process;
+2. appends the record to `<run>/metrics.jsonl` (always: one JSON object per line, `stage`, `step`, `time`,
+   `metrics`; the file is the run's ground truth, the report reads it);
+3. hands it to the sinks: the console progress bar and wandb live in `nanorl.builtin.sinks` and register like
+   any plugin hook; they run after the other hooks (`sink = True`), so they see the merged record.
+
+Only rank 0 of a distributed run logs; on other ranks every method is a no-op (each rank computes its own
+metrics, and rank 0's are representative; losses are averaged across ranks by the stages where it matters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from nanorl.api import EvalResult, RolloutBatch, StageInfo, TelemetryHook
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe scalars: tensors/numpy numbers become floats, NaN/inf become None (JSON has neither)."""
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item") and callable(v.item):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+class Telemetry:
+    def __init__(
+        self,
+        run_dir: str | Path | None,
+        cfg=None,
+        hooks: list[TelemetryHook] | None = None,
+        rank: int = 0,
+        console=None,
+    ):
+        self.enabled = rank == 0
+        self.path = Path(run_dir) / METRICS_FILE if run_dir is not None else None
+        if hooks is None:
+            hooks = self._registered_hooks(cfg)
+        # sinks last: they see what the other hooks added
+        self.hooks = sorted(hooks, key=lambda h: bool(getattr(h, "sink", False)))
+        self.disabled: set[str] = set()
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+        self.console = console
+        self._fh = None
+        if self.enabled and self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # line-buffered: a crash loses at most one line; closed by close() (the bus lives for a whole run)
+            self._fh = open(self.path, "a", buffering=1)  # noqa: SIM115
+
+    @staticmethod
+    def _registered_hooks(cfg) -> list[TelemetryHook]:
+        from nanorl.plugins import get_plugins
+
+        off = set(cfg.telemetry.disable) if cfg is not None else set()
+        return [h for h in get_plugins().telemetry_hooks() if h.name not in off]
+
+    # ---- the hook calls, isolated ---------------------------------------------------------------------------
+    def _call(self, method: str, *args) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        for hook in self.hooks:
+            name = hook.name or type(hook).__name__
+            if name in self.disabled:
+                continue
+            try:
+                out = getattr(hook, method)(*args)
+            except Exception as e:  # telemetry never stops training
+                self.disabled.add(name)
+                self.console.print(
+                    f"[yellow]telemetry hook {name!r} raised in {method}: {type(e).__name__}: {e}; "
+                    "it is switched off for the rest of this run[/]",
+                    highlight=False,
+                )
+                continue
+            if out:
+                extra.update(out)
+                if method == "on_step" and args and isinstance(args[-1], dict):
+                    args[-1].update(out)  # later hooks (the sinks) see the merged record
+        return extra
+
+    def _write(self, stage: str, step: int | None, metrics: dict[str, Any], kind: str | None = None) -> None:
+        if self._fh is None:
+            return
+        rec: dict[str, Any] = {"stage": stage, "step": step, "time": round(time.time(), 3)}
+        if kind:
+            rec["kind"] = kind
+        rec["metrics"] = _clean(metrics)
+        self._fh.write(json.dumps(rec) + "\n")
+
+    # ---- the bus --------------------------------------------------------------------------------------------
+    def stage_start(self, info: StageInfo) -> None:
+        if not self.enabled:
+            return
+        extra = self._call("on_stage_start", info)
+        self._write(info.stage, 0, {"total_steps": info.total_steps, **extra}, kind="start")
+
+    def log(self, stage: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Log one step's metrics (hooks may add some); returns the merged record."""
+        if not self.enabled:
+            return metrics
+        record = _clean(dict(metrics))
+        self._call("on_step", stage, step, record)
+        self._write(stage, step, record)
+        return record
+
+    def rollouts(self, stage: str, batch: RolloutBatch) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        extra = self._call("on_rollouts", batch)
+        if extra:
+            self._write(stage, batch.step, extra, kind="rollouts")
+        return extra
+
+    def eval(self, stage: str, step: int | None, result: EvalResult) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        extra = self._call("on_eval", result)
+        scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool)) and v is not None}
+        self._write(stage, step, {"task": result.task, "split": result.split, **scalars, **extra}, kind="eval")
+        return extra
+
+    def stage_end(self, info: StageInfo, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        extra = self._call("on_stage_end", info, metrics)
+        self._write(info.stage, info.total_steps, {**metrics, **extra}, kind="end")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `<run>/metrics.jsonl` (a torn last line, from a crash mid-write, is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,180 @@
+"""Checkpoints: exact round trip, corrupt or mismatched files are clear errors, stores (local, S3 via moto)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nanorl import checkpoint as ckpt
+from nanorl.api import NanorlError
+from nanorl.config import config_hash, resolve
+from nanorl.optim import Optimizers
+
+
+def _setup(width: int = 32):
+    from nanorl.model import GPT
+
+    cfg = resolve(overrides=["model.depth=1", f"model.n_embd={width}", "model.n_head=1", "model.vocab_size=300"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    model.init_weights()
+    opt = Optimizers(model, cfg.optim)
+    x = torch.randint(0, 300, (2, 16))
+    model(x, x).backward()
+    opt.step()
+    return cfg, model, opt, x
+
+
+def test_round_trip_is_exact_and_resumes_identically(tmp_path):
+    cfg, model, opt, x = _setup()
+    h = config_hash(cfg)
+    ckpt.save(tmp_path / "ck", model, opt, {"step": 1, "loader": {"pos": 7}}, config_hash=h)
+    cfg2, model2, opt2, _ = _setup()
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.zero_()
+    state = ckpt.load(tmp_path / "ck", model2, opt2, config_hash=h)
+    assert state["step"] == 1 and state["loader"] == {"pos": 7}
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=False):
+        assert torch.equal(a, b)
+    # one more step on both: identical (optimizer state restored exactly)
+    for m, o in ((model, opt), (model2, opt2)):
+        m(x, x).backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters(), strict=False):
+        assert torch.equal(a, b)
+    assert not list((tmp_path / "ck").glob("*.tmp"))
+
+
+def test_rng_state_round_trips(tmp_path):
+    _, model, _, _ = _setup()
+    ckpt.save(tmp_path, model, None, {"step": 0})
+    a = torch.rand(3)
+    torch.rand(5)
+    ckpt.load(tmp_path, model, restore_rng=True)
+    # restoring puts the generator back to where it was at save time
+    assert torch.equal(torch.rand(3), a)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage_state", "missing"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
+    _, model, opt, _ = _setup()
+    d = ckpt.save(tmp_path / "ck", model, opt, {"step": 3})
+    f = d / ckpt.MODEL_FILE
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:100])
+    elif damage == "flip":
+        raw = bytearray(f.read_bytes())
+        raw[-10] ^= 0xFF
+        f.write_bytes(bytes(raw))
+    elif damage == "garbage_state":
+        (d / ckpt.STATE_FILE).write_text("{not json")
+    else:
+        f.unlink()
+    with pytest.raises(NanorlError, match="corrupt|missing|unreadable"):
+        ckpt.load(d, model, opt)
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    cfg, model, opt, _ = _setup()
+    ckpt.save(tmp_path, model, opt, {"step": 1}, config_hash=config_hash(cfg))
+    with pytest.raises(NanorlError, match="another model configuration"):
+        ckpt.load(tmp_path, model, config_hash="0" * 16)
+    _, wider, _, _ = _setup(width=64)
+    with pytest.raises(NanorlError, match="does not fit this model"):
+        ckpt.load(tmp_path, wider)
+    with pytest.raises(NanorlError, match="no checkpoint"):
+        ckpt.load(tmp_path / "nothing", model)
+
+
+def test_loading_never_unpickles(tmp_path):
+    # the files are safetensors and JSON: a pickle planted under the checkpoint's names is refused, not run
+    _, model, opt, _ = _setup()
+    d = ckpt.save(tmp_path, model, opt, {"step": 1})
+    import pickle
+
+    (d / ckpt.MODEL_FILE).write_bytes(pickle.dumps({"x": 1}))
+    state = json.loads((d / ckpt.STATE_FILE).read_text())
+    state["files"][ckpt.MODEL_FILE] = None  # even without the hash check
+    (d / ckpt.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(NanorlError, match="unreadable"):
+        ckpt.load(d, model)
+
+
+def test_local_store_mirror(tmp_path):
+    from nanorl.store import open_store
+
+    _, model, opt, _ = _setup()
+    store = open_store(str(tmp_path / "mirror"))
+    ckpt.save(tmp_path / "ck", model, opt, {"step": 2}, store=store, store_prefix="run/base")
+    assert store.list("run/base") == [
+        f"run/base/{n}" for n in sorted((ckpt.MODEL_FILE, ckpt.OPTIM_FILE, ckpt.STATE_FILE))
+    ]
+    with pytest.raises(NanorlError, match="escapes"):
+        store.put(tmp_path / "ck" / ckpt.STATE_FILE, "../outside")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def moto_server(monkeypatch):
+    pytest.importorskip("moto")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto server did not start")
+    for k, v in {
+        "NANORL_S3_ENDPOINT": url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(k, v)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_s3_store_round_trip_against_moto(tmp_path, moto_server):
+    import boto3
+
+    from nanorl.store import open_store
+
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket="ckpts")
+    _, model, opt, _ = _setup()
+    store = open_store("s3://ckpts/team")
+    ckpt.save(tmp_path / "ck", model, opt, {"step": 5}, store=store, store_prefix="run1/sft")
+    assert store.exists("run1/sft/state.json") and not store.exists("run1/sft/nope")
+    fetched = ckpt.fetch("s3://ckpts/team/run1/sft", tmp_path / "back")
+    _, model2, opt2, _ = _setup()
+    assert ckpt.load(fetched, model2, opt2)["step"] == 5
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=False):
+        assert torch.equal(a, b)
+    with pytest.raises(NanorlError, match="S3"):
+        open_store("s3://no-such-bucket/x").put(tmp_path / "ck" / "state.json", "k")
+    assert os.environ["NANORL_S3_ENDPOINT"] == moto_server

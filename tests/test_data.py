@@ -1,0 +1,285 @@
+"""Corpora, FineWeb shard downloads (against a local HTTP server), and the packing loader."""
+
+import http.server
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanorl.api import NanorlError
+from nanorl.data import PackedLoader, download_fineweb, open_corpus
+from nanorl.data.corpus import Corpus
+from nanorl.data.fineweb import download_shard, fineweb_shards, shard_name
+from nanorl.tokenizer import train_tokenizer
+
+# ---------------------------------------------------------------------------------------------------------
+# the packing loader
+
+
+def _docs(n=300):
+    # documents of varied lengths, each naming itself, so a row's documents can be read back
+    return [f"doc{i} " + " ".join(f"w{(i * j) % 50}" for j in range(1 + (i * 7) % 60)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(_docs(), vocab_size=400)
+
+
+def _batches(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def _same(a, b):
+    return all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True))
+
+
+def test_batches_shape_shift_and_determinism(tok):
+    a = PackedLoader(_docs(), tok, batch_size=4, seq_len=32, seed=1, block_docs=64)
+    b = PackedLoader(_docs(), tok, batch_size=4, seq_len=32, seed=1, block_docs=64)
+    c = PackedLoader(_docs(), tok, batch_size=4, seq_len=32, seed=2, block_docs=64)
+    ba, bb, bc = _batches(a, 20), _batches(b, 20), _batches(c, 20)
+    x, y = ba[0]
+    assert x.shape == y.shape == (4, 32) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
+    assert _same(ba, bb)
+    assert not _same(ba, bc)
+
+
+def test_rows_start_at_bos_and_lose_no_tokens(tok):
+    """Best-fit packing: rows start with <|bos|>, and over one pass every document token appears exactly once
+    (less the block-end partial rows the loader reports as dropped)."""
+    docs = _docs(200)
+    loader = PackedLoader(docs, tok, batch_size=1, seq_len=160, shuffle=False, block_docs=50)
+    rows = []
+    while loader.epoch == 0:
+        dropped = loader.stats["dropped_tokens"]  # before the call that packs the next epoch's first block
+        rows.append(loader.next_rows()[0])
+    rows.pop()  # the loop ends on the first row of the next epoch
+    emitted = Counter(int(t) for r in rows for t in r)
+    expected = Counter(t for ids in tok.encode_batch(docs, bos=True) for t in ids)
+    assert sum((expected - emitted).values()) == dropped
+    assert not emitted - expected  # nothing invented
+    # docs here are shorter than a row: only a leftover tail, at a block end, can start a row without <|bos|>
+    assert sum(int(r[0]) == tok.bos_id for r in rows) >= 0.9 * len(rows)
+
+
+def test_ddp_ranks_see_disjoint_documents(tok):
+    docs = _docs(400)
+    seen = []
+    for rank in (0, 1):
+        loader = PackedLoader(docs, tok, batch_size=2, seq_len=48, seed=3, rank=rank, world_size=2, block_docs=50)
+        rows = {tuple(r) for _ in range(40) for r in loader.next_rows().tolist()}
+        text = tok.decode([t for r in rows for t in r])
+        seen.append((rows, {w for w in text.replace("<|bos|>", " ").split() if w.startswith("doc")}))
+    (rows0, docs0), (rows1, docs1) = seen
+    assert not rows0 & rows1
+    assert docs0 and docs1 and not docs0 & docs1
+
+
+@pytest.mark.parametrize("skip", [0, 1, 7, 23, 61])  # within a block, across blocks, across epochs
+def test_exact_resume(tok, skip):
+    kwargs = dict(batch_size=3, seq_len=40, seed=5, block_docs=40)
+    loader = PackedLoader(_docs(), tok, **kwargs)
+    _batches(loader, skip)
+    state = json.loads(json.dumps(loader.state_dict()))  # survives a checkpoint's JSON
+    expected = _batches(loader, 8)
+    resumed = PackedLoader(_docs(), tok, **kwargs)
+    resumed.load_state_dict(state)
+    assert _same(_batches(resumed, 8), expected)
+    # a list of every rank's states (what a DDP checkpoint saves) works too
+    again = PackedLoader(_docs(), tok, **kwargs)
+    again.load_state_dict([{**state, "rank": 1}, state])
+    assert _same(_batches(again, 8), expected)
+
+
+def test_resume_refuses_a_different_stream(tok):
+    state = PackedLoader(_docs(), tok, batch_size=2, seq_len=40).state_dict()
+    other = PackedLoader(_docs(), tok, batch_size=2, seq_len=40, rank=0, world_size=2)
+    with pytest.raises(NanorlError, match="world_size"):
+        other.load_state_dict(state)
+
+
+def test_corpus_too_small_or_empty(tok):
+    with pytest.raises(NanorlError, match="too small"):
+        next(PackedLoader(["hi"], tok, batch_size=1, seq_len=64, block_docs=1))
+    with pytest.raises(NanorlError, match="no documents"):
+        next(PackedLoader([], tok, batch_size=1, seq_len=8))
+
+
+def test_task_corpus_feeds_the_loader(tok):
+    from nanorl.plugins import get_plugins
+
+    corpus = open_corpus("task", task=get_plugins().task("arith"))
+    x, _ = next(PackedLoader(corpus, tok, batch_size=2, seq_len=64))
+    assert x[0, 0] == tok.bos_id
+    with pytest.raises(NanorlError, match="needs a task"):
+        open_corpus("task")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# local corpora
+
+
+def _write_parquet(path, texts, row_group_size=2):
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group_size)
+
+
+def test_local_files_dirs_and_globs(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\nstill first\n\n\nsecond doc\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "third"}\n\n{"text": "fourth", "id": 4}\n')
+    _write_parquet(tmp_path / "c.parquet", ["fifth", "sixth", "seventh"])
+    (tmp_path / "notes.md").write_text("ignored: not a corpus type")
+    want = ["first doc\nstill first", "second doc", "third", "fourth", "fifth", "sixth", "seventh"]
+    assert list(open_corpus(str(tmp_path)).docs()) == want
+    assert list(open_corpus(str(tmp_path / "*.jsonl")).docs()) == ["third", "fourth"]
+    both = f"{tmp_path / 'b.jsonl'},{tmp_path / 'c.parquet'}"
+    corpus = open_corpus(both)
+    assert list(corpus.docs()) == want[2:] and corpus.stats["docs"] == 5
+    with pytest.raises(NanorlError, match="no corpus files"):
+        open_corpus(str(tmp_path / "missing*.txt"))
+
+
+def test_bad_lines_name_the_file_or_are_skipped_and_counted(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{not json}\n{"txt": "no text field"}\n\xff\xfe\n{"text": "ok too"}\n')
+    with pytest.raises(NanorlError, match=r"bad\.jsonl:2"):
+        list(open_corpus(str(bad)).docs())
+    corpus = open_corpus(str(bad), skip_bad=True)
+    assert list(corpus.docs()) == ["ok", "ok too"]
+    assert corpus.stats["skipped_lines"] == 3
+
+
+def test_corrupt_parquet_and_empty_corpus(tmp_path):
+    good = tmp_path / "good.parquet"
+    _write_parquet(good, ["a", "b"])
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(good.read_bytes()[:-20])  # truncated: the footer is gone
+    with pytest.raises(NanorlError, match="broken.parquet"):
+        list(open_corpus(str(tmp_path)).docs())
+    corpus = open_corpus(str(tmp_path), skip_bad=True)
+    assert list(corpus.docs()) == ["a", "b"] and corpus.stats["skipped_files"] == 1
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(NanorlError, match="no documents"):
+        list(open_corpus(str(empty)).docs())
+    with pytest.raises(NanorlError, match="no documents"):
+        list(Corpus([lambda: []], name="nothing").docs())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FineWeb shard downloads against a local server
+
+
+class _Server:
+    """A local HTTP server with Range support that can drop a connection mid-body or serve corrupt bytes."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.drop_once: set[str] = set()  # names whose next response is cut after half the body
+        self.requests: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                rng = self.headers.get("Range")
+                outer.requests.append((name, rng))
+                body = outer.files.get(name)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+                if start >= len(body):
+                    self.send_error(416)
+                    return
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if name in outer.drop_once:
+                    outer.drop_once.discard(name)
+                    self.wfile.write(body[start : start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # the connection drops mid-body
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/shards"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _shard_bytes(tmp_path: Path, i: int) -> bytes:
+    p = tmp_path / f"src{i}.parquet"
+    _write_parquet(p, [f"shard {i} doc {j} " + "text " * 200 for j in range(50)], row_group_size=10)
+    return p.read_bytes()
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = _Server({shard_name(i): _shard_bytes(tmp_path, i) for i in range(3)})
+    yield s
+    s.close()
+
+
+def test_download_shards_in_parallel(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANORL_FINEWEB_URL", server.url)  # the env var names the base URL
+    got = []
+    paths = download_fineweb(3, workers=3, backoff=0.01, on_bytes=got.append)
+    assert [p.name for p in paths] == [shard_name(i) for i in range(3)]
+    assert fineweb_shards() == paths  # the default folder under NANORL_HOME
+    assert sum(got) == sum(len(server.files[p.name]) for p in paths)
+    for p in paths:
+        assert p.read_bytes() == server.files[p.name]
+    docs = list(open_corpus("fineweb").docs())
+    assert len(docs) == 150 and docs[0].startswith("shard 0 doc 0")
+    # a second call finds them complete and downloads nothing
+    n = len(server.requests)
+    download_fineweb(3, base_url=server.url, backoff=0.01)
+    assert len(server.requests) == n
+
+
+def test_dropped_connection_resumes(server, tmp_path):
+    name = shard_name(1)
+    server.drop_once.add(name)
+    path = download_shard(f"{server.url}/{name}", tmp_path / name, retries=3, backoff=0.01)
+    assert path.read_bytes() == server.files[name]
+    assert not (tmp_path / (name + ".part")).exists()
+    first, second = [r for n, r in server.requests if n == name]
+    assert first is None and second is not None and second.startswith("bytes=")  # resumed with a Range request
+
+
+def test_partial_file_from_an_earlier_run_resumes(server, tmp_path):
+    name = shard_name(2)
+    (tmp_path / (name + ".part")).write_bytes(server.files[name][:1000])
+    download_shard(f"{server.url}/{name}", tmp_path / name, retries=1, backoff=0.01)
+    assert (tmp_path / name).read_bytes() == server.files[name]
+    assert server.requests == [(name, "bytes=1000-")]
+
+
+def test_corrupt_shard_is_a_clear_error(server, tmp_path):
+    name = shard_name(0)
+    server.files[name] = b"PAR1" + b"\x00" * 5000  # right size class, wrong bytes
+    with pytest.raises(NanorlError, match=name) as err:
+        download_shard(f"{server.url}/{name}", tmp_path / name, retries=2, backoff=0.01)
+    assert "not a readable parquet file" in str(err.value)
+    assert not (tmp_path / name).exists() and not (tmp_path / (name + ".part")).exists()
+
+
+def test_missing_shard_is_not_retried(server, tmp_path):
+    with pytest.raises(NanorlError, match="404"):
+        download_shard(f"{server.url}/nope.parquet", tmp_path / "nope.parquet", retries=3, backoff=0.01)
+    assert len(server.requests) == 1

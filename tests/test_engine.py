@@ -1,0 +1,138 @@
+"""The engine: cached sampling equals uncached sampling, ragged batches equal single prompts, stops, tools."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanorl.config import resolve
+from nanorl.engine import Engine, sample_next
+
+SPECIALS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")  # fmt: skip
+
+
+class ByteTok:
+    """A stand-in tokenizer: ids 0..255 are bytes, then the special tokens (what the engine needs of one)."""
+
+    vocab_size = 256 + len(SPECIALS)
+
+    def special_id(self, name: str) -> int:
+        return 256 + SPECIALS.index(name)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+def _model(dtype=torch.float64):
+    from nanorl.model import GPT
+
+    cfg = resolve(overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=265"]).model
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    m.init_weights()
+    with torch.no_grad():  # away from the identity init, so that every layer and position matters
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.to(dtype)
+
+
+PROMPTS = [[256, 1, 2, 3, 4, 5, 6, 7, 259], [256, 9, 8, 259], [256, 40, 41, 42, 43, 44, 259]]
+
+
+def test_cached_sampling_equals_uncached_for_a_seed():
+    eng = Engine(_model(), ByteTok(), dtype=torch.float64)
+    a = eng.sample(PROMPTS, num_samples=4, max_new_tokens=24, temperature=1.0, top_k=50, seed=3)
+    b = eng.sample(PROMPTS, num_samples=4, max_new_tokens=24, temperature=1.0, top_k=50, seed=3, use_cache=False)
+    assert [[s.tokens for s in g] for g in a] == [[s.tokens for s in g] for g in b]
+    # the seed fixes the samples; another seed gives others; the G samples of a prompt differ
+    c = eng.sample(PROMPTS, num_samples=4, max_new_tokens=24, temperature=1.0, top_k=50, seed=4)
+    assert [[s.tokens for s in g] for g in a] != [[s.tokens for s in g] for g in c]
+    assert len({tuple(s.tokens) for s in a[0]}) > 1
+
+
+def test_a_ragged_batch_gives_each_prompt_what_it_gets_alone():
+    # greedy, so the draw order cannot matter: left padding + key mask must leave every prompt's logits intact
+    eng = Engine(_model(), ByteTok(), dtype=torch.float64)
+    together = eng.sample(PROMPTS, num_samples=2, max_new_tokens=16, temperature=0.0)
+    for p, g in zip(PROMPTS, together, strict=False):
+        alone = eng.sample([p], num_samples=1, max_new_tokens=16, temperature=0.0)[0][0]
+        assert g[0].tokens == alone.tokens == g[1].tokens
+
+
+def test_rows_stop_at_assistant_end_independently():
+    tok = ByteTok()
+    end = tok.special_id("<|assistant_end|>")
+    model = _model()
+    with torch.no_grad():  # make <|assistant_end|> likely, so that rows stop at different steps
+        model.lm_head.weight[end] += 0.5 * model.lm_head.weight.abs().mean()
+    eng = Engine(model, tok, dtype=torch.float64)
+    groups = eng.sample(PROMPTS, num_samples=8, max_new_tokens=40, temperature=1.0, seed=0)
+    rows = [s for g in groups for s in g]
+    assert any(s.finished for s in rows)
+    stops = {end, tok.special_id("<|bos|>")}  # <|bos|> (a new document) ends a completion too
+    for s in rows:
+        if s.finished:
+            assert s.tokens[-1] in stops and not stops & set(s.tokens[:-1])
+        else:
+            assert len(s.tokens) == 40 and not stops & set(s.tokens)
+    assert len({len(s.tokens) for s in rows if s.finished}) > 1
+
+
+def test_tool_output_is_force_fed_and_marked():
+    tok = ByteTok()
+    ps, pe = tok.special_id("<|python_start|>"), tok.special_id("<|python_end|>")
+    os_, oe = tok.special_id("<|output_start|>"), tok.special_id("<|output_end|>")
+    script = [ps, ord("2"), ord("+"), ord("3"), pe]
+    calls = []
+
+    class Scripted(Engine):
+        """The model 'writes' a calculator call first, then whatever it samples."""
+
+    eng = Scripted(_model(), tok, tools={"python": lambda code: calls.append(code) or str(eval(code))})
+    orig = sample_next
+
+    def scripted(logits, temperature, top_k, gen, _step=[0]):  # noqa: B006 - a step counter
+        out = orig(logits, temperature, top_k, gen)
+        t = _step[0]
+        _step[0] += 1
+        return torch.full_like(out, script[t]) if t < len(script) else out
+
+    import nanorl.engine as engine_mod
+
+    engine_mod.sample_next = scripted
+    try:
+        s = eng.sample([PROMPTS[0]], num_samples=1, max_new_tokens=16, temperature=1.0)[0][0]
+    finally:
+        engine_mod.sample_next = orig
+    assert calls == ["2+3"]
+    assert s.tokens[:8] == [*script, os_, ord("5"), oe]
+    assert s.forced[:8] == [False] * 5 + [True] * 3 and not any(s.forced[8:])
+
+
+def test_sample_next_greedy_and_top_k():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0]])
+    assert sample_next(logits, 0.0, 0, None).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, 2, g).item() for _ in range(200)}
+    assert draws == {1, 3}
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_prompt_is_prefilled_once_per_batch(G, monkeypatch):
+    # the prompt tokens go through the model once per batch, not once per sample
+    model = _model()
+    seen = []
+    orig = model.forward
+
+    def counting(idx, *a, **k):
+        seen.append(tuple(idx.shape))
+        return orig(idx, *a, **k)
+
+    monkeypatch.setattr(model, "forward", counting)
+    Engine(model, ByteTok(), dtype=torch.float64).sample(PROMPTS, num_samples=G, max_new_tokens=3, seed=0)
+    assert seen[0] == (3, 9)  # one prefill of the three (left-padded) prompts
+    assert all(s == (3 * G, 1) for s in seen[1:])

@@ -1,0 +1,126 @@
+"""GRPO: the loss equals its formula on a hand-computed batch; the shared-prompt forward equals the plain one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanorl.config import resolve
+from nanorl.stages.rl import completion_logprobs, group_advantages, grpo_loss, prompts_for_step
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    adv, zero = group_advantages(r, std_normalize=False)
+    assert adv.tolist() == [[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]
+    assert zero.tolist() == [False, True]
+    adv, _ = group_advantages(r, std_normalize=True)
+    # population std of (1, 0, 0, 1) is 0.5
+    a = 0.5 / (0.5 + 1e-4)
+    assert adv[0].tolist() == pytest.approx([a, -a, -a, a])
+    assert adv[1].abs().max().item() == 0.0
+
+
+def test_grpo_loss_matches_the_formula_by_hand():
+    # two rows of three tokens; row 1's last token is masked
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -4.0]], dtype=torch.float64)
+    old = torch.tensor([[-1.1, -1.5, -0.5], [-0.3, -1.0, -1.0]], dtype=torch.float64)
+    ref = torch.tensor([[-0.9, -2.0, -0.7], [-0.5, -1.1, -2.0]], dtype=torch.float64)
+    A = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
+    eps, beta = 0.2, 0.1
+    # by hand, token by token
+    total, clipped = 0.0, 0
+    for i in range(2):
+        for t in range(3):
+            if not mask[i, t]:
+                continue
+            rho = math.exp(logp[i, t] - old[i, t])
+            a = A[i].item()
+            pg = -min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a)
+            d = ref[i, t].item() - logp[i, t].item()
+            kl = math.exp(d) - d - 1
+            total += pg + beta * kl
+            clipped += abs(rho - 1) > eps
+    expected = total / 5
+    loss, stats = grpo_loss(logp, old, A, mask, eps, beta, ref)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert stats["clipped"].item() == clipped
+    # n_tokens: chunks of a batch normalise by the whole batch's count and add up to the batch loss
+    l0, _ = grpo_loss(logp[:1], old[:1], A[:1], mask[:1], eps, beta, ref[:1], n_tokens=5)
+    l1, _ = grpo_loss(logp[1:], old[1:], A[1:], mask[1:], eps, beta, ref[1:], n_tokens=5)
+    assert (l0 + l1).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_grpo_gradient_is_the_policy_gradient_when_on_policy():
+    # ratio = 1 (old = logp detached): d loss / d logp_t = -A_i / N on kept tokens (beta = 0)
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.7]], dtype=torch.float64, requires_grad=True)
+    A = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.float64)
+    loss, _ = grpo_loss(logp, logp.detach(), A, mask, 0.2)
+    loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-2 / 3, -2 / 3, 1 / 3, 0.0])
+
+
+def _tiny_model():
+    from nanorl.model import GPT
+
+    cfg = resolve(overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=300"]).model
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    m.init_weights()
+    # break the identity init so every layer matters
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m.double()
+
+
+def test_shared_prompt_forward_equals_plain_forward_values_and_gradients():
+    # (the model's loss runs in float32 whatever the weights' dtype, hence float32-level tolerances)
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (7, 4)]  # ragged: left padding
+    G = 3
+    comps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 2, 6, 3, 1, 4)]
+    lp = completion_logprobs(model, prompts, comps, torch.device("cpu"), torch.float64)
+    lp.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total = 0
+    for r, c in enumerate(comps):
+        seq = torch.tensor([prompts[r // G] + c])
+        logits = model(seq[:, :-1]).double()
+        ref = torch.log_softmax(logits, -1)[0, -len(c) :].gather(1, torch.tensor(c)[:, None]).squeeze(1)
+        assert lp[r, : len(c)].tolist() == pytest.approx(ref.tolist(), abs=2e-5)
+        if len(c) < lp.size(1):
+            assert lp[r, len(c) :].abs().max().item() == 0
+        total = total + ref.sum()
+    total.backward()
+    for a, p in zip(grads, model.parameters(), strict=False):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_prompts_for_step_is_a_pure_function_and_ranks_are_disjoint():
+    ex = list(range(50))
+    a = prompts_for_step(ex, 3, 4, seed=1, rank=0, world=2)
+    b = prompts_for_step(ex, 3, 4, seed=1, rank=1, world=2)
+    assert a == prompts_for_step(ex, 3, 4, seed=1, rank=0, world=2)
+    assert not set(a) & set(b)
+
+
+def test_scorer_next_token_logits_ragged_equals_one_by_one():
+    from nanorl.stages.rl import ModelScorer
+
+    model = _tiny_model()
+    scorer = ModelScorer(None, model, lambda: model, torch.device("cpu"), torch.float64)
+    g = torch.Generator().manual_seed(2)
+    contexts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    together = scorer.next_token_logits("policy", contexts, [3, 7, 11])
+    for c, row in zip(contexts, together, strict=True):
+        alone = model(torch.tensor([c]))[0, -1, [3, 7, 11]].tolist()
+        assert row == pytest.approx(alone, abs=1e-9)
+    lp = scorer.token_logprobs("reference", contexts[0], [[1, 2], [3]])
+    assert [len(x) for x in lp] == [2, 1]

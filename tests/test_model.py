@@ -1,0 +1,306 @@
+"""The GPT: parameter counts, the loss, backend agreement, and KV-cache decoding against full forward passes."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanorl.api import NanorlError
+from nanorl.config import resolve
+from nanorl.model import GPT, KVCache, count_params
+from nanorl.model.gpt import SoftcapCrossEntropy
+
+
+def small_cfg(**kw):
+    """A 2-layer model small enough for quick CPU tests; kw are model.* overrides."""
+    base = {"depth": 2, "n_embd": 64, "n_head": 4, "vocab_size": 256, "seq_len": 64}
+    base.update(kw)
+    return resolve(overrides=[f"model.{k}={v}" for k, v in base.items()]).model
+
+
+def make_model(cfg, seed=0, scramble=True):
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    model.init_weights()
+    if scramble:
+        # the init zeroes the residual outputs (every block starts as the identity): give every weight
+        # non-trivial values so attention, MLP and the cache paths all matter to the logits
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.1)
+    return model
+
+
+# ---- counts ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["tiny", "d8", "d12", "d20", "d26"])
+def test_param_counts_match_the_module(preset):
+    cfg = resolve(preset=preset).model
+    with torch.device("meta"):  # no memory: d26 has a billion parameters
+        model = GPT(cfg)
+    groups = model.param_groups()
+    counts = model.num_params()
+    assert counts == count_params(cfg)
+    assert counts["embedding"] == sum(p.numel() for p in groups["embedding"])
+    assert counts["matrices"] == sum(p.numel() for p in groups["matrix"])
+    assert counts["unembedding"] == sum(p.numel() for p in groups["unembedding"])
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    # every parameter is in exactly one group
+    ids = [id(p) for g in groups.values() for p in g]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_depth8_with_65k_vocab_has_92m_params():
+    cfg = resolve(preset="d8").model
+    assert cfg.vocab_size == 65536
+    n = count_params(cfg)
+    # 2 × 65,536 × 512 embeddings + 8 layers × 12 × 512² matrices
+    assert n["total"] == 2 * 65536 * 512 + 8 * 12 * 512**2 == 92_274_688
+
+
+def test_gqa_shrinks_kv_projections():
+    full, gqa = count_params(small_cfg()), count_params(small_cfg(n_kv_head=1))
+    # c_k and c_v go from 64×64 to 64×16 in each of the 2 layers
+    assert full["matrices"] - gqa["matrices"] == 2 * 2 * 64 * (64 - 16)
+
+
+def test_flops_per_token_follows_the_benchmark_formula():
+    cfg = resolve(overrides=["model.depth=4", "model.n_embd=256", "model.n_head=2", "model.vocab_size=8192"]).model
+    n = count_params(cfg)
+    assert GPT(small_cfg()).flops_per_token(64) > 0
+    from nanorl.model import flops_per_token
+
+    assert flops_per_token(cfg, 256) == 6 * (n["matrices"] + n["unembedding"]) + 12 * 4 * 256 * 256
+
+
+# ---- init, forward, loss ---------------------------------------------------------------------------------
+
+
+def test_init_is_deterministic_and_starts_near_uniform():
+    cfg = small_cfg()
+    a, b = make_model(cfg, seed=3, scramble=False), make_model(cfg, seed=3, scramble=False)
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), na
+    assert torch.count_nonzero(a.blocks[0].attn.c_proj.weight) == 0
+    assert torch.count_nonzero(a.blocks[0].mlp.c_proj.weight) == 0
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    loss = a(idx, idx)
+    # a small lm_head gives near-uniform predictions: the loss is ≈ ln(V)
+    assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.05
+
+
+def test_forward_backward_on_cpu():
+    cfg = small_cfg()
+    model = make_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24))
+    logits = model(idx)
+    assert logits.shape == (2, 24, cfg.vocab_size) and logits.dtype == torch.float32
+    assert logits.abs().max() < cfg.softcap  # soft-capped
+    loss = model(idx, idx.roll(-1, 1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_loss_matches_float64_reference_with_ignored_targets():
+    cfg = small_cfg()
+    model = make_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    targets = torch.randint(0, cfg.vocab_size, (2, 12))
+    targets[0, :5] = -1
+    logits = model(idx).double()
+    ref = torch.nn.functional.cross_entropy(
+        logits.view(-1, cfg.vocab_size), targets.view(-1), ignore_index=-1, reduction="none"
+    ).view(2, 12)
+    per_tok = model(idx, targets, loss_reduction="none")
+    assert per_tok.shape == (2, 12)
+    torch.testing.assert_close(per_tok.double(), ref, atol=1e-5, rtol=1e-5)
+    assert (per_tok[0, :5] == 0).all()
+    torch.testing.assert_close(model(idx, targets).double(), ref.sum() / (targets >= 0).sum(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction_weights", [False, True])
+def test_softcap_cross_entropy_gradient_matches_autograd_in_float64(reduction_weights):
+    torch.manual_seed(0)
+    z = (torch.randn(10, 50) * 20).requires_grad_()  # large logits: the cap matters
+    y = torch.randint(0, 50, (10,))
+    y[3] = -1
+    w = torch.rand(10) if reduction_weights else torch.ones(10)
+    (SoftcapCrossEntropy.apply(z, y, 15.0) * w).sum().backward()
+    zd = z.detach().double().requires_grad_()
+    s = 15.0 * torch.tanh(zd / 15.0)
+    ref = torch.nn.functional.cross_entropy(s, y, ignore_index=-1, reduction="none")
+    (ref * w.double()).sum().backward()
+    torch.testing.assert_close(z.grad.double(), zd.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_softcap_is_cap_tanh_of_the_raw_logits():
+    idx = torch.randint(0, 256, (1, 8))
+    outs = []
+    with torch.no_grad():
+        for cap in (0, 15):
+            model = make_model(small_cfg(softcap=cap), seed=5)
+            model.lm_head.weight.mul_(10)  # logits well beyond the cap
+            outs.append(model(idx))
+    raw, capped = outs
+    assert raw.abs().max() > 15  # the scrambled weights give logits beyond the cap
+    torch.testing.assert_close(capped, 15 * torch.tanh(raw / 15))
+
+
+# ---- backends --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_sdpa_and_eager_backends_agree(n_kv_head):
+    cfg = small_cfg(n_kv_head=n_kv_head)
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    grads, outs, ents = [], [], []
+    for backend in ("sdpa", "eager"):
+        cfg.attention = backend
+        model = make_model(cfg)
+        logits, ent = model(idx, return_entropy=True)
+        model(idx, idx).backward()
+        outs.append(logits)
+        ents.append(ent)
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert ents[0].shape == (cfg.depth, 2, cfg.n_head, 20)
+    torch.testing.assert_close(ents[0], ents[1], atol=1e-5, rtol=1e-5)
+    for ga, gb in zip(*grads, strict=True):
+        torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_maps_are_causal_distributions():
+    cfg = small_cfg()
+    model = make_model(cfg)
+    maps = model.attention_maps(torch.randint(0, cfg.vocab_size, (1, 10)))
+    assert maps.shape == (cfg.depth, 1, cfg.n_head, 10, 10)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(cfg.depth, 1, cfg.n_head, 10))
+    assert (maps.triu(1) == 0).all()
+
+
+def test_triton_backend_on_cpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = small_cfg(attention="triton")
+    model = make_model(cfg)
+    with pytest.raises(NanorlError, match="needs a CUDA device"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+# ---- KV cache --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+def test_kv_cache_decoding_matches_full_forward(n_kv_head):
+    cfg = small_cfg(n_kv_head=n_kv_head)
+    model = make_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(2, cfg, max_len=32)
+        pieces = [model(idx[:, :9], kv_cache=cache)]  # prefill
+        pieces.append(model(idx[:, 9:12], kv_cache=cache))  # several new tokens against a cache
+        for t in range(12, 16):  # one token at a time
+            pieces.append(model(idx[:, t : t + 1], kv_cache=cache))
+    assert cache.pos == 16
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_expand_shares_one_prefill():
+    cfg = small_cfg(n_kv_head=2)
+    model = make_model(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 7))
+    conts = torch.randint(0, cfg.vocab_size, (3, 4))  # three different continuations
+    with torch.no_grad():
+        cache = KVCache(1, cfg, max_len=16)
+        model(prompt, kv_cache=cache)
+        cache.expand(3)
+        assert cache.batch_size == 3 and cache.pos == 7
+        steps = [model(conts[:, t : t + 1], kv_cache=cache) for t in range(4)]
+        full = model(torch.cat([prompt.expand(3, 7), conts], 1))
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 7:], atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.pos == 0
+
+
+def test_kv_cache_overflow_is_an_error():
+    cfg = small_cfg()
+    model = make_model(cfg)
+    cache = KVCache(1, cfg, max_len=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="overflow"):
+        model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+def test_positions_beyond_the_rotary_table_still_work():
+    cfg = small_cfg(seq_len=8)  # the table holds 2 × 8 positions
+    model = make_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (1, 24))
+    with torch.no_grad():
+        out = model(idx)
+    assert out.shape == (1, 24, cfg.vocab_size) and torch.isfinite(out).all()
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+
+
+def test_model_info_cli_prints_the_truth(capsys):
+    from nanorl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["model", "info", "--depth", "8", "--json"])
+    assert e.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"]["total"] == 92_274_688
+    assert out["shape"]["n_embd"] == 512 and out["shape"]["n_head"] == 4
+
+
+def test_kv_cache_expand_of_several_prompts_repeats_each_row():
+    cfg = small_cfg()
+    model = make_model(cfg)
+    prompts = torch.randint(0, cfg.vocab_size, (2, 5))
+    nxt = torch.randint(0, cfg.vocab_size, (4, 1))
+    with torch.no_grad():
+        cache = KVCache(2, cfg, max_len=8)
+        model(prompts, kv_cache=cache)
+        cache.expand(2)  # rows: prompt 0, prompt 0, prompt 1, prompt 1
+        step = model(nxt, kv_cache=cache)
+        full = model(torch.cat([prompts.repeat_interleave(2, 0), nxt], 1))[:, -1:]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+def test_hand_written_backwards_pass_gradcheck():
+    from nanorl.model.gpt import _ReLU2, _RMSNorm, _RopeNorm, rotary_tables
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double()[:5, None, :] for t in rotary_tables(5, 8))
+    assert torch.autograd.gradcheck(_RMSNorm.apply, (x,))
+    assert torch.autograd.gradcheck(_ReLU2.apply, (x,))
+    assert torch.autograd.gradcheck(lambda t: _RopeNorm.apply(t, cos, sin), (x,))
+    # and the forward is what it claims: rms_norm of the rotated pairs (x1, x2) -> (x1·c + x2·s, x2·c - x1·s)
+    x1, x2 = x[..., :4], x[..., 4:]
+    rot = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), -1)
+    torch.testing.assert_close(_RopeNorm.apply(x, cos, sin), torch.nn.functional.rms_norm(rot, (8,)))
+    torch.testing.assert_close(_RMSNorm.apply(x), torch.nn.functional.rms_norm(x, (8,)))
+
+
+def test_fused_loss_under_bf16_autocast_follows_the_fp32_one():
+    # the path CUDA training takes (matmuls in bf16, softmax math in fp32), exercised with CPU autocast
+    cfg = small_cfg()
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 16)), torch.randint(0, cfg.vocab_size, (2, 16))
+    grads, losses = [], []
+    for amp in (False, True):
+        model = make_model(cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model(idx, targets)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        losses.append(loss.item())
+        grads.append(model.lm_head.weight.grad)
+    assert abs(losses[0] - losses[1]) < 0.02 * losses[0]
+    assert grads[1].dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)
+    assert cos > 0.99

@@ -1,0 +1,557 @@
+"""Multiple choice (nanorl.multichoice): prompt, extraction, rewards, statistics, letter telemetry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanorl.api import Example, RolloutBatch, StageInfo
+from nanorl.multichoice import (
+    LetterTelemetry,
+    compare,
+    correct_reward,
+    ends_with_final_answer,
+    eval_record,
+    extract_letter,
+    final_answer_line,
+    format_reward,
+    letter_kl,
+    majority_baseline,
+    mc_conversation,
+    mcnemar_chi2_p,
+    mcnemar_p,
+    option_text,
+    position_bias,
+    shuffle_eval,
+    shuffle_options,
+    strip_answer_statement,
+    summarize,
+    unshuffle_letter,
+    wilson_interval,
+)
+
+OPTIONS = ["A)32400", "B)6000", "C)600", "D)60000", "E)10"]
+
+
+def test_prompt_text_is_exact():
+    conv = mc_conversation("  What is 2+2? ", ["A)4", "B) 5", "(C) 6", "D. 7", "8"])
+    assert conv == [
+        {
+            "role": "user",
+            "content": "You are a careful math tutor. Solve step by step.\n\nWhat is 2+2?\n\n"
+            "A) 4\nB) 5\nC) 6\nD) 7\nE) 8\n\n"
+            "Think step by step. On the last line, output exactly: Final Answer: <LETTER>",
+        }
+    ]
+    assert final_answer_line("C") == "Final Answer: C"
+    assert option_text("A)32400") == "32400"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Final Answer: C", "C"),
+        ("final answer: (c)", "C"),
+        ("Final Answer: B.\n", "B"),
+        ("Final Answer:C", "C"),
+        ("Final Answer: E, since 3 > 2", "E"),
+        ("Final Answer: \\boxed{B}", "B"),
+        ("**Final Answer:** C", "C"),
+        ("Final Answer: **D**", "D"),
+        ("**Answer:** B", "B"),
+        ("Final Answer: <LETTER>", None),
+        ("Final Answer: A * 2", None),
+        # the last Final Answer wins, and it beats any other statement wherever that is
+        ("Final Answer: A\nFinal Answer: B", "B"),
+        ("Final Answer: D\nAnswer: A", "D"),
+        ("Answer: A\nFinal Answer: D", "D"),
+        # other explicit statements: the last one counts
+        ("The answer is (C)", "C"),
+        ("Answer is A.", "A"),
+        ("Correct answer - A", "A"),
+        ("ANSWER:E", "E"),
+        ("Answer : C", "C"),
+        ("Ans - C", "C"),
+        ("Answer: Option B", "B"),
+        ("CORRECT OPTION:OPTION E", "E"),
+        ("correct option is B", "B"),
+        ("Option C", "C"),
+        ("Choice B.", "B"),
+        ("Answer: [B]", "B"),
+        ("Answer: (d)", "D"),
+        ("Answer: D) 109 rolls", "D"),
+        ("Thus, C is the correct answer", "C"),
+        ("E is the answer.", "E"),
+        ("Therefore A is correct", "A"),
+        ("answer is A because 3 > 2", "A"),
+        ("Answer: B then later Answer: D", "D"),
+        ("so the answer is b.", "B"),
+        ("answer: a", "A"),
+        ("12-5=7 C", "C"),
+        ("Total is 12.\nD", "D"),
+        # articles, words and variables are not answers
+        ("Answer: each of them", None),
+        ("the answer is a multiple of 3", None),
+        ("The answer: A total of 5 apples", None),
+        ("A man walks 5 km.", None),
+        ("Answer: a = 5", None),
+        ("answer: E = mc^2", None),
+        ("x = A + B", None),
+        ("Answer: B-C", None),
+        ("Final Answer: A+B", None),
+        ("Answer: C's value", None),
+        ("Option A is 5 and option B is 7", None),
+        ("Answer: F", None),
+        ("There is no answer here.", None),
+        ("", None),
+    ],
+)
+def test_extract_letter(text, expected):
+    assert extract_letter(text) == expected
+
+
+def test_extract_letter_respects_letters_and_options():
+    assert extract_letter("Answer: E", letters="ABCD") is None
+    assert extract_letter("Final Answer: D", letters="ABCD") == "D"
+    # the value fallback only runs when the options are given, and only on a unique match
+    text = "so the total length should be 24."
+    assert extract_letter(text) is None
+    assert extract_letter(text, options=["A)6", "B)18", "C)24", "D)36", "E)48"]) == "C"
+    assert extract_letter("= 15/4 hours", options=["A)15/4 h", "B)4", "C)3", "D)2", "E)1"]) == "A"
+    assert extract_letter("it is 24", options=["A)24", "B)24", "C)1", "D)2", "E)3"]) is None
+    assert extract_letter("it is 7", options=["A)24", "B)25", "C)1", "D)2", "E)3"]) is None
+    # a stated letter beats the value
+    assert extract_letter("24\nAnswer: B", options=["A)6", "B)18", "C)24", "D)36", "E)48"]) == "B"
+
+
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ("reasoning\nFinal Answer: C", True),
+        ("Final Answer: C\n\n", True),
+        ("reasoning\nFinal Answer: C.", False),
+        ("reasoning\nfinal answer: C", False),
+        ("reasoning\nFinal Answer: F", False),
+        ("Final Answer: C\nmore text", False),
+        ("x Final Answer: C", False),
+        ("", False),
+    ],
+)
+def test_ends_with_final_answer(text, ok):
+    assert ends_with_final_answer(text) is ok
+
+
+def test_rewards():
+    ex = Example(id="1", question="q", answer="C", options=OPTIONS)
+    good = "3 * 200 = 600\nFinal Answer: C"
+    assert correct_reward(ex, good, "C") == 1.0
+    assert correct_reward(ex, good, None) == 1.0  # extracts itself when the caller did not
+    assert correct_reward(ex, "Final Answer: B", "B") == 0.0
+    assert correct_reward(ex, "no idea", None) == 0.0
+    assert format_reward(ex, good, "C") == 0.1
+    assert format_reward(ex, "The answer is C", "C") == 0.0
+    assert format_reward(ex, "Final Answer: B", "B") == 0.1  # format, not correctness
+
+
+@pytest.mark.parametrize(
+    "rationale, body",
+    [
+        ("x = 3\nAnswer: E", "x = 3"),
+        ("x = 3\nANSWER:E", "x = 3"),
+        ("x = 3\nAnswer is A.", "x = 3"),
+        ("x = 3\nCorrect answer - A", "x = 3"),
+        ("x = 3\nThe answer is (C)", "x = 3"),
+        ("x = 3\nAnswer : C", "x = 3"),
+        ("x = 3\nAnswer: D) 109 rolls", "x = 3"),
+        ("x = 250 m. Answer D", "x = 250 m."),
+        ("= 10.25% Answer B", "= 10.25%"),
+        ("is 17818 ==> the correct answer is D.", "is 17818"),
+        ("y = 50%. Thus, C is the correct answer", "y = 50%."),
+        ("to each child. So option A is correct.", "to each child."),
+        ("we need the exponent for 4,\nANSWER:C", "we need the exponent for 4,"),
+        ("= 8.33. Hence answer is a.\nAnswer:B", "= 8.33."),
+        ("12-5=7 C", "12-5=7"),
+        ("x = 3\nD", "x = 3"),
+        # kept: no trailing statement, or removing it would lose words
+        ("the answer is D\n0.497==>1\nx = 302", "the answer is D\n0.497==>1\nx = 302"),
+        ("$40 - $8 = $32\nThis gives us B", "$40 - $8 = $32\nThis gives us B"),
+        ("total length should be 24.", "total length should be 24."),
+    ],
+)
+def test_strip_answer_statement(rationale, body):
+    assert strip_answer_statement(rationale) == body
+    assert "Answer" not in strip_answer_statement("Answer : C") + "|"  # the whole line goes
+
+
+# -- statistics ---------------------------------------------------------------------------------------------
+
+
+def test_wilson_interval_hand_computed():
+    # 8/10 at z = 1.96, worked in 30-digit decimals: center (0.8 + 0.19208) / 1.38416, half 1.96 / 1.38416 *
+    # sqrt(0.016 + 0.009604); published to 4 places as [0.4902, 0.9433]
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4901568467207234, abs=1e-12) and hi == pytest.approx(0.9433190520193067, abs=1e-12)
+    lo, hi = wilson_interval(0, 10)  # stays inside [0, 1] where the normal approximation gives [0, 0]
+    assert lo == 0.0 and hi == pytest.approx(3.8416 / 13.8416, abs=1e-9)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(69, 254)
+    assert lo < 69 / 254 < hi
+
+
+def test_mcnemar_hand_computed():
+    assert mcnemar_p(1, 6) == pytest.approx(2 * (1 + 7) / 2**7)  # 0.125
+    assert mcnemar_p(6, 1) == mcnemar_p(1, 6)
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 2**5)  # 0.0625
+    assert mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(0, 0) == 1.0
+    assert 0 < mcnemar_p(600, 400) < 1e-9  # exact integers: no underflow at large n
+    # chi-square with continuity: (|10-20| - 1)^2 / 30 = 2.7, P(chi2_1 > 2.7) = 0.100348
+    assert mcnemar_chi2_p(10, 20) == pytest.approx(0.100348, abs=1e-5)
+
+
+def _records(pairs):
+    return [{"gold": g, "pred": p, "format_ok": p is not None} for g, p in pairs]
+
+
+def test_summarize():
+    recs = _records([("A", "A"), ("A", "B"), ("A", None), ("B", "B"), ("C", "A")])
+    m = summarize(recs)
+    assert m["n"] == 5 and m["correct"] == 2 and m["accuracy"] == pytest.approx(0.4)
+    assert m["accuracy_ci95"] == pytest.approx(list(wilson_interval(2, 5)))
+    assert m["chance_baseline"] == pytest.approx(0.2)
+    assert (m["majority_letter"], m["majority_baseline"]) == ("A", pytest.approx(0.6))
+    assert m["beats_majority"] is False
+    assert m["format_rate"] == pytest.approx(0.8) and m["answered_rate"] == pytest.approx(0.8)
+    assert m["pred_counts"] == {"A": 2, "B": 2, "C": 0, "D": 0, "E": 0, "none": 1}
+    assert m["confusion"]["A"] == {"A": 1, "B": 1, "C": 0, "D": 0, "E": 0, "none": 1}
+    assert m["confusion"]["C"]["A"] == 1
+    assert majority_baseline(["B", "A", "A", "B"]) == ("A", 0.5)  # ties: the earliest letter
+    assert summarize([])["n"] == 0
+
+
+def test_compare_paired():
+    golds = ["A", "B", "C", "D", "E", "A", "B"]
+    a = _records(zip(golds, ["A", "B", "C", "D", "E", "A", "C"], strict=True))  # 6 right
+    b = _records(zip(golds, ["A", "C", "D", "E", "A", "A", "B"], strict=True))  # 3 right
+    c = compare(a, b)
+    assert (c["both_correct"], c["a_only"], c["b_only"]) == (2, 4, 1)
+    assert c["diff"] == pytest.approx(3 / 7)
+    assert c["p_value"] == pytest.approx(mcnemar_p(4, 1))
+    # matched by id when both carry one, whatever the order
+    for i, r in enumerate(a):
+        r["id"] = i
+    for i, r in enumerate(b):
+        r["id"] = i
+    assert compare(a, list(reversed(b)))["a_only"] == 4
+    with pytest.raises(ValueError):
+        compare(a, b[:3])
+
+
+def test_shuffle_options_and_position_bias():
+    ex = Example(id="q1", question="q", answer="B", options=OPTIONS)
+    copies = shuffle_options(ex, 4, seed=1)
+    assert copies == shuffle_options(ex, 4, seed=1)  # deterministic
+    assert len(copies) == 4 and ex.options == OPTIONS and ex.answer == "B"
+    for c in copies:
+        # the gold letter follows its content, and every option keeps its content
+        assert option_text(c.options["ABCDE".index(c.answer)]) == "6000"
+        assert sorted(option_text(o) for o in c.options) == sorted(option_text(o) for o in OPTIONS)
+        assert unshuffle_letter(c, c.answer) == "B"
+    # a model that always answers the gold content: consistency 1; one that always says "A": letter-sticky
+    content = position_bias(["B"], [copies], [[c.answer for c in copies]])
+    assert content["shuffled_accuracy"] == 1.0 and content["content_consistency"] == 1.0
+    sticky = position_bias(["A"], [copies], [["A"] * 4])
+    assert sticky["same_letter_rate"] == 1.0
+    expected = sum(unshuffle_letter(c, "A") == "A" for c in copies) / 4
+    assert sticky["content_consistency"] == pytest.approx(expected)
+    assert position_bias([None], [copies], [["A"] * 4])["answered_pairs"] == 0
+
+
+def test_eval_record_and_shuffle_eval():
+    ex = Example(id="q1", question="q", answer="B", options=OPTIONS)
+    assert eval_record(ex, "B", "so\nFinal Answer: B") == {"id": "q1", "gold": "B", "pred": "B", "format_ok": True}
+    assert eval_record(ex, "B", "The answer is B")["format_ok"] is False
+    assert eval_record(ex, None)["format_ok"] is False and eval_record(ex, "C")["format_ok"] is True
+    ex2 = Example(id="q2", question="q", answer="E", options=OPTIONS)
+
+    def always_six_thousand(examples):  # answers the content "6000" wherever it is, else nothing
+        out = []
+        for e in examples:
+            hits = [x for x, o in zip("ABCDE", e.options, strict=True) if option_text(o) == "6000"]
+            out.append(hits[0] if hits else None)
+        return out
+
+    m = shuffle_eval([ex, ex2], ["B", "B"], 3, always_six_thousand, seed=5)
+    assert m["shuffle_k"] == 3 and m["shuffled_n"] == 6
+    assert m["shuffled_accuracy"] == pytest.approx(0.5)  # right on q1's copies, wrong on q2's
+    assert m["content_consistency"] == 1.0
+    with pytest.raises(ValueError):
+        shuffle_eval([ex], ["B"], 3, lambda exs: ["A"])
+
+
+# -- letter telemetry ---------------------------------------------------------------------------------------
+
+
+class FakeScorer:
+    """Characters are tokens (ord), except that " A".." E" are one token each when `spaced`.
+
+    Letter logits: one list for every context, or a list of lists (one per context, in order).
+    """
+
+    def __init__(self, policy, reference, spaced=True, logprobs=None):
+        self.logits = {"policy": policy, "reference": reference}
+        self.spaced = spaced
+        self.logprobs = logprobs or {}
+        self.contexts = []
+
+    def encode(self, text):
+        if self.spaced and len(text) == 2 and text[0] == " " and text[1] in "ABCDE":
+            return [1000 + ord(text[1])]
+        return [ord(ch) for ch in text]
+
+    def next_token_logits(self, which, contexts, candidates):
+        self.contexts.append((which, [list(c) for c in contexts], list(candidates)))
+        logits = self.logits[which]
+        if isinstance(logits[0], list):
+            return [list(row) for row in logits]
+        return [list(logits) for _ in contexts]
+
+    def token_logprobs(self, which, prompt_ids, completions):
+        return [list(self.logprobs.get(which, {}).get(tuple(c), [0.0] * len(c))) for c in completions]
+
+
+def _batch(scorer, completions, step=0, golds=("C",), correct=None, rewards=None):
+    g = len(completions) // len(golds)
+    return RolloutBatch(
+        step=step,
+        examples=[Example(id=str(i), question="q", answer=a, options=OPTIONS) for i, a in enumerate(golds)],
+        group_size=g,
+        prompt_ids=[[7, 7] for _ in golds],
+        completions=list(completions),
+        completion_ids=[[i + 1] * (i + 1) for i in range(len(completions))],
+        answers=[extract_letter(c) for c in completions],
+        rewards=rewards or [0.0] * len(completions),
+        correct=correct or [False] * len(completions),
+        scorer=scorer,
+    )
+
+
+def _hook(kl_every=1, task="aqua"):
+    hook = LetterTelemetry("aqua.letters", task="aqua")
+    hook.on_stage_start(StageInfo("r", "/tmp/r", "rl", task, {"rl": {"kl_every": kl_every}}, 10))
+    return hook
+
+
+def test_letter_kl_hand_computed():
+    # policy softmax([ln 4, 0, 0, 0, 0]) = [1/2, 1/8 x4]; reference uniform 1/5:
+    # KL = 1/2 ln(2.5) + 4/8 ln(0.625) = 1/2 ln(1.5625) = ln(1.25)
+    policy, reference = [math.log(4), 0, 0, 0, 0], [0.0] * 5
+    assert letter_kl(policy, reference) == pytest.approx(math.log(1.25), rel=1e-12)
+    assert letter_kl(reference, reference) == pytest.approx(0.0, abs=1e-15)
+    # sequence KL: completion 1 has tokens [1] (diff 3), completion 2 [2, 2] (diffs 1, 2): mean over 3 tokens
+    logprobs = {
+        "policy": {(1,): [-1.0], (2, 2): [-1.0, -1.0]},
+        "reference": {(1,): [-4.0], (2, 2): [-2.0, -3.0]},
+    }
+    scorer = FakeScorer(policy, reference, logprobs=logprobs)
+    batch = _batch(scorer, ["x\nFinal Answer: A", "no answer line"], correct=[False, True], rewards=[0.1, 1.1])
+    m = _hook().on_rollouts(batch)
+    assert m["rl/kl_letter_mean"] == pytest.approx(math.log(1.25))
+    assert m["rl/letter_margin_mean"] == pytest.approx(math.log(4))
+    assert [m[f"rl/letter_pred_counts/{x}"] for x in "ABCDE"] == [2, 0, 0, 0, 0]
+    assert m["rl/kl_sequence_mean"] == pytest.approx((3 + 1 + 2) / 3)
+    assert m["rl/acc"] == 0.5 and m["rl/mean_reward"] == pytest.approx(0.6)
+    # contexts: prompt + text up to the last "Final Answer:"; appended when the completion has none
+    _, contexts, candidates = scorer.contexts[0]
+    assert candidates == [1000 + ord(x) for x in "ABCDE"]
+    assert contexts[0] == [7, 7] + [ord(ch) for ch in "x\nFinal Answer:"]
+    assert contexts[1] == [7, 7] + [ord(ch) for ch in "no answer line\nFinal Answer:"]
+
+
+def test_letter_telemetry_bare_letter_tokens():
+    scorer = FakeScorer([0.0] * 5, [0.0] * 5, spaced=False)
+    batch = _batch(scorer, ["Final Answer: B"])
+    batch.completion_ids = [[]]
+    m = _hook().on_rollouts(batch)
+    _, contexts, candidates = scorer.contexts[0]
+    assert candidates == [ord(x) for x in "ABCDE"]  # "A" alone, after a context ending in ": "
+    assert contexts[0][-2:] == [ord(":"), ord(" ")]
+    assert m["rl/kl_letter_mean"] == pytest.approx(0.0)
+
+
+def test_letter_telemetry_gating_and_collapse(caplog):
+    scorer = FakeScorer([5.0, 0, 0, 0, 0], [0.0] * 5)
+    completions = ["Final Answer: A"] * 4
+    batch = _batch(scorer, completions, step=3, golds=("B", "C"))
+    batch.completion_ids = [[]] * 4
+    assert _hook(task="arith").on_rollouts(batch) is None  # another task's stage: inactive
+    hook = _hook(kl_every=2)  # KL on the first call, then once kl_every steps have passed
+    kl_steps = []
+    for step in range(3, 9):
+        batch.step = step
+        kl_steps += [step] if "rl/kl_letter_mean" in hook.on_rollouts(batch) else []
+    assert kl_steps == [3, 5, 7]
+    batch.step = 3
+    assert _hook(kl_every=0).on_rollouts(batch).keys() == {"rl/acc", "rl/mean_reward"}
+    with caplog.at_level(logging.WARNING, logger="nanorl.multichoice"):
+        m = _hook(kl_every=3).on_rollouts(batch)
+    assert m["rl/letter_collapse"] == 1.0  # A on 100% of rows, accuracy 0 <= majority baseline 0.5
+    assert "letter collapse" in caplog.text
+    # A on 80% of rows but accuracy 0.8 above the majority baseline 0.6: a model that is right, no alarm
+    peaked = [[5.0 if j == i else 0.0 for j in range(5)] for i in (0, 0, 0, 0, 1)]
+    scorer = FakeScorer(peaked, [0.0] * 5)
+    right = _batch(scorer, ["x"] * 5, step=0, golds=("A", "A", "A", "B", "B"), correct=[1, 1, 1, 0, 1])
+    right.completion_ids = [[]] * 5
+    m = _hook().on_rollouts(right)
+    assert m["rl/letter_pred_counts/A"] == 4 and m["rl/acc"] == pytest.approx(0.8)
+    assert m["rl/letter_collapse"] == 0.0
+
+
+def test_api_reexport_without_torch():
+    code = (
+        "import sys; from nanorl.api import extract_letter, summarize, LetterTelemetry; import nanorl.api as a; "
+        "assert a.multichoice.extract_letter is extract_letter; assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.timeout(30)  # a guard, not a timing: linear takes ~0.1 s here, the quadratic regex it replaced hours
+def test_extraction_is_linear_on_pathological_text():
+    texts = ["Final Answer:" + " " * 50_000, "Answer: A" + " " * 50_000 + "=", "answer is " * 5_000]
+    texts += ["Final Answer" + "*" * 50_000, "Answer:" + " *" * 25_000]
+    for text in texts:
+        assert extract_letter(text) is None
+        strip_answer_statement(text)
+        ends_with_final_answer(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([*"abcdeABCDE xyz=+-*():.,\n0123456789", "answer", "Final Answer:"])).map("".join))
+def test_a_final_answer_line_always_wins(text):
+    for letter in "ACE":
+        assert extract_letter(f"{text}\nFinal Answer: {letter}") == letter
+        body = strip_answer_statement(text)
+        assert extract_letter(f"{body}\nFinal Answer: {letter}" if body else f"Final Answer: {letter}") == letter
+    extract_letter(text)  # never raises
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on 2 threads crawl when the cores are shared (10 s instead of 0.2 s): use one, then restore."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(threads)
+
+
+def test_letter_telemetry_with_the_rl_stage_scorer(one_thread):
+    """The hook against the real Scorer (stages/rl.ModelScorer) on a tiny GPT, checked in float64 by hand."""
+    torch = one_thread
+    from nanorl.config import resolve
+    from nanorl.model import GPT
+    from nanorl.stages.rl import ModelScorer
+
+    cfg = resolve(overrides=["model.depth=1", "model.n_embd=32", "model.n_head=1", "model.vocab_size=256"]).model
+    torch.manual_seed(0)
+    policy, reference = GPT(cfg), GPT(cfg)
+    policy.init_weights()
+    reference.init_weights()
+
+    class Bytes:  # single bytes are tokens: " A" is two, so the hook reads "A" after a context ending in ": "
+        def encode(self, text):
+            return list(text.encode())
+
+    texts = ["2+2=4\nFinal Answer: A", "I think", "x\nFinal Answer: C", "y"]
+    ids = [Bytes().encode(t) for t in texts]
+    prompts = [[1, 2, 3], [4, 5]]
+    device = torch.device("cpu")
+    scorer = ModelScorer(Bytes(), policy, lambda: reference, device, torch.float32)
+    batch = _batch(scorer, texts, golds=("A", "C"))
+    batch.prompt_ids, batch.completion_ids = prompts, ids
+    m = _hook().on_rollouts(batch)
+
+    def last_logits(model, seq):
+        with torch.no_grad():
+            return model(torch.tensor([seq]))[0, -1].double()
+
+    letters = [ord(x) for x in "ABCDE"]
+    kls, seq_diffs = [], []
+    for row, text in enumerate(texts):
+        prompt = prompts[row // 2]
+        cut = text.rfind("Final Answer:")
+        prefix = text[: cut + len("Final Answer:")] if cut >= 0 else text + "\nFinal Answer:"
+        ctx_ids = prompt + Bytes().encode(prefix + " ")
+        p = torch.log_softmax(last_logits(policy, ctx_ids)[letters], 0)
+        q = torch.log_softmax(last_logits(reference, ctx_ids)[letters], 0)
+        kls.append(float((p.exp() * (p - q)).sum()))
+        full = prompt + ids[row]
+        with torch.no_grad():
+            lp = torch.log_softmax(policy(torch.tensor([full]))[0].double(), -1)
+            lq = torch.log_softmax(reference(torch.tensor([full]))[0].double(), -1)
+        for t in range(len(prompt), len(full)):  # token t is predicted at position t - 1
+            seq_diffs.append(float(lp[t - 1, full[t]] - lq[t - 1, full[t]]))
+    assert m["rl/kl_letter_mean"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert m["rl/kl_sequence_mean"] == pytest.approx(sum(seq_diffs) / len(seq_diffs), rel=1e-4, abs=1e-6)
+    assert sum(m[f"rl/letter_pred_counts/{x}"] for x in "ABCDE") == 4
+    # the same model on both sides: no divergence at all
+    same = ModelScorer(Bytes(), policy, lambda: policy, device, torch.float32)
+    batch.scorer = same
+    m = _hook().on_rollouts(batch)
+    assert m["rl/kl_letter_mean"] == pytest.approx(0.0, abs=1e-9)
+    assert m["rl/kl_sequence_mean"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.fixture
+def two_checkpoints(one_thread):
+    """A run with a tokenizer and two untrained checkpoints (base, mid) of a tiny model, evaluating 5 questions."""
+    torch = one_thread
+    from nanorl import checkpoint as ckpt
+    from nanorl.config import resolve, run_dir
+    from nanorl.stages.runner import make_context, run_pipeline
+
+    tiny = ["model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=128", "tokenizer.train_chars=20000"]
+    evals = ["eval.max_new_tokens=8", "eval.max_examples=5", "telemetry.console=false", "name=mc"]
+    cfg = resolve(preset="tiny", overrides=[*tiny, *evals])
+    run_pipeline(cfg, only="tokenizer")
+    ctx = make_context(cfg)
+    for seed, stage in enumerate(("base", "mid")):
+        torch.manual_seed(seed)
+        ctx.save(stage, ctx.new_model(), None, {"step": 0})
+        ckpt.mark_done(ctx.stage_dir(stage))
+    ctx.bus.close()
+    return run_dir("mc")
+
+
+def _nanorl(*args: str) -> int:
+    from nanorl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    return e.value.code
+
+
+@pytest.mark.slow
+def test_eval_compare_and_shuffle_options(two_checkpoints):
+    run = two_checkpoints
+    assert _nanorl("eval", "--checkpoint", str(run / "base"), "--mode", "both", "--max-examples", "5") == 0
+    mid_vs_base = ["--checkpoint", str(run / "mid"), "--compare", str(run / "base"), "--shuffle-options", "2"]
+    assert _nanorl("eval", *mid_vs_base, "--mode", "both", "--max-examples", "5") == 0
+    base = json.loads((run / "eval" / "arith-dev-base.json").read_text())
+    mid = json.loads((run / "eval" / "arith-dev-mid.json").read_text())
+    for m in ("generative", "categorical"):
+        # the comparison is the paired test of the two evaluations' own records
+        expected = compare(mid["modes"][m]["records"], base["modes"][m]["records"])
+        assert mid["compare"][m] == {"a": str(run / "mid"), "b": str(run / "base"), **expected}
+        shuffle = mid["modes"][m]["shuffle"]
+        assert shuffle["shuffle_k"] == 2 and shuffle["shuffled_n"] == 10
+        assert 0.0 <= shuffle["content_consistency"] <= 1.0
+    assert mid["modes"]["categorical"]["shuffle"]["answered_pairs"] == 10  # categorical always answers
+    assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--shuffle-options", "-1") == 2

@@ -1,0 +1,148 @@
+"""The stage runner on a very small model: exact resume, skip-if-done, telemetry, eval files, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanorl.config import resolve, run_dir
+from nanorl.stages.common import Interrupted
+from nanorl.stages.runner import run_pipeline
+from nanorl.telemetry import read_metrics
+
+# a model small enough that a whole pipeline runs in seconds on one core
+SMALL = [
+    "model.depth=1",
+    "model.n_embd=32",
+    "model.n_head=1",
+    "model.seq_len=128",
+    "tokenizer.train_chars=100000",
+    "base.steps=6",
+    "base.device_batch_size=2",
+    "base.checkpoint_every=2",
+    "base.eval_every=3",
+    "mid.steps=2",
+    "mid.device_batch_size=2",
+    "sft.steps=3",
+    "sft.device_batch_size=2",
+    "sft.checkpoint_every=1",
+    "rl.steps=3",
+    "rl.prompts_per_step=2",
+    "rl.group_size=2",
+    "rl.max_new_tokens=8",
+    "rl.checkpoint_every=1",
+    "rl.kl_every=1",
+    "eval.max_examples=4",
+    "eval.max_new_tokens=8",
+    "eval.mode=both",
+    "telemetry.console=false",
+]
+
+
+def _cfg(name: str, *extra: str):
+    return resolve(preset="tiny", overrides=[*SMALL, f"name={name}", *extra])
+
+
+def _losses(name: str, stage: str) -> dict[int, float]:
+    out = {}
+    for rec in read_metrics(run_dir(name)):
+        if rec["stage"] == stage and rec.get("kind") is None:
+            out[rec["step"]] = rec["metrics"]["loss"]  # a step run twice (resume): the later record wins
+    return out
+
+
+def _weights(name: str, stage: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir(name) / stage / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_equals_uninterrupted_then_rerun_skips():
+    full = run_pipeline(_cfg("full"))
+    assert all(full[s] != "skipped" for s in full)
+
+    # crash after base step 3 (checkpoint at 2), sft step 2 and rl step 2: each resume restarts from a checkpoint
+    for stop in ({"base": 3}, {"sft": 2}, {"rl": 2}):
+        with pytest.raises(Interrupted):
+            run_pipeline(_cfg("crashy"), stop_after=stop)
+    resumed = run_pipeline(_cfg("crashy"))
+    assert resumed["tokenizer"] == "skipped" and resumed["base"] == "skipped"
+
+    for stage in ("base", "mid", "sft", "rl"):
+        assert _losses("crashy", stage) == _losses("full", stage), stage
+        a, b = _weights("full", stage), _weights("crashy", stage)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (stage, k)
+
+    # a re-run skips every finished stage (report is rebuilt, it is cheap)
+    again = run_pipeline(_cfg("full"))
+    assert [s for s, r in again.items() if r != "skipped"] == ["report"]
+
+    # eval wrote the final model's file with both modes and the paired comparison with SFT, and the report
+    res = json.loads((run_dir("full") / "eval" / "arith-dev.json").read_text())
+    assert res["stage"] == "rl" and set(res["modes"]) == {"generative", "categorical"}
+    assert res["modes"]["generative"]["n"] == 4 and "compare" in res
+    assert (run_dir("full") / "eval" / "arith-dev-sft.json").is_file()
+    assert "## Evaluation" in (run_dir("full") / "report.md").read_text()
+
+    # RL logged its metrics, and the telemetry records are well-formed
+    rl = [r for r in read_metrics(run_dir("full")) if r["stage"] == "rl" and r.get("kind") is None]
+    for key in ("reward", "acc", "completion_len", "zero_var_frac", "kl", "clip_frac", "grad_norm"):
+        assert key in rl[-1]["metrics"], key
+
+    # --from rl redoes rl and every later stage, and nothing before
+    part = run_pipeline(_cfg("full"), from_stage="rl")
+    assert list(part) == ["rl", "eval", "report"]
+
+
+def test_a_different_model_in_an_existing_run_is_refused():
+    from nanorl.api import NanorlError
+    from nanorl.config import write_run_config
+
+    write_run_config(_cfg("clash"))
+    with pytest.raises(NanorlError, match="another model"):
+        run_pipeline(_cfg("clash", "model.n_embd=64", "model.n_head=1"))
+
+
+def test_bad_stage_names_are_clear_errors():
+    from nanorl.api import NanorlError
+
+    with pytest.raises(NanorlError, match="not a stage"):
+        run_pipeline(_cfg("x"), from_stage="pretrain")
+    with pytest.raises(NanorlError, match="only base, mid, sft and rl"):
+        run_pipeline(_cfg("x"), steps={"eval": 3})
+
+
+def test_a_raising_telemetry_hook_is_reported_once_and_disabled(tmp_path):
+    from rich.console import Console
+
+    from nanorl.api import TelemetryHook
+    from nanorl.telemetry import Telemetry
+
+    class Bad(TelemetryHook):
+        name = "bad"
+        calls = 0
+
+        def on_step(self, stage, step, metrics):
+            Bad.calls += 1
+            raise RuntimeError("boom")
+
+    class Extra(TelemetryHook):
+        name = "extra"
+
+        def on_step(self, stage, step, metrics):
+            return {"extra": 1.0}
+
+    with open(tmp_path / "out.txt", "w") as fh:
+        console = Console(file=fh, width=200)
+        with Telemetry(tmp_path, hooks=[Bad(), Extra()], console=console) as bus:
+            for step in range(3):
+                bus.log("base", step, {"loss": float("nan"), "x": torch.tensor(2.0)})
+    assert Bad.calls == 1
+    assert (tmp_path / "out.txt").read_text().count("boom") == 1
+    recs = read_metrics(tmp_path)
+    assert len(recs) == 3 and recs[0]["metrics"] == {"loss": None, "x": 2.0, "extra": 1.0}
