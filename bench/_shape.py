@@ -43,3 +43,16 @@ def load_note() -> str:
     import os
 
     return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
+def print_table(title: str, columns: tuple[str, str], rows: list[tuple[str, str]]) -> None:
+    """The human half of a bench script's output: a two-column rich table (the JSON line follows it)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(columns[0])
+    table.add_column(columns[1], justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _shape import StubTokenizer, load_note, model_and_cfg  # noqa: E402
+from _shape import StubTokenizer, load_note, model_and_cfg, print_table  # noqa: E402
 
 
 def main() -> None:
@@ -54,19 +54,7 @@ def main() -> None:
         ("speed-up", f"{cached / nocache:.1f}x"),
         ("vs nanochat Engine 670-790 tok/s", f"{cached / 790:.2f}-{cached / 670:.2f}x"),
     ]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title=f"generation, BENCHMARKS shape, {args.threads} threads ({load_note()})")
-        t.add_column("path")
-        t.add_column("tok/s", justify="right")
-        for r in rows:
-            t.add_row(*r)
-        Console().print(t)
-    except ImportError:
-        for r in rows:
-            print(*r)
+    print_table(f"generation, BENCHMARKS shape, {args.threads} threads ({load_note()})", ("path", "tok/s"), rows)
     print(json.dumps({"bench": "generate", "cached_tok_s": round(cached, 1), "nocache_tok_s": round(nocache, 1),
                       "speedup": round(cached / nocache, 1), "vs_nanochat_low": round(cached / 790, 2),
                       "threads": args.threads, "load": load_note()}))  # fmt: skip

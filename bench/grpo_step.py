@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _shape import StubTokenizer, load_note, model_and_cfg  # noqa: E402
+from _shape import StubTokenizer, load_note, model_and_cfg, print_table  # noqa: E402
 
 
 def main() -> None:
@@ -65,19 +65,7 @@ def main() -> None:
     rows = [("rollout (64 x 64 new)", f"{r:.2f} s"), ("train (fwd+bwd+step)", f"{t:.2f} s"),
             ("step", f"{total:.2f} s"), ("completions/s", f"{P * G / total:.1f}"),
             ("vs TRL 12.8 s/step", f"{12.8 / total:.2f}x")]  # fmt: skip
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        tb = Table(title=f"GRPO step, BENCHMARKS shape, {args.threads} threads ({load_note()})")
-        tb.add_column("part")
-        tb.add_column("time", justify="right")
-        for row in rows:
-            tb.add_row(*row)
-        Console().print(tb)
-    except ImportError:
-        for row in rows:
-            print(*row)
+    print_table(f"GRPO step, BENCHMARKS shape, {args.threads} threads ({load_note()})", ("part", "time"), rows)
     print(json.dumps({"bench": "grpo_step", "rollout_s": round(r, 3), "train_s": round(t, 3),
                       "step_s": round(total, 3), "vs_trl": round(12.8 / total, 2), "threads": args.threads,
                       "load": load_note()}))  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _shape import load_note, model_and_cfg  # noqa: E402
+from _shape import load_note, model_and_cfg, print_table  # noqa: E402
 
 
 def main() -> None:
@@ -48,19 +48,7 @@ def main() -> None:
     flops = model.flops_per_token(T) * tok_s / 1e9
     rows = [("tokens/s (fwd+bwd+clip+Muon/AdamW)", f"{tok_s:,.0f}"), ("model GFLOP/s", f"{flops:.1f}"),
             ("vs nanochat with Muon (978-1,020)", f"{tok_s / 1020:.2f}-{tok_s / 978:.2f}x")]  # fmt: skip
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        tb = Table(title=f"training step, BENCHMARKS shape, {args.threads} threads ({load_note()})")
-        tb.add_column("measure")
-        tb.add_column("value", justify="right")
-        for row in rows:
-            tb.add_row(*row)
-        Console().print(tb)
-    except ImportError:
-        for row in rows:
-            print(*row)
+    print_table(f"training step, BENCHMARKS shape, {args.threads} threads ({load_note()})", ("measure", "value"), rows)
     result = {"bench": "train_speed", "tok_s": round(tok_s, 1), "gflops": round(flops, 2)}
     result.update(vs_nanochat_muon=round(tok_s / 1020, 2), threads=args.threads, load=load_note())
     print(json.dumps(result))
