@@ -63,6 +63,9 @@ def register(app: typer.Typer) -> None:
         from_stage: str = typer.Option(None, "--from", help="Re-run this stage and every later one."),
         only: str = typer.Option(None, "--only", help="Run only this stage (afresh)."),
         steps: list[str] = typer.Option(None, "--steps", help="STAGE=N: steps of a stage (repeatable)."),
+        kl_every: int = typer.Option(
+            None, "--kl-every", help="RL: letter/sequence KL telemetry every N steps (rl.kl_every; 0: never)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the stage summaries as JSON at the end."),
     ) -> None:
         """Train a model end to end: tokenizer, base, mid, sft, rl, eval, report (resumable; finished stages are
@@ -70,6 +73,8 @@ def register(app: typer.Typer) -> None:
         from nanorl.config import run_dir
         from nanorl.stages.runner import run_pipeline
 
+        if kl_every is not None:
+            overrides = [*(overrides or []), f"rl.kl_every={kl_every}"]
         cfg = build_config(preset, depth, config, task, name, overrides, data_dir=data_dir)
         results = run_pipeline(cfg, from_stage=from_stage, only=only, steps=parse_steps(steps))
         if as_json:
