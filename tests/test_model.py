@@ -304,3 +304,30 @@ def test_fused_loss_under_bf16_autocast_follows_the_fp32_one():
     assert grads[1].dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_inference_weight_caches_follow_the_weights():
+    # no-gradient CPU passes use cached fused/transposed weights: after an optimizer step, a load_state_dict
+    # or a move to another dtype they must give what the gradient path (which reads the parameters) gives
+    from nanorl.optim import Optimizers
+
+    cfg = small_cfg(n_kv_head=2)
+    model = make_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+
+    def gap() -> float:
+        with torch.no_grad():
+            cached = model(idx)
+        return (cached - model(idx).detach()).abs().max().item()
+
+    assert gap() < 1e-5
+    opt = Optimizers(model, resolve().optim)
+    model(idx, targets=idx).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert gap() < 1e-5
+    model.load_state_dict(make_model(cfg, seed=1).state_dict())
+    assert gap() < 1e-5
+    model.double()
+    assert gap() < 1e-9

@@ -11,8 +11,8 @@ How:
   cache's `key_mask`); rotary embeddings are relative, so the shift changes no attention score.
 - Every step feeds one token per row: the row's sampled token, or the next forced token (a tool's output).
   A row stops at <|assistant_end|> (or <|bos|>); finished rows ride along until every row is done.
-- Sampling: temperature (0: greedy), top-k; `torch.multinomial` with a seeded `torch.Generator`, one draw per
-  row and step, so a seed fixes the samples, cached or not.
+- Sampling: temperature (0: greedy), top-k; inverse-CDF draws from a seeded `torch.Generator`, one uniform
+  per row and step, so a seed fixes the samples, cached or not.
 - Tool calls: when a row writes <|python_end|>, the text since its <|python_start|> goes to `tools["python"]`;
   a returned string is force-fed as <|output_start|> result <|output_end|>, then the row samples again.
   Forced tokens are marked (`Sample.forced`): RL must not train on them.
@@ -39,17 +39,22 @@ class Sample:
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """One token per row of logits (R, V): greedy at temperature 0, else softmax(logits / T) over the top k."""
+    """One token per row of logits (R, V): greedy at temperature 0, else softmax(logits / T) over the top k.
+
+    Sampling is by inverse CDF: one uniform draw per row, located in the running sum of exp(logit - max) with a
+    binary search. `torch.multinomial` draws an exponential per vocabulary entry instead; at 16 rows x 8,192 it
+    cost 5 ms a step, a fifth of a decode step on the CPU, against 0.8 ms here (bench/generate.py)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    # one uniform draw per row against the cumulative distribution (inverse CDF): on CPU ~10x cheaper than an
-    # exponential race over the whole vocabulary, which cost a fifth of a decode step (bench/generate.py)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    # unnormalised weights; the draw is scaled to each row's total instead of dividing every weight
+    cdf = (logits - logits.amax(-1, keepdim=True)).exp_().cumsum_(-1)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device).mul_(cdf[:, -1:])
+    # right=True: the first index whose cumulative weight exceeds u, so a zero-weight entry is never chosen
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(cdf.size(-1) - 1)
 
 
 class Engine:
