@@ -12,12 +12,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from nanorl.multichoice import compare
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _shape import print_table  # noqa: E402
+
+
+def _dev_truth() -> dict[str, tuple[int, str]]:
+    """(true value, operation) of each dev question of the default `arith` task, by eval record id."""
+    from nanorl.plugins import get_plugins
+
+    task = get_plugins().task("arith")
+    return {
+        ex.id: (int(re.search(r"The answer is (\d+)\.", ex.rationale).group(1)), _op(ex.rationale))
+        for ex in task.load("dev")
+    }
+
+
+def _op(rationale: str) -> str:
+    return "add" if re.search(r"^\d+ \+ \d+ = ", rationale, re.M) else "sub"
 
 
 def main() -> None:
@@ -40,11 +61,25 @@ def main() -> None:
     wall = time.time() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
     run = Path(home) / "runs" / "bench-tiny"
-    acc = {}
+    acc, value_right, records, baselines, by_op = {}, {}, {}, {}, {}
+    truth = _dev_truth()
     for stage, name in (("rl", "arith-dev.json"), ("sft", "arith-dev-sft.json")):
         p = run / "eval" / name
         if p.is_file():
-            acc[stage] = json.loads(p.read_text())["modes"]["generative"]["accuracy"]
+            gen = json.loads(p.read_text())["modes"]["generative"]
+            acc[stage], records[stage] = gen["accuracy"], gen["records"]
+            baselines = {"chance": gen["chance_baseline"], "majority": gen["majority_baseline"]}
+            # did the rationale reach the right number? (the letter can be right by luck, or wrong after it)
+            stated = [re.search(r"The answer is (\d+)\.", r.get("completion") or "") for r in gen["records"]]
+            value_right[stage] = sum(
+                m is not None and int(m.group(1)) == truth[r["id"]][0]
+                for m, r in zip(stated, gen["records"], strict=True)
+            ) / max(1, len(gen["records"]))
+            for op in ("add", "sub"):
+                mine = [r for r in gen["records"] if truth[r["id"]][1] == op]
+                by_op[f"{stage}_acc_{op}"] = round(sum(r["pred"] == r["gold"] for r in mine) / max(1, len(mine)), 3)
+                by_op[f"n_{op}"] = len(mine)
+    paired = compare(records["rl"], records["sft"]) if len(records) == 2 else None
     stage_s = {}
     for d in run.iterdir() if run.is_dir() else []:
         done = d / "DONE"
@@ -57,6 +92,13 @@ def main() -> None:
         "peak_rss_mb": round(peak_mb),
         "sft_dev_acc": acc.get("sft"),
         "rl_dev_acc": acc.get("rl"),
+        "sft_value_right": value_right.get("sft"),
+        "rl_value_right": value_right.get("rl"),
+        **by_op,
+        **{f"{k}_baseline": v for k, v in baselines.items()},
+        "rl_minus_sft": paired and round(paired["diff"], 3),
+        "rl_minus_sft_ci95": paired and [round(x, 3) for x in paired["diff_ci95"]],
+        "mcnemar_p": paired and round(paired["p_value"], 4),
         "stage_s": stage_s,
         "goal_time": wall <= 600,
         "goal_memory": peak_mb <= 2048,
@@ -64,8 +106,9 @@ def main() -> None:
         "goal_rl_above_sft": acc.get("rl") is not None and acc.get("sft") is not None and acc["rl"] > acc["sft"],
         "load_avg_end": round(os.getloadavg()[0], 1),
     }
-    for k, v in result.items():
-        print(f"{k:>20}: {v}")
+    print_table(
+        "nanorl pipeline --task arith --preset tiny", ("measure", "value"), [(k, str(v)) for k, v in result.items()]
+    )
     print(json.dumps(result))
 
 

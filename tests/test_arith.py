@@ -30,14 +30,16 @@ def _steps(record):
 def test_schema_sizes_and_disjoint_splits(level):
     splits = arith.generate(level)
     assert len(splits["dev"]) == len(splits["test"]) == 300
-    assert len(splits["train"]) >= (12_000 if level == 1 else 20_000)
+    assert len(splits["train"]) == 20_000
     keys = {}
     for name, records in splits.items():
         for r in records:
             assert set(r) == {"question", "options", "rationale", "correct"}
             assert [o[:2] for o in r["options"]] == ["A)", "B)", "C)", "D)", "E)"]
         keys[name] = [_steps(r) for r in records]
-        assert len(set(keys[name])) == len(keys[name]), f"duplicate problems in {name}"
+        repeats = Counter(keys[name]).most_common(1)[0][1]
+        # dev/test: each problem once; train: at most TRAIN_RENDERINGS renderings of one problem
+        assert repeats <= (arith.TRAIN_RENDERINGS if name == "train" else 1), name
     assert not set(keys["train"]) & set(keys["dev"])
     assert not set(keys["train"]) & set(keys["test"])
     assert not set(keys["dev"]) & set(keys["test"])
@@ -67,8 +69,22 @@ def test_rationale_is_right_and_ends_with_the_answer(level):
         # options: distinct, sorted, non-negative, and close to the answer (at most 4 gaps of 10)
         assert values == sorted(set(values)) and values[0] >= 0
         assert max(abs(v - value) for v in values) <= 40
-        # the walk over the options stops at the right one
-        assert f"{r['correct']}) {value} yes\n" in rat
+        # the walk over the options: each option in order, as the prompt writes it, "no" until the right one
+        walk = re.findall(r"^([A-E])\) (\d+)(?:: (\d) vs (\d))? (yes|no)$", rat, re.M)
+        k = LETTERS.index(r["correct"])
+        assert [(lt, int(v)) for lt, v, *_ in walk] == list(zip(LETTERS, values))[: k + 1]
+        assert [w[-1] for w in walk] == ["no"] * k + ["yes"]
+        if level == 1:
+            # compared by last digit, which no two level-1 options share, so the digit decides exactly
+            assert len({v % 10 for v in values}) == 5
+            assert all(int(d) == int(v) % 10 and int(a) == value % 10 for _, v, d, a, _ in walk)
+
+
+def test_level1_train_is_half_additions_half_subtractions():
+    # the space has ~3x more additions than subtractions; train renders problems again to keep the draw's
+    # half-and-half (dev/test keep the space's share: each problem once)
+    ops = Counter(_steps(r).splitlines()[-1].split()[1] for r in arith.generate(1)["train"])
+    assert set(ops) == {"+", "-"} and 0.4 < ops["-"] / (ops["+"] + ops["-"]) < 0.6, ops
 
 
 def test_option_set_does_not_give_the_answer_away():
@@ -81,7 +97,7 @@ def test_option_set_does_not_give_the_answer_away():
         below += [values[i + 1] - values[i] for i in range(k)]
         above += [values[i + 1] - values[i] for i in range(k, 4)]
     mean_below, mean_above = sum(below) / len(below), sum(above) / len(above)
-    assert abs(mean_below - mean_above) < 0.1  # gaps uniform on 1..5: std ~1.41, n ~ 24k each side
+    assert abs(mean_below - mean_above) < 0.05  # level-1 gaps uniform on {1, 2}: std 0.5, n ~ 24k each side
 
 
 def test_deterministic():

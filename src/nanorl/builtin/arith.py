@@ -10,20 +10,26 @@ Design, and why:
   model on a CPU (docs/data.md has what a probe measured).
 - Splits are disjoint by construction: a problem's split is fixed by a hash of its canonical form (the
   operation and the numbers, not the names or wording), so no dev/test problem appears in train with other
-  names, whatever the seed. Sizes: train up to 20,000 (level 1 has ~12,000 distinct problems: every one not in
-  dev/test), dev 300, test 300.
+  names, whatever the seed. Sizes: train 20,000, dev 300, test 300. Level 1 has only ~12,700 distinct
+  problems, so its train split renders a problem up to TRAIN_RENDERINGS times (other names, wording and
+  options), which keeps additions and subtractions half and half; dev and test hold each problem once.
 - Options are sorted ascending, like most AQuA questions. The correct value's rank among them is drawn
   uniformly (so the letters A-E are uniform), and the gaps between neighbouring options are drawn independently
-  from {1..5} (levels 2-3: {1..5, 10}, a slipped tens digit) on both sides, so the set of options says nothing
-  about which one is right: distractors are close, and only computing the value finds the answer.
+  on both sides, so the set of options says nothing about which one is right: distractors are close (off by
+  one or two, as slips are), and only computing finds the answer. Level 1 draws gaps from {1, 2}: the five
+  options then span at most 8 and never share a last digit. Levels 2-3 draw from {1..5, 10} (10: a slipped
+  tens digit).
 - Level 1 rationales add or subtract in columns (ones, then tens, with the carry or borrow), so every line is a
   one-digit fact and the result is copied from two lines (`_columns`); levels 2-3 write one equation per step.
-- The rationale computes the value step by step, then walks the options in order, writing each one as the
-  prompt shows it followed by "no" or "yes", and stops at the match; the last line is the answer line. Mapping a
-  computed value back to its letter is what a tiny model finds hardest (a probe in the project's brief chose the
-  letter at chance); walking the options turns it into copying plus an equality test, each a step a small
-  transformer learns, and the letter to write sits two lines up. It is a real procedure, not a leak: the
-  comparison needs the computed value.
+- The rationale computes the value step by step, then walks the options in order and stops at the match; the
+  last line is the answer line. Mapping a computed value back to its letter is what a tiny model finds hardest:
+  looking the value up among the options (`154 is option C`) stayed at chance in every budget we could give it
+  on a CPU, with or without lookup drills in the corpus (docs/benchmarks.md). The walk turns the lookup into
+  steps a small transformer learns: copy the next option from the prompt, compare, stop; the letter to write is
+  then on the line above. Level 1 compares last digits (`C) 154: 4 vs 4 yes`), one token against one token,
+  because a multi-digit equality against close distractors was not learned in the budget either; it is exact,
+  since no two level-1 options share a last digit. Levels 2-3 compare whole values (`C) 154 yes`). It is a
+  real procedure, not a leak: the comparison needs the computed answer.
 - The pretraining corpus (`corpus()`) is the train split written as plain text (the prompt, then the rationale),
   so pretraining already sees the format and the copying it needs, and never sees a dev/test problem.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 
@@ -54,6 +61,13 @@ SPLIT_SIZES = {"train": 20_000, "dev": 300, "test": 300}
 # 1 in 40 canonical problems goes to dev, 1 in 40 to test: level 1 has ~12,700 problems, ~318 each, >= 300
 HASH_BUCKETS = 40
 SEED = 1234  # the generator's seed; the split a problem lands in does not depend on it
+# A train problem may appear up to this many times, each with its own names, wording and options; dev and test
+# hold each problem once. Why: problems are drawn half additions, half subtractions, but level 1 has ~3,100
+# subtractions (answer >= 20) against ~9,700 additions, so without repeats train was 24% subtraction, and the
+# tiny model got 99% of additions but 28-32% of subtractions right (docs/benchmarks.md). With repeats train
+# keeps the draw's half-and-half; dev/test keep the space's share (~77% additions), so their accuracy is
+# reported per operation as well.
+TRAIN_RENDERINGS = 6
 
 NAMES = ("Tom", "Ana", "Li", "Sara", "Omar", "Ben", "Mia", "Ravi", "Zoe", "Ivan", "Nina", "Sam")
 THINGS = ("apples", "books", "coins", "stamps", "marbles", "pens", "cards", "shells", "eggs", "stickers")
@@ -189,7 +203,7 @@ def _render_3(key: tuple, rng: random.Random) -> tuple[str, list[str], int]:
 # level -> (draw, render, gap choices between neighbouring options). Answers are kept >= 4 x the largest gap, so
 # the smallest option is never negative (a count of things can't be) without bending the letters' uniformity.
 LEVELS: dict[int, tuple[Callable, Callable, tuple[int, ...]]] = {
-    1: (lambda r: (_draw_add if r.random() < 0.5 else _draw_sub)(r), _render_1, (1, 2, 3, 4, 5)),
+    1: (lambda r: (_draw_add if r.random() < 0.5 else _draw_sub)(r), _render_1, (1, 2)),
     2: (_draw_2, _render_2, (1, 2, 3, 4, 5, 10)),
     3: (_draw_3, _render_3, (1, 2, 3, 4, 5, 10)),
 }
@@ -215,12 +229,21 @@ def _options(rng: random.Random, value: int, gaps: tuple[int, ...]) -> tuple[lis
     return [*reversed(below), value, *above], LETTERS[k]
 
 
+def _walk_line(letter: str, v: int, value: int, by_last_digit: bool) -> str:
+    """One line of the walk over the options: the option as the prompt writes it, then whether it is the answer.
+    By last digit (level 1, whose options all differ there): `C) 154: 4 vs 4 yes`; by value: `C) 154 yes`."""
+    verdict = "yes" if v == value else "no"
+    return f"{letter}) {v}: {v % 10} vs {value % 10} {verdict}" if by_last_digit else f"{letter}) {v} {verdict}"
+
+
 def _record(question: str, steps: list[str], value: int, rng: random.Random, gaps: tuple[int, ...]) -> dict:
     values, letter = _options(rng, value, gaps)
+    # with neighbouring gaps <= 2 the five options span at most 8, so no two share a last digit and the digit
+    # alone tells the answer apart (level 1)
+    by_last_digit = max(gaps) <= 2
     walk = []
     for lt, v in zip(LETTERS, values, strict=False):
-        # written as the prompt writes the option ("C) 19"), so the walk is a copy of the prompt's lines
-        walk.append(f"{lt}) {v} {'yes' if v == value else 'no'}")
+        walk.append(_walk_line(lt, v, value, by_last_digit))
         if v == value:
             break
     rationale = "\n".join([*steps, f"The answer is {value}.", *walk, final_answer_line(letter)])
@@ -240,20 +263,19 @@ def generate(level: int = 1, seed: int = SEED) -> dict[str, tuple[dict, ...]]:
     draw, render, gaps = LEVELS[level]
     rng = random.Random(f"arith-{level}-{seed}")
     out: dict[str, list[dict]] = {s: [] for s in SPLIT_SIZES}
-    seen: set[tuple] = set()
-    # Stop when every split is full, or when 5,000 draws in a row found nothing new: a level whose space is
+    renderings: Counter[tuple] = Counter()
+    # Stop when every split is full, or when 20,000 draws in a row added nothing: a level whose space is
     # nearly exhausted (level 1 has ~12,700 problems) would otherwise spend most of its time on repeats.
     misses = 0
-    while misses < 5_000:
+    while misses < 20_000:
         key = draw(rng)
-        if key in seen:
+        split = _bucket(key)
+        if renderings[key] >= (TRAIN_RENDERINGS if split == "train" else 1) or len(out[split]) >= SPLIT_SIZES[split]:
             misses += 1
             continue
         misses = 0
-        seen.add(key)
-        split = _bucket(key)
-        if len(out[split]) < SPLIT_SIZES[split]:
-            out[split].append(_record(*render(key, rng), rng, gaps))
+        renderings[key] += 1
+        out[split].append(_record(*render(key, rng), rng, gaps))
         if all(len(out[s]) >= n for s, n in SPLIT_SIZES.items()):
             break
     return {s: tuple(recs) for s, recs in out.items()}
