@@ -23,8 +23,8 @@ Design, and why:
   one-digit fact and the result is copied from two lines (`_columns`); levels 2-3 write one equation per step.
 - The rationale computes the value step by step, then walks the options in order and stops at the match; the
   last line is the answer line. Mapping a computed value back to its letter is what a tiny model finds hardest:
-  looking the value up among the options (`154 is option C`) stayed at chance in every budget we could give it
-  on a CPU, with or without lookup drills in the corpus (docs/benchmarks.md). The walk turns the lookup into
+  looking the value up among the options (`154 is option C`) stayed at chance in the tiny pipeline (300-500
+  base steps), with or without lookup drills in the corpus (docs/benchmarks.md). The walk turns the lookup into
   steps a small transformer learns: copy the next option from the prompt, compare, stop; the letter to write is
   then on the line above. Level 1 compares last digits (`C) 154: 4 vs 4 yes`), one token against one token,
   because a multi-digit equality against close distractors was not learned in the budget either; it is exact,
