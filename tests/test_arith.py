@@ -72,7 +72,7 @@ def test_rationale_is_right_and_ends_with_the_answer(level):
         # the walk over the options: each option in order, as the prompt writes it, "no" until the right one
         walk = re.findall(r"^([A-E])\) (\d+)(?:: (\d) vs (\d))? (yes|no)$", rat, re.M)
         k = LETTERS.index(r["correct"])
-        assert [(lt, int(v)) for lt, v, *_ in walk] == list(zip(LETTERS, values))[: k + 1]
+        assert [(lt, int(v)) for lt, v, *_ in walk] == list(zip(LETTERS, values, strict=True))[: k + 1]
         assert [w[-1] for w in walk] == ["no"] * k + ["yes"]
         if level == 1:
             # compared by last digit, which no two level-1 options share, so the digit decides exactly
