@@ -29,8 +29,10 @@ def model_and_cfg(threads: int = 2):
     import torch
 
     from nanorl.config import resolve
+    from nanorl.device import keep_freed_memory
     from nanorl.model import GPT
 
+    keep_freed_memory()  # as a CPU run of the CLI does
     torch.set_num_threads(threads)
     cfg = resolve(overrides=SHAPE)
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 one optimizer step per rollout (the shape of ../shared/anchors/trl_grpo_bench.sh).
 
 rollout: the engine samples 64 completions (each prompt prefilled once, then 8 rows);
-train: the shared-prompt forward (each prompt computed once) + GRPO loss + backward + Muon/AdamW step.
+train: the stage's `policy_gradient` (each prompt computed once, the fused loss) + the Muon/AdamW step.
 Rewards are a fixed function of the sampled tokens (the benchmark measures compute, not learning).
 
     .venv/bin/python bench/grpo_step.py [--steps 3] [--threads 2] [--trl-step-s S]
@@ -38,7 +38,7 @@ def main() -> None:
 
     from nanorl.engine import Engine
     from nanorl.optim import Optimizers
-    from nanorl.stages.rl import completion_logprobs, group_advantages, grpo_loss
+    from nanorl.stages.rl import group_advantages, policy_gradient
 
     model, cfg = model_and_cfg(args.threads)
     opt = Optimizers(model, cfg.optim, lr_mult=0.05)
@@ -56,10 +56,8 @@ def main() -> None:
         rewards = torch.tensor([float(c[0] % 2) for c in comps]).view(P, G)
         adv, _ = group_advantages(rewards, std_normalize=True)
         model.train()
-        logp = completion_logprobs(model, prompts, comps, dev, torch.float32)
-        mask = torch.ones_like(logp)
-        loss, _ = grpo_loss(logp, logp.detach(), adv.view(-1), mask, 0.2)
-        loss.backward()
+        mask = torch.ones(P * G, C)
+        policy_gradient(model, prompts, comps, adv.view(-1), mask, float(mask.sum()), dev, torch.float32, 0.2)
         opt.step()
         t2 = time.perf_counter()
         if step:

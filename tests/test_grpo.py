@@ -103,6 +103,38 @@ def test_shared_prompt_forward_equals_plain_forward_values_and_gradients():
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("softcap", [15.0, 0.0])
+def test_first_pass_fast_path_gives_the_formula_loss_and_gradient(softcap):
+    # policy_gradient's first pass (beta = 0) backpropagates a weighted NLL through the fused loss instead of the
+    # GRPO formula: its loss, statistics, log-probs and gradients must be the formula's
+    from nanorl.stages.rl import policy_gradient
+
+    model = _tiny_model()
+    model.softcap = softcap
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 3)]
+    comps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 2, 6, 3, 1, 4)]
+    A = torch.tensor([1.2, -0.4, -0.8, 0.5, 0.0, -0.5], dtype=torch.float64)
+    mask = torch.zeros(6, 6, dtype=torch.float64)
+    for r, c in enumerate(comps):
+        mask[r, : len(c)] = 1.0
+    mask[1] = 0.0  # a truncated completion: masked whole
+    N = float(mask.sum())
+    cpu = torch.device("cpu")
+    loss, stats, logp = policy_gradient(model, prompts, comps, A, mask, N, cpu, torch.float64, 0.2)
+    fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref_logp = completion_logprobs(model, prompts, comps, cpu, torch.float64)
+    ref_loss, _ = grpo_loss(ref_logp, ref_logp.detach(), A, mask, 0.2, n_tokens=N)
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-9)
+    assert stats["clipped"].item() == 0
+    torch.testing.assert_close(logp, ref_logp.detach(), rtol=1e-5, atol=1e-5)
+    assert sum(p.grad.abs().sum() for p in model.parameters()) > 0
+    for a, p in zip(fast, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_prompts_for_step_is_a_pure_function_and_ranks_are_disjoint():
     ex = list(range(50))
     a = prompts_for_step(ex, 3, 4, seed=1, rank=0, world=2)
@@ -120,7 +152,8 @@ def test_scorer_next_token_logits_ragged_equals_one_by_one():
     contexts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 9, 2)]
     together = scorer.next_token_logits("policy", contexts, [3, 7, 11])
     for c, row in zip(contexts, together, strict=True):
-        alone = model(torch.tensor([c]))[0, -1, [3, 7, 11]].tolist()
+        with torch.no_grad():  # the same (inference) logits path as the scorer's
+            alone = model(torch.tensor([c]))[0, -1, [3, 7, 11]].tolist()
         assert row == pytest.approx(alone, abs=1e-9)
     lp = scorer.token_logprobs("reference", contexts[0], [[1, 2], [3]])
     assert [len(x) for x in lp] == [2, 1]

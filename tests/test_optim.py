@@ -22,6 +22,17 @@ def test_newton_schulz_makes_singular_values_near_one():
         assert s.min() > 0.5 and s.max() < 1.3, shape
 
 
+def test_batched_newton_schulz_equals_one_matrix_at_a_time():
+    # Muon orthogonalises same-shape matrices as one batch; each must come out as it would alone, scaled by
+    # its own norm (a batch-wide norm would shrink the smaller matrix's update)
+    torch.manual_seed(1)
+    for shape in ((48, 48), (96, 32)):
+        g = torch.randn(3, *shape) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]
+        together = orthogonalize(g)
+        for i in range(3):
+            torch.testing.assert_close(together[i], orthogonalize(g[i]), atol=2e-5, rtol=2e-5)
+
+
 def test_muon_rejects_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.nn.Parameter(torch.zeros(3))])

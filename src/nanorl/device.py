@@ -3,6 +3,7 @@
 - `resolve_device("auto")`: cuda when present, else mps, else cpu; `cuda` under torchrun means cuda:LOCAL_RANK.
 - `autocast(device, dtype)`: bf16 autocast on CUDA (weights stay fp32, matmuls run in bf16); a no-op on CPU,
   where bf16 matmuls are slower than fp32, and on MPS.
+- `keep_freed_memory()`: on Linux/glibc CPU runs, freed memory stays in the process for the next tensor.
 - `dist_setup()`: under torchrun (RANK/WORLD_SIZE set) joins the process group (nccl on CUDA, gloo on CPU) and
   returns (rank, local_rank, world_size); otherwise (0, 0, 1) and no process group.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -37,6 +39,37 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise NanorlError("device=mps but MPS is not available", hint="use device=cpu (or auto)", exit_code=2)
     return dev
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_FREED_MEMORY_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel. Returns whether it did.
+
+    Why: PyTorch's CPU allocator is plain malloc, and glibc serves every block over 32 MB (a 4096 x 8192 float32
+    logits tensor is 134 MB) with a fresh mmap that it unmaps on free. Each such tensor is then paid for again in
+    page faults (one per 4 KB page, at first touch), every step. With mmap off and the heap trimmed only above
+    1 GiB, a GRPO step on the benchmark shape took 336k page faults instead of 804k and its training forward
+    0.56 s instead of 0.81 s; peak memory rose 8% (1.38 -> 1.49 GB). Other platforms keep their allocator.
+    Opt out with NANORL_CPU_MALLOC=default.
+    """
+    global _FREED_MEMORY_KEPT
+    if _FREED_MEMORY_KEPT:
+        return True
+    if os.environ.get("NANORL_CPU_MALLOC", "") == "default" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    _FREED_MEMORY_KEPT = ok
+    return ok
 
 
 def compute_dtype(device: torch.device, name: str = "auto") -> torch.dtype:

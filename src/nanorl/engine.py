@@ -5,10 +5,11 @@
     groups[i][j]   # the j-th Sample of prompts[i]: .tokens, .finished, .forced, .text
 
 How:
-- The prompts of a batch are prefilled together, each ONCE; the cache rows are then repeated G times
-  (`KVCache.expand`), so a group's completions share their prompt's keys and values (never recomputed per
-  sample). Prompts of different lengths are left-padded and the padding is masked out of attention (the
-  cache's `key_mask`); rotary embeddings are relative, so the shift changes no attention score.
+- The prompts of a batch are prefilled together, each ONCE; each cache row then serves G sample rows
+  (`KVCache.share`): a group's completions share their prompt's keys and values, which are neither recomputed
+  nor copied per sample, and a decode step reads them once per group. Prompts of different lengths are
+  left-padded and the padding is masked out of attention (the cache's `key_mask`); rotary embeddings are
+  relative, so the shift changes no attention score.
 - Every step feeds one token per row: the row's sampled token, or the next forced token (a tool's output).
   A row stops at <|assistant_end|> (or <|bos|>); finished rows ride along until every row is done.
 - Sampling: temperature (0: greedy), top-k; inverse-CDF draws from a seeded `torch.Generator`, one uniform
@@ -118,10 +119,10 @@ class Engine:
         from nanorl.model import KVCache
 
         if key_mask is None:
-            return self.model(seq)[:, -1, : self.n_vocab]
+            return self.model(seq, logits="last")[:, -1, : self.n_vocab]
         cache = KVCache(seq.size(0), self.model.config, seq.size(1), device=self.device, dtype=self.dtype)
         cache.key_mask = key_mask
-        return self.model(seq, kv_cache=cache)[:, -1, : self.n_vocab]
+        return self.model(seq, kv_cache=cache, logits="last")[:, -1, : self.n_vocab]
 
     def _generate(self, prompts, G, max_new, temperature, top_k, gen, use_cache) -> list[Sample]:
         from nanorl.model import KVCache
@@ -141,10 +142,9 @@ class Engine:
             if use_cache:
                 cache = KVCache(P, model.config, L + max_new, device=dev, dtype=self.dtype)
                 cache.key_mask = key_mask
-                logits = model(ids, kv_cache=cache)[:, -1, : self.n_vocab]
+                logits = model(ids, kv_cache=cache, logits="last")[:, -1, : self.n_vocab]
                 if G > 1:
-                    cache.expand(G)
-                    cache.key_mask = key_mask.repeat_interleave(G, dim=0) if key_mask is not None else None
+                    cache.share(G)
             else:
                 logits = self._forward_full(ids, key_mask)
                 seq = ids.repeat_interleave(G, dim=0)

@@ -145,3 +145,67 @@ def attention(q, k, v, causal: bool = True, backend: str = "sdpa", return_entrop
     if return_entropy:
         return out, chunked_entropy(q, k, causal=causal)
     return out
+
+
+def shared_prefix_attention(q, pk, pv, k, v, prefix_mask=None, return_entropy: bool = False):
+    """Attention of rows that share a prompt: each of P prompts' keys/values are stored once and serve its
+    G = B / P rows (rows p·G .. p·G + G - 1), followed by each row's own keys/values.
+
+    q (B, H, T, D): the rows' T newest positions; pk, pv (P, H_kv, Lp, D): the prompts; prefix_mask (P, Lp) bool,
+    True for real keys (left padding), or None; k, v (B, H_kv, S, D): the rows' own positions so far, the
+    queries' among them (the last T). Every query sees its whole prompt and, causally, its own row.
+    Returns out (B, H, T, D), or (out, entropy (B, H, T)) with return_entropy.
+
+    The prompt part is one matmul per prompt and kv head over all its rows' queries, so its keys/values are read
+    once per group instead of once per row. Both parts' scores are laid out (prompt, kv head, row, query, key),
+    where the prompt's scores are already contiguous and one `cat` places the rows' own, so that one softmax
+    covers both and each half of the probabilities feeds its matmul without a copy. Eager (scores
+    materialised): meant for decoding, where T is small.
+    """
+    B, H, T, D = q.shape
+    P, Hkv, Lp, _ = pk.shape
+    if _CPU_FLASH is not None and q.device.type == "cpu" and T == 1 and Hkv == H and not return_entropy:
+        return _cpu_decode_shared(q, pk, pv, k, v, prefix_mask)
+    G, M, S = B // P, (H // Hkv) * T, k.size(2)  # M: the query rows per (row, kv head): rep heads x T
+    q = (q * (1.0 / math.sqrt(D))).reshape(B, Hkv, M, D)
+    s_pre = (q.view(P, G, Hkv, M, D).transpose(1, 2).reshape(P, Hkv, G * M, D) @ pk.transpose(-2, -1)).view(
+        P, Hkv, G, M, Lp
+    )
+    if prefix_mask is not None:
+        s_pre = s_pre.masked_fill(~prefix_mask[:, None, None, None, :], float("-inf"))
+    s_own = q @ k.transpose(-2, -1)  # (B, H_kv, M, S)
+    if T > 1:
+        s_own = s_own.masked_fill(~_causal_mask(T, S, q.device).repeat(M // T, 1), float("-inf"))
+    scores = torch.cat([s_pre, s_own.view(P, G, Hkv, M, S).transpose(1, 2)], dim=-1)  # (P, H_kv, G, M, Lp + S)
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()  # the softmax in float32
+    probs = scores.softmax(dim=-1)
+    p = probs.to(v.dtype)
+    out_pre = p[..., :Lp].reshape(P, Hkv, G * M, Lp) @ pv  # a view: no copy
+    out_own = p[..., Lp:].transpose(1, 2).reshape(B, Hkv, M, S) @ v
+    out = out_own.view(P, G, Hkv, M, D) + out_pre.view(P, Hkv, G, M, D).transpose(1, 2)
+    out = out.view(B, H, T, D).to(q.dtype)
+    if return_entropy:
+        ent = entropy_from_probs(probs).transpose(1, 2).reshape(B, H, T)
+        return out, ent.float().detach()
+    return out
+
+
+# PyTorch's fused CPU attention that also returns the log-sum-exp (an aten op since torch 2.2; None if absent)
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _cpu_decode_shared(q, pk, pv, k, v, prefix_mask):
+    """shared_prefix_attention for a CPU decode step (T = 1, as many kv heads as heads): each part through
+    PyTorch's fused CPU attention, which also returns each query's log-sum-exp, and the two parts merged by
+    their softmax masses: out = w·out_prompt + (1 - w)·out_own, w = sigmoid(lse_prompt - lse_own)."""
+    B, H, _, D = q.shape
+    P = pk.size(0)
+    G = B // P
+    mask = None
+    if prefix_mask is not None:  # the op takes an additive mask of q's dtype
+        mask = torch.zeros(prefix_mask.shape, dtype=q.dtype).masked_fill_(~prefix_mask, float("-inf"))[:, None, None]
+    out_pre, lse_pre = _CPU_FLASH(q.view(P, G, H, D).transpose(1, 2), pk, pv, attn_mask=mask)  # (P, H, G, ·)
+    out_own, lse_own = _CPU_FLASH(q, k, v)  # (B, H, 1, ·)
+    w = torch.sigmoid(lse_pre.transpose(1, 2).reshape(B, H, 1) - lse_own)[..., None]
+    return torch.lerp(out_own, out_pre.transpose(1, 2).reshape(B, H, 1, D), w)

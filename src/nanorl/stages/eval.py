@@ -95,7 +95,7 @@ def categorical_records(ctx: Context, model, examples: list[Example]) -> list[di
             chunk = idx[s : s + bs]
             x = torch.tensor([rows[i][2] for i in chunk], device=ctx.device)
             with autocast(ctx.device, ctx.dtype):
-                logits = model(x)[:, -1].float()
+                logits = model(x, logits="last")[:, -1].float()
             for k, i in enumerate(chunk):
                 cand = torch.tensor(rows[i][3], device=ctx.device)
                 preds[i] = rows[i][1][int(logits[k, cand].argmax())]

@@ -121,12 +121,17 @@ class PrefixCache:
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
 
 
-def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], device, dtype) -> torch.Tensor:
+def completion_logprobs(
+    model, prompts: list[list[int]], completions: list[list[int]], device, dtype, nll_weights=None
+):  # fmt: skip
     """log p(completion token) under `model`, (P*G, C) padded with 0 past each completion's end.
 
     `prompts`: P prompts; `completions`: their P*G completions, grouped (rows i*G .. i*G+G-1 belong to prompt
     i). Each prompt is run once (prompts of different lengths left-padded, the padding masked out of attention);
     its last token starts each completion row's input.
+
+    With `nll_weights` (P*G, C): returns (sum of nll_weights·(-log p), log p detached), the weighted sum through
+    the model's fused loss, which never keeps the (tokens x vocab) logits for backward.
     """
     P = len(prompts)
     G = len(completions) // P
@@ -147,12 +152,44 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
         inp[r, : len(row)] = torch.tensor(row, dtype=torch.long)
         tgt[r, : len(comp)] = torch.tensor(comp, dtype=torch.long)
     with autocast(device, dtype):
-        model(prefix, kv_cache=cache)  # fills the cache; its logits are not needed
+        model(prefix, kv_cache=cache, logits="none")  # fills the cache
         if cache.key_mask is not None:
             ones = torch.ones(P, C, dtype=torch.bool, device=device)
             cache.key_mask = torch.cat([cache.key_mask, ones], dim=1).repeat_interleave(G, dim=0)
+        if nll_weights is not None:
+            weighted, nll = model(inp, tgt, kv_cache=cache, loss_weights=nll_weights[:, :C])
+            return weighted, -nll.float()
         nll = model(inp, tgt, kv_cache=cache, loss_reduction="none")
     return -nll.to(torch.promote_types(nll.dtype, torch.float32))
+
+
+def policy_gradient(
+    model, prompts, completions, advantages, mask, n_tokens, device, dtype, epsilon, beta=0.0, old_logp=None,
+    reference=None,
+):  # fmt: skip
+    """One chunk of the GRPO update: the loss of the module docstring over these rows, and its backward
+    (gradients accumulate in `model`). `old_logp` None means the first pass, whose policy is the one that sampled.
+    `reference` (a function returning the frozen model) is needed when beta > 0 and gives the KL statistic.
+    Returns (loss, stats, log p detached).
+    """
+    if old_logp is None and beta == 0:
+        # The first pass starts at the sampling policy: rho = 1, inside the clip, so the loss's gradient is known
+        # before the forward, dL/dlogp_it = -A_i·m_it / N: a weighted NLL through the fused loss (no tokens x vocab
+        # tensors kept for backward). The loss and its statistics are the formula's, from the detached log-probs.
+        weights = advantages[:, None] * mask / n_tokens
+        surrogate, logp = completion_logprobs(model, prompts, completions, device, dtype, nll_weights=weights)
+        surrogate.backward()
+    else:
+        logp = completion_logprobs(model, prompts, completions, device, dtype)
+    ref_lp = None
+    if reference is not None:
+        with torch.no_grad():
+            ref_lp = completion_logprobs(reference(), prompts, completions, device, dtype)
+    old = logp.detach() if old_logp is None else old_logp
+    loss, stats = grpo_loss(logp, old, advantages, mask, epsilon, beta, ref_lp, n_tokens=n_tokens)
+    if logp.requires_grad:
+        loss.backward()
+    return loss.detach(), stats, logp.detach()
 
 
 def _chunks(n_prompts: int, G: int, max_rows: int) -> list[list[int]]:
@@ -197,7 +234,7 @@ class ModelScorer:
                 torch.arange(L, device=self.device)[None, :] >= torch.tensor(pads, device=self.device)[:, None]
             )
             with autocast(self.device, self.dtype):
-                logits = model(x, kv_cache=cache)[:, -1].float()
+                logits = model(x, kv_cache=cache, logits="last")[:, -1].float()
             out += logits[:, cand].tolist()
         return out
 
@@ -306,25 +343,17 @@ def run(ctx: Context) -> dict[str, Any]:
             for ci, chunk in enumerate(chunks):
                 rows = [i * G + j for i in chunk for j in range(G)]
                 comps = [completions[k] for k in rows]
-                logp = completion_logprobs(model, [prompt_ids[i] for i in chunk], comps, ctx.device, ctx.dtype)
-                C = logp.size(1)
+                C = max(1, max(len(c) for c in comps))
                 mask = torch.zeros(len(rows), C, device=ctx.device)
                 for k, row in enumerate(rows):
                     mask[k, : len(masks[row])] = torch.tensor(masks[row])
-                if epoch == 0:
-                    old[ci] = logp.detach()
-                ref_lp = None
-                if need_ref and epoch == 0 or rcfg.beta > 0:
-                    with torch.no_grad():
-                        ref_lp = completion_logprobs(
-                            reference(), [prompt_ids[i] for i in chunk], comps, ctx.device, ctx.dtype
-                        )
-                A = adv.view(-1)[rows].to(ctx.device)
-                loss, st = grpo_loss(
-                    logp, old[ci], A, mask, rcfg.epsilon, rcfg.beta, ref_lp, n_tokens=max(n_tokens, 1.0)
-                )
-                loss.backward()
-                sums["loss"] += float(loss.detach())
+                loss, st, logp = policy_gradient(
+                    model, [prompt_ids[i] for i in chunk], comps, adv.view(-1)[rows].to(ctx.device), mask,
+                    max(n_tokens, 1.0), ctx.device, ctx.dtype, rcfg.epsilon, rcfg.beta, old.get(ci),
+                    reference if (need_ref and epoch == 0) or rcfg.beta > 0 else None,
+                )  # fmt: skip
+                old.setdefault(ci, logp)
+                sums["loss"] += float(loss)
                 sums["clipped"] += float(st["clipped"])
                 sums["kl"] += float(st.get("kl", 0.0))
             sync_grads(opt.params)

@@ -72,12 +72,14 @@ def _stage_fn(stage: str):
 def make_context(cfg: RunConfig, stop_after=None, init_from=None, console=None) -> Context:
     import torch
 
-    from nanorl.device import compute_dtype, dist_setup, resolve_device
+    from nanorl.device import compute_dtype, dist_setup, keep_freed_memory, resolve_device
     from nanorl.plugins import get_plugins
     from nanorl.telemetry import Telemetry
 
     rank, local_rank, world = dist_setup()
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same on every rank: the model's init must agree across ranks
     d = run_dir(cfg.name)
     bus = Telemetry(d, cfg, rank=rank, console=console)
