@@ -257,8 +257,10 @@ def test_model_info_cli_prints_the_truth(capsys):
     assert out["shape"]["n_embd"] == 512 and out["shape"]["n_head"] == 4
 
 
-@pytest.mark.parametrize("heads", [(4, 2), (2, 2)])  # grouped-query; and as many kv heads (CPU decode: fused)
-def test_kv_cache_share_of_ragged_prompts_matches_each_row_alone(heads):
+@pytest.mark.parametrize(
+    "heads, copy", [((4, 2), False), ((2, 2), False), ((4, 2), True)]
+)  # grouped-query; as many kv heads (the CPU decode's fused path); rows with copies (the GPU's way)
+def test_kv_cache_share_of_ragged_prompts_matches_each_row_alone(heads, copy):
     # two prompts of different lengths (left-padded, masked), three rows each; the rows then take steps of 1
     # and of 2 tokens: every row's logits must be those of its own sequence run alone
     cfg = small_cfg(n_head=heads[0], n_kv_head=heads[1])
@@ -270,7 +272,7 @@ def test_kv_cache_share_of_ragged_prompts_matches_each_row_alone(heads):
         cache = KVCache(2, cfg, max_len=12)
         cache.key_mask = torch.tensor([[True] * 9, [False] * 3 + [True] * 6])
         model(torch.stack([prompts[0], torch.cat([prompts[1][:1].repeat(3), prompts[1]])]), kv_cache=cache)
-        cache.share(3)  # rows: prompt 0 three times, then prompt 1 three times
+        cache.share(3, copy=copy)  # rows: prompt 0 three times, then prompt 1 three times
         steps = [model(conts[:, :1], kv_cache=cache), model(conts[:, 1:], kv_cache=cache)]
         assert cache.pos == 9
         for r in range(6):
