@@ -157,3 +157,17 @@ def test_scorer_next_token_logits_ragged_equals_one_by_one():
         assert row == pytest.approx(alone, abs=1e-9)
     lp = scorer.token_logprobs("reference", contexts[0], [[1, 2], [3]])
     assert [len(x) for x in lp] == [2, 1]
+
+
+def test_token_masks_forced_dropped_and_truncated():
+    from nanorl.engine import Sample
+    from nanorl.stages.rl import token_masks
+
+    samples = [
+        Sample([5, 6, 7], True, [False, True, False]),  # finished; its middle token came from a tool
+        Sample([5, 6], False, [False, False]),  # cut at max_new_tokens
+        Sample([8], True, [False]),  # finished, but its group was dropped
+    ]
+    keep = [True, True, False]
+    assert token_masks(samples, keep, mask_truncated=True) == [[1.0, 0.0, 1.0], [0.0, 0.0], [0.0]]
+    assert token_masks(samples, keep, mask_truncated=False) == [[1.0, 0.0, 1.0], [1.0, 1.0], [0.0]]

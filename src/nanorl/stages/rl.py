@@ -13,9 +13,10 @@ One step:
        L = (1 / N) * sum_{i,t} m_it * [ -min(rho_it * A_i, clip(rho_it, 1 - eps, 1 + eps) * A_i) + beta * KL_it ]
        KL_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1        (the k3 estimator, Schulman 2020)
 
-   m_it = 1 for sampled tokens of completions that finished (a truncated completion is masked whole, a tool's
-   output tokens are masked), N = sum m_it. logp_old is the policy that sampled (detached); with
-   `rl.ppo_epochs` = 1 the ratio is 1 and the clip is inactive, with more epochs it bounds each pass's change.
+   m_it = 1 for sampled tokens of completions that finished (a truncated completion is masked whole unless
+   `rl.mask_truncated` is off, a tool's output tokens are masked), N = sum m_it. logp_old is the policy that
+   sampled (detached); with `rl.ppo_epochs` = 1 the ratio is 1 and the clip is inactive, with more epochs it
+   bounds each pass's change.
 6. one optimizer step per epoch (Muon + AdamW, at `rl.lr` times the optim rates, constant).
 
 The training forward computes each prompt once, too: the prompt's keys and values (with gradient) go into a
@@ -161,6 +162,16 @@ def completion_logprobs(
             return weighted, -nll.float()
         nll = model(inp, tgt, kv_cache=cache, loss_reduction="none")
     return -nll.to(torch.promote_types(nll.dtype, torch.float32))
+
+
+def token_masks(samples, keep_rows: list[bool], mask_truncated: bool) -> list[list[float]]:
+    """m_it of the loss, per completion token: 0 for a tool's (forced) tokens, for rows of dropped groups, and,
+    with `mask_truncated`, for every token of a completion cut at max_new_tokens."""
+    out = []
+    for s, keep in zip(samples, keep_rows, strict=True):
+        use = keep and (s.finished or not mask_truncated)
+        out.append([0.0 if (forced or not use) else 1.0 for forced in s.forced])
+    return out
 
 
 def policy_gradient(
@@ -325,10 +336,7 @@ def run(ctx: Context) -> dict[str, Any]:
             keep_row = ~zero_var.repeat_interleave(G)
         finished = torch.tensor([s.finished for s in samples])
         completions = [s.tokens for s in samples]
-        masks = []
-        for i, s in enumerate(samples):
-            use = bool(keep_row[i]) and s.finished
-            masks.append([0.0 if (f or not use) else 1.0 for f in s.forced])
+        masks = token_masks(samples, keep_row.tolist(), rcfg.mask_truncated)
         n_tokens = float(all_reduce_mean(torch.tensor(sum(sum(m) for m in masks), device=ctx.device)))
 
         # ---- the policy update ----
