@@ -126,6 +126,13 @@ def test_registered_task_and_rewards():
     bad = f"12 + 3 = 15.\nFinal Answer: {wrong}"
     assert correct(ex, bad, task.extract(bad)) == 0.0 and fmt(ex, bad, task.extract(bad)) == pytest.approx(0.1)
     assert fmt(ex, "I think it is B", task.extract("I think it is B")) == 0.0
+    # the value reward reads the rationale's stated value, not the letter
+    value = plugins.reward("arith.value")
+    true_value = int(re.search(r"The answer is (\d+)\.", target).group(1))
+    assert value(ex, target, answer) == 1.0
+    off_by_ten = target.replace(f"The answer is {true_value}.", f"The answer is {true_value + 10}.")
+    assert value(ex, off_by_ten, task.extract(off_by_ten)) == 0.0  # same last digit, same letter: still wrong
+    assert value(ex, f"Final Answer: {ex.answer}", ex.answer) == 0.0
     with pytest.raises(NanorlError, match="split"):
         task.load("nope")
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import lru_cache
@@ -333,7 +334,19 @@ def register_tasks(register):
         register(ArithTask(level))
 
 
+_STATED = re.compile(r"^The answer is (-?\d+)\.$", re.M)
+
+
+def value_reward(example: Example, completion: str, answer: str | None) -> float:
+    """1.0 when the completion's `The answer is V.` line states the true value (the gold rationale's), else 0.0:
+    a reward for the arithmetic itself, where the letter can also be right by a matching last digit."""
+    gold = _STATED.search(example.rationale or "")
+    got = _STATED.search(completion)
+    return 1.0 if gold is not None and got is not None and got.group(1) == gold.group(1) else 0.0
+
+
 @hookimpl
 def register_rewards(register):
     register(Reward("arith.correct", correct_reward, "1.0 when the answer letter is the correct one"))
+    register(Reward("arith.value", value_reward, "1.0 when the rationale states the true value ('The answer is V.')"))
     register(Reward("arith.format", format_reward, "0.1 when the completion ends with 'Final Answer: <letter>'"))
