@@ -213,18 +213,9 @@ class StubTokenizer:
     """
 
     def __init__(self, vocab_size):
-        names = [
-            "<|bos|>",
-            "<|user_start|>",
-            "<|user_end|>",
-            "<|assistant_start|>",
-            "<|assistant_end|>",
-            "<|python_start|>",
-            "<|python_end|>",
-            "<|output_start|>",
-            "<|output_end|>",
-        ]
-        self.special = {s: vocab_size + i for i, s in enumerate(names)}
+        from nanorl.tokenizer import SPECIAL_TOKENS  # nanochat's nine special tokens: ours use the same names
+
+        self.special = {s: vocab_size + i for i, s in enumerate(SPECIAL_TOKENS)}
 
     def encode_special(self, s):
         return self.special[s]
