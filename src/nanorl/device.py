@@ -49,11 +49,12 @@ _FREED_MEMORY_KEPT = False
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the kernel. Returns whether it did.
 
-    Why: PyTorch's CPU allocator is plain malloc, and glibc serves every block over 32 MB (a 4096 x 8192 float32
-    logits tensor is 134 MB) with a fresh mmap that it unmaps on free. Each such tensor is then paid for again in
-    page faults (one per 4 KB page, at first touch), every step. With mmap off and the heap trimmed only above
-    1 GiB, a GRPO step on the benchmark shape took 336k page faults instead of 804k and its training forward
-    0.56 s instead of 0.81 s; peak memory rose 8% (1.38 -> 1.49 GB). Other platforms keep their allocator.
+    Why: PyTorch's CPU allocator is plain malloc, and glibc serves every block above its mmap threshold (which
+    grows to at most 32 MB; a 4096 x 8192 float32 logits tensor is 134 MB) with a fresh mmap, unmapped on free.
+    Each such tensor is then paid for again in page faults (one per 4 KB page, at first touch), every step.
+    With mmap off and the heap trimmed only above 1 GiB, a GRPO step on the benchmark shape took 336k page
+    faults instead of 804k and its training forward 0.56 s instead of 0.81 s; peak memory rose 8% (1.38 ->
+    1.49 GB). Other platforms keep their allocator.
     Opt out with NANORL_CPU_MALLOC=default.
     """
     global _FREED_MEMORY_KEPT

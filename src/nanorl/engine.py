@@ -6,8 +6,9 @@
 
 How:
 - The prompts of a batch are prefilled together, each ONCE; each cache row then serves G sample rows
-  (`KVCache.share`): a group's completions share their prompt's keys and values, which are neither recomputed
-  nor copied per sample, and a decode step reads them once per group. Prompts of different lengths are
+  (`KVCache.share`): a group's completions share their prompt's keys and values, never recomputed per sample;
+  on the CPU not copied either, a decode step reads them once per group (on a GPU each row gets a copy and
+  decodes through the fused sdpa kernels). Prompts of different lengths are
   left-padded and the padding is masked out of attention (the cache's `key_mask`); rotary embeddings are
   relative, so the shift changes no attention score.
 - Every step feeds one token per row: the row's sampled token, or the next forced token (a tool's output).
