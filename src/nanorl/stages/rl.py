@@ -17,7 +17,8 @@ One step:
    `rl.mask_truncated` is off, a tool's output tokens are masked), N = sum m_it. logp_old is the policy that
    sampled (detached); with `rl.ppo_epochs` = 1 the ratio is 1 and the clip is inactive, with more epochs it
    bounds each pass's change.
-6. one optimizer step per epoch (Muon + AdamW, at `rl.lr` times the optim rates, constant).
+6. one optimizer step per epoch (Muon + AdamW, at `rl.lr` times the optim rates, constant; Muon's also times
+   `rl.matrix_lr_scale`).
 
 The training forward computes each prompt once, too: the prompt's keys and values (with gradient) go into a
 small autograd-friendly cache (`PrefixCache`) whose rows are repeated for the G completions, so the backward
@@ -26,6 +27,7 @@ pass sums the G completions' gradients through the shared prompt instead of reco
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Literal
@@ -290,7 +292,8 @@ def run(ctx: Context) -> dict[str, Any]:
     sdir = ctx.stage_dir("rl")
 
     model = ctx.previous_model("rl")
-    opt = Optimizers(model, cfg.optim, lr_mult=rcfg.lr)
+    optim_cfg = dataclasses.replace(cfg.optim, matrix_lr=cfg.optim.matrix_lr * rcfg.matrix_lr_scale)
+    opt = Optimizers(model, optim_cfg, lr_mult=rcfg.lr)
     start = 0
     if ckpt.has_checkpoint(sdir):
         state = ckpt.load(sdir, model, opt, config_hash=ctx.model_hash, restore_rng=True)
