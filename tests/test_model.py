@@ -336,14 +336,16 @@ def test_fused_loss_under_bf16_autocast_follows_the_fp32_one():
     assert cos > 0.99
 
 
-def test_inference_weight_caches_follow_the_weights():
-    # no-gradient CPU passes use cached fused/transposed weights: after an optimizer step, a load_state_dict
-    # or a move to another dtype they must give what the gradient path (which reads the parameters) gives
+@pytest.mark.parametrize("shape", [(1, 1), (2, 12), (3, 100)])
+def test_inference_weight_caches_follow_the_weights(shape):
+    # no-gradient CPU passes use cached fused/transposed weights, in a layout that depends on the row count
+    # (InferenceLinear: one row, a few, a few hundred): after an optimizer step, a load_state_dict or a move to
+    # another dtype they must give what the gradient path (which reads the parameters) gives
     from nanorl.optim import Optimizers
 
     cfg = small_cfg(n_kv_head=2)
     model = make_model(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    idx = torch.randint(0, cfg.vocab_size, shape)
 
     def gap() -> float:
         with torch.no_grad():

@@ -539,7 +539,12 @@ def _nanorl(*args: str) -> int:
 
 
 @pytest.mark.slow
-def test_eval_compare_and_shuffle_options(two_checkpoints):
+def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where a stray temporary folder would land
     run = two_checkpoints
     assert _nanorl("eval", "--checkpoint", str(run / "base"), "--mode", "both", "--max-examples", "5") == 0
     mid_vs_base = ["--checkpoint", str(run / "mid"), "--compare", str(run / "base"), "--shuffle-options", "2"]
@@ -555,3 +560,4 @@ def test_eval_compare_and_shuffle_options(two_checkpoints):
         assert 0.0 <= shuffle["content_consistency"] <= 1.0
     assert mid["modes"]["categorical"]["shuffle"]["answered_pairs"] == 10  # categorical always answers
     assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--shuffle-options", "-1") == 2
+    assert list(scratch.iterdir()) == []  # local checkpoints need no download folder (one leaked per eval once)

@@ -15,15 +15,22 @@ ModeOpt = typer.Option("generative", "--mode", help="generative, categorical or 
 
 
 def load_for_eval(checkpoint: str, task: str | None, data_dir: str | None = None):
-    """(context, model, stage folder) for a checkpoint: a run name, a stage folder, or an s3:// URL."""
-    import tempfile
-
+    """(context, model, stage folder) for a checkpoint: a run name, a stage folder, or an s3:// URL (downloaded
+    into a temporary folder that lives until the process exits: the run's tokenizer is read from it later)."""
     from nanorl.api import NanorlError
     from nanorl.cli.train_cmd import resolve_checkpoint
     from nanorl.config import from_toml_file
     from nanorl.stages.runner import make_context
 
-    stage_dir = resolve_checkpoint(checkpoint, Path(tempfile.mkdtemp(prefix="nanorl-eval-")))
+    workdir = None
+    if checkpoint.startswith("s3://"):
+        import atexit
+        import shutil
+        import tempfile
+
+        workdir = Path(tempfile.mkdtemp(prefix="nanorl-eval-"))
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    stage_dir = resolve_checkpoint(checkpoint, workdir)
     run = stage_dir.parent
     toml = run / "run.toml"
     if not toml.is_file():

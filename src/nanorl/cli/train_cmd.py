@@ -10,8 +10,9 @@ from nanorl.cli.config_cmd import OverridesArg
 from nanorl.cli.ui import print_json
 
 
-def resolve_checkpoint(spec: str, workdir: Path) -> Path:
-    """A checkpoint folder, a run name's final model, or an s3:// URL (downloaded into `workdir`)."""
+def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
+    """A checkpoint folder, a run name's final model, or an s3:// URL (downloaded into `workdir`, which an
+    s3:// spec needs)."""
     from nanorl import checkpoint as ckpt
     from nanorl.api import NanorlError
     from nanorl.config import run_dir

@@ -207,5 +207,6 @@ def _cpu_decode_shared(q, pk, pv, k, v, prefix_mask):
         mask = torch.zeros(prefix_mask.shape, dtype=q.dtype).masked_fill_(~prefix_mask, float("-inf"))[:, None, None]
     out_pre, lse_pre = _CPU_FLASH(q.view(P, G, H, D).transpose(1, 2), pk, pv, attn_mask=mask)  # (P, H, G, ·)
     out_own, lse_own = _CPU_FLASH(q, k, v)  # (B, H, 1, ·)
-    w = torch.sigmoid(lse_pre.transpose(1, 2).reshape(B, H, 1) - lse_own)[..., None]
-    return torch.lerp(out_own, out_pre.transpose(1, 2).reshape(B, H, 1, D), w)
+    # merged in the prompt-major layout (P, G, H, ·), where the prompt part's outputs are transposed views
+    w = torch.sigmoid(lse_pre.transpose(1, 2) - lse_own.view(P, G, H))[..., None]
+    return torch.lerp(out_own.view(P, G, H, D), out_pre.transpose(1, 2), w).view(B, H, 1, D)

@@ -63,11 +63,7 @@ def _cpu_inference(x: torch.Tensor) -> bool:
 class _DerivedWeight:
     """A tensor made from parameters (a concatenation, a transpose), cached for no-gradient CPU passes and made
     again whenever a source changed: an optimizer step or load_state_dict bumps its in-place version counter,
-    .to() gives it new storage.
-
-    Why: a decode step multiplies 16-64 rows by every weight, where the layout decides the speed. x @ Wᵀ with
-    Wᵀ stored contiguous beat F.linear(x, W) by 23-28% on the 8192 x 256 lm_head and 30% on the MLP's
-    1024 -> 256 projection (2 threads, bench/generate.py shape); q, k, v in one matmul beat three."""
+    .to() gives it new storage."""
 
     def __init__(self, make):
         self.make = make
@@ -81,8 +77,32 @@ class _DerivedWeight:
         return self.value
 
 
-def _transposed(w: torch.Tensor) -> torch.Tensor:
-    return w.t().contiguous()
+# Row counts for which a no-gradient CPU matmul runs as (W·xᵀ)ᵀ (see InferenceLinear)
+_FEW_ROWS = range(2, 257)
+
+
+class InferenceLinear:
+    """y = x·Wᵀ for a no-gradient CPU pass, W the concatenation of `params` along the output dim (q, k and v in
+    one matmul beat three), in the layout that suits the row count.
+
+    Why the layout matters: MKL splits x·Wᵀ with few rows badly over threads. At 16 rows (a decode step) and 2
+    threads, (W·xᵀ)ᵀ, which hands MKL the weight as the tall operand, ran the 8192 x 256 lm_head in 613 us
+    against 1,128 for x @ Wᵀ (Wᵀ stored contiguous) and 1,256 for F.linear, and the blocks' matrices 20-40%
+    faster with the weights out of cache; at one thread the two are even. The result is a transposed view,
+    which elementwise ops take as is (the logits are written row-major by their first pass: GPT._logits).
+    From a few hundred rows on x @ Wᵀ with Wᵀ stored contiguous is as fast or faster, and one row is a
+    matrix-vector product, where it wins too (docs/benchmarks.md, "Fifth session")."""
+
+    def __init__(self):
+        self._w = _DerivedWeight(lambda *ws: torch.cat(ws))
+        self._wt = _DerivedWeight(lambda *ws: torch.cat(ws).t().contiguous())
+
+    def __call__(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if rows in _FEW_ROWS:
+            w = params[0] if len(params) == 1 else self._w.get(*params)
+            return torch.mm(w, x.reshape(rows, x.size(-1)).t()).t().view(*x.shape[:-1], w.size(0))
+        return x @ self._wt.get(*params)
 
 
 def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +151,12 @@ class _RopeNorm(torch.autograd.Function):
 
 
 def rope_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return _RopeNorm.apply(x, cos, sin)
+    """rms_norm(rotate(x)): through the autograd node when a backward can follow, else as the fused norm (the
+    same as norm of the rotated x: a rotation keeps the RMS) and one rotation, 3x faster at a decode step (the
+    node's bookkeeping and casts dominate at 16 rows)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RopeNorm.apply(x, cos, sin)
+    return rotate(F.rms_norm(x, (x.size(-1),)), cos.to(x.dtype), sin.to(x.dtype))
 
 
 class _ReLU2(torch.autograd.Function):
@@ -171,6 +196,7 @@ class KVCache:
         shape = (model_cfg.depth, batch_size, model_cfg.n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
         self.max_len = max_len
         self.pos = 0
         self.key_mask: torch.Tensor | None = None
@@ -207,6 +233,7 @@ class KVCache:
             k[:, :, :, :P] = self.k[:, :, :, :P].repeat_interleave(n, dim=1)
             v[:, :, :, :P] = self.v[:, :, :, :P].repeat_interleave(n, dim=1)
             self.k, self.v = k, v
+            self._layers = list(zip(k.unbind(0), v.unbind(0), strict=True))
             if self.key_mask is not None:
                 self.key_mask = self.key_mask.repeat_interleave(n, dim=0)
             return self
@@ -214,6 +241,7 @@ class KVCache:
         self.prefix = (self.k[:, :, :, :P].clone(), self.v[:, :, :, :P].clone(), mask)
         self.k = self.k.new_zeros((depth, B * n, Hkv, self.max_len - P, D))
         self.v = torch.zeros_like(self.k)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
         self.key_mask = None
         self._offset = P
         return self
@@ -223,10 +251,13 @@ class KVCache:
         `share`, the rows' own ones, without the shared prefix)."""
         if self.pos + k.size(2) > self.max_len:
             raise ValueError(f"KV cache overflow: {self.pos + k.size(2)} positions needed, max_len is {self.max_len}")
-        t0, t1 = self.pos - self._offset, self.pos - self._offset + k.size(2)
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        t0, T = self.pos - self._offset, k.size(2)
+        # narrow/copy_ on per-layer views made once: a decode step's insert is small, and indexing
+        # self.k[layer, :, :, t0:t1] costs five dispatched ops (of ~10 us each at a CPU decode step) per tensor
+        kl, vl = self._layers[layer]
+        kl.narrow(2, t0, T).copy_(k)
+        vl.narrow(2, t0, T).copy_(v)
+        return kl.narrow(2, 0, t0 + T), vl.narrow(2, 0, t0 + T)
 
 
 class CausalSelfAttention(nn.Module):
@@ -239,7 +270,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self._wqkv_t = _DerivedWeight(lambda *ws: torch.cat(ws).t().contiguous())
+        self._qkv_infer, self._proj_infer = InferenceLinear(), InferenceLinear()
 
     def forward(self, x, cos, sin, backend, kv_cache=None, return_entropy=False):
         B, T, C = x.shape
@@ -248,7 +279,7 @@ class CausalSelfAttention(nn.Module):
         # CPU the concatenated, transposed weight is cached instead of concatenated every call. A GPU decode step
         # (T = 1, no gradient) keeps three matmuls: concatenating the weights there would copy them every token.
         if _cpu_inference(x):
-            qkv = x @ self._wqkv_t.get(self.c_q.weight, self.c_k.weight, self.c_v.weight)
+            qkv = self._qkv_infer(x, self.c_q.weight, self.c_k.weight, self.c_v.weight)
         elif T == 1 and not torch.is_grad_enabled():
             qkv = torch.cat((self.c_q(x), self.c_k(x), self.c_v(x)), -1)
         else:
@@ -271,7 +302,8 @@ class CausalSelfAttention(nn.Module):
         ent = None
         if return_entropy:
             y, ent = y
-        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        y = self._proj_infer(y, self.c_proj.weight) if _cpu_inference(y) else self.c_proj(y)
         return y, ent
 
 
@@ -280,11 +312,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
-        self._proj_t = _DerivedWeight(_transposed)
+        self._fc_infer, self._proj_infer = InferenceLinear(), InferenceLinear()
 
     def forward(self, x):
         if _cpu_inference(x):
-            return F.relu(self.c_fc(x)).square_() @ self._proj_t.get(self.c_proj.weight)
+            h = F.relu(self._fc_infer(x, self.c_fc.weight)).square_()
+            return self._proj_infer(h, self.c_proj.weight)
         return self.c_proj(_ReLU2.apply(self.c_fc(x)))
 
 
@@ -432,7 +465,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._backend = None
-        self._lm_head_t = _DerivedWeight(_transposed)
+        self._lm_head_infer = InferenceLinear()
 
     # ---- init ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -543,19 +576,24 @@ class GPT(nn.Module):
         return out
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Soft-capped float32 logits of the final-normed x."""
+        """Soft-capped float32 logits of the final-normed x, row-major (B, T, V)."""
         if not _cpu_inference(x):
             out = self.lm_head(x).float()
             if self.softcap > 0 and out.requires_grad:
                 return torch.tanh(out / self.softcap) * self.softcap
         else:
-            out = (x @ self._lm_head_t.get(self.lm_head.weight)).float()
-        if self.softcap > 0:
-            # no gradient: in place (the matmul's output is ours), with cap·tanh(z/cap) = 2cap·sigmoid(2z/cap) - cap,
-            # whose sigmoid pass costs a quarter of a tanh pass on the CPU (0.25 vs 0.91 ms a 64-row decode step)
-            cap = self.softcap
-            out = out.mul_(2.0 / cap).sigmoid_().mul_(2.0 * cap).sub_(cap)
-        return out
+            # a few rows' product comes back as a transposed view (InferenceLinear): the first pass below writes
+            # it row-major, because every reduction over the vocabulary (the sampler's max and cumsum) runs 4-40x
+            # slower across a strided dim (16 x 8192: amax 9 -> 396 us); the transposing write costs ~nothing
+            # extra in an elementwise pass (62 us vs 133 for a separate .contiguous())
+            out = self._lm_head_infer(x, self.lm_head.weight)
+        if self.softcap <= 0:
+            return out.float().contiguous()
+        # no gradient: cap·tanh(z/cap) as 2cap·sigmoid(2z/cap) - cap, whose sigmoid pass costs a quarter of a tanh
+        # pass on the CPU (0.25 vs 0.91 ms a 64-row decode step), in place after the first pass
+        cap = self.softcap
+        s = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        return torch.mul(out, 2.0 / cap, out=s).sigmoid_().mul_(2.0 * cap).sub_(cap)
 
     @torch.no_grad()
     def attention_maps(self, idx) -> torch.Tensor:
