@@ -4,18 +4,22 @@ KV cache (prefill once, shared by 16 rows, one token per step) vs no cache (the 
 every new token), both over the goal's 128 new tokens: the no-cache cost grows with the length, so timing it over
 fewer tokens would flatter it. tokens/s counts sampled tokens.
 
-    .venv/bin/python bench/generate.py [--reps 3] [--threads 2] [--nocache-tokens 128]
+    .venv/bin/python bench/generate.py [--reps 3] [--threads 2] [--nocache-tokens 128] [--nanochat-src DIR]
 
 Prints a table, then one JSON object as the last line. Goal (issue 5): >= 2x nanochat's Engine and >= 10x the
-no-cache path. Pass --nanochat-tok-s from bench/nanochat_anchor.py run beside (default: the mean of its two
-2026-11-24 fifth-session runs, 1,455 tok/s; BENCHMARKS.md's 670-790 came from a machine about 2x slower).
+no-cache path. With --nanochat-src (or NANOCHAT_SRC) the nanochat anchor (bench/nanochat_anchor.py) runs
+right before and right after ours, in its own process, and the ratio is to the mean of its two runs; without,
+to --nanochat-tok-s (default: the mean of the anchor's two 2026-11-24 fifth-session runs, 1,455 tok/s;
+BENCHMARKS.md's 670-790 came from a machine about 2x slower).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,13 +29,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _shape import StubTokenizer, load_note, model_and_cfg, print_table  # noqa: E402
 
 
+def nanochat_tok_s(src: str, threads: int) -> float:
+    """One run of the nanochat anchor's generation benchmark, in a fresh process (its last line is JSON)."""
+    cmd = [sys.executable, str(Path(__file__).parent / "nanochat_anchor.py"), "--src", src, "--only", "generate",
+           "--threads", str(threads)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"the nanochat anchor failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["generate_tok_s"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nocache-tokens", type=int, default=128)
     ap.add_argument("--nanochat-tok-s", type=float, default=1455.0, help="nanochat's Engine, measured beside")
+    ap.add_argument("--nanochat-src", default=os.environ.get("NANOCHAT_SRC", ""),
+                    help="a folder holding nanochat's package: run its anchor before and after ours")  # fmt: skip
     args = ap.parse_args()
+    anchor = [nanochat_tok_s(args.nanochat_src, args.threads)] if args.nanochat_src else []
     import torch
 
     from nanorl.engine import Engine
@@ -51,15 +69,20 @@ def main() -> None:
     timed(8, True)  # warm-up
     cached = statistics.median(timed(N, True) for _ in range(args.reps))
     nocache = timed(args.nocache_tokens, False)
+    if anchor:
+        anchor.append(nanochat_tok_s(args.nanochat_src, args.threads))
+        args.nanochat_tok_s = statistics.mean(anchor)
+    source = f"side by side: {', '.join(f'{a:,.0f}' for a in anchor)}" if anchor else "given"
     rows = [
         ("KV cache (16 x 128 new)", f"{cached:,.0f}"),
         (f"no cache (16 x {args.nocache_tokens} new)", f"{nocache:,.0f}"),
         ("speed-up", f"{cached / nocache:.1f}x"),
-        (f"vs nanochat's Engine ({args.nanochat_tok_s:,.0f} tok/s)", f"{cached / args.nanochat_tok_s:.2f}x"),
+        (f"vs nanochat's Engine ({args.nanochat_tok_s:,.0f} tok/s, {source})", f"{cached / args.nanochat_tok_s:.2f}x"),
     ]
     print_table(f"generation, BENCHMARKS shape, {args.threads} threads ({load_note()})", ("path", "tok/s"), rows)
     print(json.dumps({"bench": "generate", "cached_tok_s": round(cached, 1), "nocache_tok_s": round(nocache, 1),
                       "speedup": round(cached / nocache, 1), "vs_nanochat": round(cached / args.nanochat_tok_s, 2),
+                      "nanochat_tok_s": round(args.nanochat_tok_s, 1), "nanochat_runs": [round(a, 1) for a in anchor],
                       "threads": args.threads, "load": load_note()}))  # fmt: skip
 
 
