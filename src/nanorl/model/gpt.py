@@ -151,12 +151,13 @@ class _RopeNorm(torch.autograd.Function):
 
 
 def rope_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """rms_norm(rotate(x)): through the autograd node when a backward can follow, else as F.rms_norm (the same
-    as the norm of the rotated x: a rotation keeps the RMS) and one rotation, without the node's bookkeeping
-    and casts, which at a 16-row decode step are most of its cost (the model's decode step 6.25 -> ~6.1 ms)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _RopeNorm.apply(x, cos, sin)
-    return rotate(F.rms_norm(x, (x.size(-1),)), cos.to(x.dtype), sin.to(x.dtype))
+    """rms_norm(rotate(x)). A no-gradient CPU pass takes F.rms_norm (the same as the norm of the rotated x: a
+    rotation keeps the RMS) and one rotation, without the autograd node's bookkeeping and casts, which at a
+    16-row decode step are most of its cost (the model's decode step 6.25 -> ~6.1 ms). Elsewhere the node,
+    which also keeps q and k in the input's dtype under autocast."""
+    if _cpu_inference(x):
+        return rotate(F.rms_norm(x, (x.size(-1),)), cos.to(x.dtype), sin.to(x.dtype))
+    return _RopeNorm.apply(x, cos, sin)
 
 
 class _ReLU2(torch.autograd.Function):
