@@ -561,3 +561,29 @@ def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch
     assert mid["modes"]["categorical"]["shuffle"]["answered_pairs"] == 10  # categorical always answers
     assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--shuffle-options", "-1") == 2
     assert list(scratch.iterdir()) == []  # local checkpoints need no download folder (one leaked per eval once)
+
+
+@pytest.mark.slow
+def test_eval_compile_flag_reaches_the_engine(two_checkpoints, monkeypatch):
+    # the compiled step replaced by one that fails: what is checked is the wiring (--compile reaches the engine,
+    # --no-compile does not) and the fallback (the same records); tests/test_compiled_decode.py checks the graph
+    from nanorl import compiled_decode
+
+    calls = []
+
+    def failing():
+        def step(*args):
+            calls.append(args[0].shape)
+            raise RuntimeError("no C++ compiler found")
+
+        return step
+
+    monkeypatch.setattr(compiled_decode, "_compiled_step", failing)
+    base = two_checkpoints / "base"
+    out = two_checkpoints / "eval" / "arith-dev-base.json"
+    records = {}
+    for flag in ("--no-compile", "--compile"):
+        assert _nanorl("eval", "--checkpoint", str(base), "--max-examples", "4", flag) == 0
+        records[flag] = json.loads(out.read_text())["modes"]["generative"]["records"]
+        assert bool(calls) == (flag == "--compile")
+    assert records["--compile"] == records["--no-compile"]

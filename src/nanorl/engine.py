@@ -62,12 +62,24 @@ def sample_next(
 
 
 class Engine:
-    def __init__(self, model, tokenizer, tools: dict[str, Callable[[str], str | None]] | None = None, dtype=None):
+    def __init__(
+        self, model, tokenizer, tools: dict[str, Callable[[str], str | None]] | None = None, dtype=None,
+        compile: bool = False,
+    ):  # fmt: skip
         self.model = model.module if hasattr(model, "module") else model
         self.tok = tokenizer
         self.tools = tools or {}
         param = next(self.model.parameters())
         self.device = param.device
+        # compile: decode steps through one compiled graph (nanorl.compiled_decode), on the CPU, where per-op
+        # cost is ~40% of an eager step; a GPU decodes through the fused sdpa kernels
+        self.decoder = None
+        if compile:
+            if self.device.type != "cpu":
+                raise ValueError(f"compiled decoding runs on the CPU; this model is on {self.device.type}")
+            from nanorl.compiled_decode import CompiledDecoder
+
+            self.decoder = CompiledDecoder(self.model)
         # the compute dtype (the KV cache's): bf16 autocast on CUDA, else the weights' own
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else param.dtype)
         # the embedding may have more rows than the tokenizer has tokens (model.vocab_size is a ceiling): never
@@ -146,7 +158,7 @@ class Engine:
                 cache = KVCache(P, model.config, L + max_new, device=dev, dtype=self.dtype)
                 cache.key_mask = key_mask
                 logits = model(ids, kv_cache=cache, logits="last")[:, -1, : self.n_vocab]
-                if G > 1:
+                if G > 1 or self.decoder is not None:  # the compiled step reads the shared layout only
                     cache.share(G)
             else:
                 logits = self._forward_full(ids, key_mask)
@@ -173,7 +185,12 @@ class Engine:
                 break
             with autocast(dev, self.dtype):
                 if use_cache:
-                    logits = model(nxt[:, None], kv_cache=cache)[:, -1, : self.n_vocab]
+                    logits = None
+                    if self.decoder is not None and self.decoder.usable(cache):
+                        logits = self.decoder(nxt, cache)  # None: compiling failed, decode eagerly
+                    if logits is None:
+                        logits = model(nxt[:, None], kv_cache=cache)[:, -1]
+                    logits = logits[:, : self.n_vocab]
                 else:
                     seq = torch.cat([seq, nxt[:, None]], dim=1)
                     logits = self._forward_full(seq, row_mask[:, : seq.size(1)] if row_mask is not None else None)

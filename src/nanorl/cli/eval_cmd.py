@@ -12,11 +12,15 @@ from nanorl.cli.ui import console, print_json
 # Options are module-level so that other commands (and later flags such as --compare) can reuse them.
 SplitOpt = typer.Option("dev", "--split", help="dev or test.")
 ModeOpt = typer.Option("generative", "--mode", help="generative, categorical or both.")
+CompileOpt = typer.Option(
+    None, "--compile/--no-compile", help="Compile the CPU decode step (default: the run's engine.compile)."
+)
 
 
-def load_for_eval(checkpoint: str, task: str | None, data_dir: str | None = None):
+def load_for_eval(checkpoint: str, task: str | None, data_dir: str | None = None, compile_: bool | None = None):
     """(context, model, stage folder) for a checkpoint: a run name, a stage folder, or an s3:// URL (downloaded
-    into a temporary folder that lives until the process exits: the run's tokenizer is read from it later)."""
+    into a temporary folder that lives until the process exits: the run's tokenizer is read from it later).
+    `compile_` (not None) overrides the run's engine.compile."""
     from nanorl.api import NanorlError
     from nanorl.cli.train_cmd import resolve_checkpoint
     from nanorl.config import from_toml_file
@@ -41,6 +45,8 @@ def load_for_eval(checkpoint: str, task: str | None, data_dir: str | None = None
         cfg.task = task
     if data_dir:
         cfg.data.data_dir = data_dir
+    if compile_ is not None:
+        cfg.engine.compile = compile_
     cfg.telemetry.console = False
     ctx = make_context(cfg)
     ctx.run_dir = run
@@ -52,15 +58,16 @@ def load_for_eval(checkpoint: str, task: str | None, data_dir: str | None = None
 
 
 def compare_checkpoints(
-    res, other: str, task: str, split: str, mode: str, max_examples: int, seed: int, data_dir: str | None = None
-):
+    res, other: str, task: str, split: str, mode: str, max_examples: int, seed: int, data_dir: str | None = None,
+    compile_: bool | None = None,
+):  # fmt: skip
     """`--compare OTHER`: evaluate OTHER on the same questions; per mode, the paired difference and McNemar's p
     (`nanorl.multichoice.compare`; a = the checkpoint evaluated, b = OTHER)."""
     from nanorl.api import NanorlError
     from nanorl.multichoice import compare
     from nanorl.stages.eval import evaluate
 
-    ctx, model, stage_dir = load_for_eval(other, task, data_dir)
+    ctx, model, stage_dir = load_for_eval(other, task, data_dir, compile_)
     try:
         res_b = evaluate(ctx, model, split, mode, max_examples, seed=seed)
     finally:
@@ -97,6 +104,7 @@ def register(app: typer.Typer) -> None:
         shuffle_k: int = typer.Option(
             0, "--shuffle-options", help="Re-ask each question with its options permuted K times (position bias)."
         ),
+        compile_: bool = CompileOpt,
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Evaluate a checkpoint and write eval/<task>-<split>-<stage>.json in its run folder."""
@@ -112,7 +120,7 @@ def register(app: typer.Typer) -> None:
             raise NanorlError(f"--shuffle-options {shuffle_k}: give K >= 1 (0: off)", exit_code=2)
         from nanorl.stages.eval import shuffle_check
 
-        ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir)
+        ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_)
         try:
             res = evaluate(ctx, model, split, mode, max_examples, seed=ctx.cfg.seed)
             if shuffle_k:
@@ -125,7 +133,7 @@ def register(app: typer.Typer) -> None:
             del model  # one model in memory at a time
             other_task = task or ctx.task.name
             res["compare"] = compare_checkpoints(
-                res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir
+                res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir, compile_
             )
         out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split}-{stage_dir.name}.json"
         write_json(out, res)

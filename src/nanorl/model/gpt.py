@@ -97,10 +97,14 @@ class InferenceLinear:
         self._w = _DerivedWeight(lambda *ws: torch.cat(ws))
         self._wt = _DerivedWeight(lambda *ws: torch.cat(ws).t().contiguous())
 
+    def weight(self, *params: torch.Tensor) -> torch.Tensor:
+        """W: the one parameter, or the cached concatenation of several."""
+        return params[0] if len(params) == 1 else self._w.get(*params)
+
     def __call__(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.size(-1)
         if rows in _FEW_ROWS:
-            w = params[0] if len(params) == 1 else self._w.get(*params)
+            w = self.weight(*params)
             return torch.mm(w, x.reshape(rows, x.size(-1)).t()).t().view(*x.shape[:-1], w.size(0))
         return x @ self._wt.get(*params)
 
@@ -246,6 +250,21 @@ class KVCache:
         self.key_mask = None
         self._offset = P
         return self
+
+    @property
+    def offset(self) -> int:
+        """Positions held in `prefix` (0 before `share`): position pos is k[..., pos - offset, :]."""
+        return self._offset
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one position of every layer, k, v (depth, B, H_kv, D), at pos, and advance pos (the compiled
+        decode step's output: nanorl.model.decode)."""
+        if self.pos + 1 > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.pos + 1} positions needed, max_len is {self.max_len}")
+        t = self.pos - self._offset
+        self.k[:, :, :, t].copy_(k)
+        self.v[:, :, :, t].copy_(v)
+        self.pos += 1
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H_kv, T, D) at pos..pos+T of `layer`; return all keys/values so far (views; after
@@ -598,6 +617,16 @@ class GPT(nn.Module):
         else:
             s = torch.mul(out, 2.0 / cap, out=torch.empty(out.shape, dtype=torch.float32, device=out.device))
         return s.sigmoid_().mul_(2.0 * cap).sub_(cap)
+
+    def inference_weights(self) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """Per block (W_qkv, W_attn_out, W_fc, W_mlp_out), detached, W_qkv the cached concatenation that the
+        no-gradient CPU passes use (InferenceLinear): the compiled decode step's weights."""
+        out = []
+        for block in self.blocks:
+            a, m = block.attn, block.mlp
+            w_qkv = a._qkv_infer.weight(a.c_q.weight, a.c_k.weight, a.c_v.weight)
+            out.append((w_qkv.detach(), a.c_proj.weight.detach(), m.c_fc.weight.detach(), m.c_proj.weight.detach()))
+        return tuple(out)
 
     @torch.no_grad()
     def attention_maps(self, idx) -> torch.Tensor:

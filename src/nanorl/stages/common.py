@@ -69,6 +69,14 @@ class Context:
             self._tokenizer = Tokenizer.load(self.stage_dir("tokenizer"))
         return self._tokenizer
 
+    def engine(self, model):
+        """The sampling engine of RL and eval: the task's tools, the run's dtype, and on the CPU the compiled decode
+        step when engine.compile is set (a GPU decodes through fused kernels already)."""
+        from nanorl.engine import Engine
+
+        compile_ = self.cfg.engine.compile and self.device.type == "cpu"
+        return Engine(model, self.tokenizer(), tools=self.task.tools(), dtype=self.dtype, compile=compile_)
+
     def examples(self, split: str) -> list[Example]:
         if split not in self._data_cache:
             self._data_cache[split] = self.task.load(split, self.cfg.data.data_dir or None)

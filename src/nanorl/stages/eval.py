@@ -33,10 +33,8 @@ ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (
 
 
 def generative_records(ctx: Context, model, examples: list[Example], seed: int = 0) -> list[dict[str, Any]]:
-    from nanorl.engine import Engine
-
     task, tok, ecfg = ctx.task, ctx.tokenizer(), ctx.cfg.eval
-    engine = Engine(model, tok, tools=task.tools(), dtype=ctx.dtype)
+    engine = ctx.engine(model)
     prompts = [tok.render_for_completion(task.prompt(ex)) for ex in examples]
     samples = []
     for i in range(0, len(prompts), ecfg.batch_size):

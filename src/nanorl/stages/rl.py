@@ -279,7 +279,6 @@ def prompts_for_step(
 
 def run(ctx: Context) -> dict[str, Any]:
     from nanorl import checkpoint as ckpt
-    from nanorl.engine import Engine
 
     cfg, rcfg, task = ctx.cfg, ctx.cfg.rl, ctx.task
     tok = ctx.tokenizer()
@@ -309,7 +308,7 @@ def run(ctx: Context) -> dict[str, Any]:
         return ref_holder["m"]
 
     broadcast_params(model)
-    engine = Engine(model, tok, tools=task.tools(), dtype=ctx.dtype)
+    engine = ctx.engine(model)
     scorer = ModelScorer(tok, model, reference, ctx.device, ctx.dtype)
     info = ctx.info("rl", steps)
     ctx.bus.stage_start(info)
