@@ -5,7 +5,9 @@ rollout: the engine samples 64 completions (each prompt prefilled once, then 8 r
 train: the stage's `policy_gradient` (each prompt computed once, the fused loss) + the Muon/AdamW step.
 Rewards are a fixed function of the sampled tokens (the benchmark measures compute, not learning).
 
-    .venv/bin/python bench/grpo_step.py [--steps 3] [--threads 2] [--trl-step-s S]
+    .venv/bin/python bench/grpo_step.py [--steps 3] [--threads 2] [--trl-step-s S] [--compile]
+
+--compile samples with the compiled decode step (config engine.compile); its compile falls in the warm-up step.
 
 Compare side by side: run `bash ../shared/anchors/trl_grpo_bench.sh` first and pass its grpo.step_s.median as
 --trl-step-s (the default, 12.8, is BENCHMARKS.md's figure from a machine ~2x slower than the one we ran on).
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     # BENCHMARKS.md's figure came from a slower machine: pass the anchor's step_s.median measured right before
     ap.add_argument("--trl-step-s", type=float, default=12.8, help="TRL's seconds per step to compare against")
+    ap.add_argument("--compile", action="store_true", help="sample with the compiled decode step")
     args = ap.parse_args()
     import torch
 
@@ -42,7 +45,7 @@ def main() -> None:
 
     model, cfg = model_and_cfg(args.threads)
     opt = Optimizers(model, cfg.optim, lr_mult=0.05)
-    engine = Engine(model, StubTokenizer())
+    engine = Engine(model, StubTokenizer(), compile=args.compile)
     P, G, L, C = 8, 8, 64, 64
     gen = torch.Generator().manual_seed(0)
     dev = torch.device("cpu")
@@ -68,10 +71,12 @@ def main() -> None:
     rows = [("rollout (64 x 64 new)", f"{r:.2f} s"), ("train (fwd+bwd+step)", f"{t:.2f} s"),
             ("step", f"{total:.2f} s"), ("completions/s", f"{P * G / total:.1f}"),
             (f"vs TRL {args.trl_step_s} s/step", f"{args.trl_step_s / total:.2f}x")]  # fmt: skip
-    print_table(f"GRPO step, BENCHMARKS shape, {args.threads} threads ({load_note()})", ("part", "time"), rows)
+    decode = "compiled decode" if args.compile else "eager decode"
+    title = f"GRPO step, BENCHMARKS shape, {decode}, {args.threads} threads ({load_note()})"
+    print_table(title, ("part", "time"), rows)
     print(json.dumps({"bench": "grpo_step", "rollout_s": round(r, 3), "train_s": round(t, 3),
                       "step_s": round(total, 3), "trl_step_s": args.trl_step_s,
-                      "vs_trl": round(args.trl_step_s / total, 2), "threads": args.threads,
+                      "vs_trl": round(args.trl_step_s / total, 2), "compile": args.compile, "threads": args.threads,
                       "load": load_note()}))  # fmt: skip
 
 

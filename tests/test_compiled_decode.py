@@ -10,24 +10,15 @@ import pytest
 import torch
 
 from nanorl import compiled_decode
-from nanorl.config import resolve
 from nanorl.engine import Engine
 from nanorl.model import GPT, KVCache
+from tests import test_engine
 from tests.test_engine import PROMPTS, ByteTok
 
 
 def _model() -> GPT:
     # two query heads sharing one key/value head: the grouped-query layout, the general case of the graph
-    cfg = resolve(
-        overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.n_kv_head=1", "model.vocab_size=265"]
-    ).model
-    torch.manual_seed(0)
-    m = GPT(cfg)
-    m.init_weights()
-    with torch.no_grad():  # away from the identity init, so that every layer and position matters
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m.eval()
+    return test_engine._model(torch.float32, "model.n_kv_head=1").eval()
 
 
 def _prefilled(model: GPT, dtype, G: int) -> KVCache:

@@ -27,10 +27,11 @@ class ByteTok:
         return bytes(i for i in ids if i < 256).decode(errors="replace")
 
 
-def _model(dtype=torch.float64):
+def _model(dtype=torch.float64, *overrides: str):
     from nanorl.model import GPT
 
-    cfg = resolve(overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=265"]).model
+    shape = ["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=265"]
+    cfg = resolve(overrides=[*shape, *overrides]).model
     torch.manual_seed(0)
     m = GPT(cfg)
     m.init_weights()
