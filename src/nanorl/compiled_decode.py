@@ -17,12 +17,13 @@ What makes it compile well, each measured:
 
 The layout is the engine's shared one (`KVCache.share`): P prompts stored once in `prefix`, B = P·G rows with
 their own positions after. The math is the model's, term for term (rms_norm, then the rotation; attention
-over prompt, own keys and the new key; ReLU²; the soft-cap as 2c·sigmoid(2z/c) − c); tests/test_engine.py
-checks logits and samples against the eager model.
+over prompt, own keys and the new key; ReLU²; the soft-cap as 2c·sigmoid(2z/c) − c);
+tests/test_compiled_decode.py checks its logits against the float64 model and its samples against the eager
+engine's.
 
 Dynamo specialises sizes 0 and 1, so the engine decodes a row's first two own positions eagerly, and P = 1 or
-G = 1 is a graph of its own. A graph is compiled once per process and shape family (~20 s on 2 cores, a few
-seconds when inductor's on-disk cache already holds it).
+G = 1 is a graph of its own. A graph is compiled once per process and layout: 20-40 s on 2 cores, 7-8 s when
+inductor's on-disk cache already holds it. Hence opt-in: it pays where sampling takes minutes.
 """
 
 from __future__ import annotations

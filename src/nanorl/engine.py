@@ -15,6 +15,8 @@ How:
   A row stops at <|assistant_end|> (or <|bos|>); finished rows ride along until every row is done.
 - Sampling: temperature (0: greedy), top-k; inverse-CDF draws from a seeded `torch.Generator`, one uniform
   per row and step, so a seed fixes the samples, cached or not.
+- `compile=True` (CPU): decode steps run as one compiled graph (`nanorl.compiled_decode`), ~1.35x the eager
+  tokens/s after a 20-40 s compile; same draws, same samples up to rounding.
 - Tool calls: when a row writes <|python_end|>, the text since its <|python_start|> goes to `tools["python"]`;
   a returned string is force-fed as <|output_start|> result <|output_end|>, then the row samples again.
   Forced tokens are marked (`Sample.forced`): RL must not train on them.
