@@ -133,6 +133,7 @@ class CompiledDecoder:
             and cache.prefix is not None
             and cache.k.device.type == "cpu"
             and cache.pos - cache.offset >= 2  # dynamo specialises own lengths 0 and 1
+            and cache.batch_size >= 2  # one row would be a graph (and a compile) of its own, for little gain
         )
 
     def _start(self, cache) -> tuple:
