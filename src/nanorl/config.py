@@ -237,7 +237,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.embedding_lr": 0.4,
         "optim.unembedding_lr": 0.008,
         # 1,200 base + 700 SFT steps: at 800 + 500 the dev accuracy depended on the seed (SFT 85% with seed 42,
-        # 51% with seed 1); at 1,200 + 700 both seeds reach 93-96% (docs/benchmarks.md), in ~2 more minutes
+        # 51% with seed 1); at 1,200 + 700 both seeds reach 93-96% (docs/benchmarks.md), in ~2 more minutes, but
+        # seeds 2-4 reach 70%, 36%, 51%: whether copying the options forms is still up to the seed (sixth session)
         "base.steps": 1200,
         "base.device_batch_size": 8,
         "base.eval_every": 100,
