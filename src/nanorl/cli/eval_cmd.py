@@ -121,6 +121,8 @@ def register(app: typer.Typer) -> None:
         from nanorl.stages.eval import shuffle_check
 
         ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_)
+        if ctx.cfg.engine.compile and ctx.device.type == "cpu" and not as_json:
+            console.print("[dim]compiling the decode step on first use: 20-40 s, once per process and batch layout[/]")
         try:
             res = evaluate(ctx, model, split, mode, max_examples, seed=ctx.cfg.seed)
             if shuffle_k:
