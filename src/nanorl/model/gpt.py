@@ -258,7 +258,7 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one position of every layer, k, v (depth, B, H_kv, D), at pos, and advance pos (the compiled
-        decode step's output: nanorl.model.decode)."""
+        decode step's output: nanorl.compiled_decode)."""
         if self.pos + 1 > self.max_len:
             raise ValueError(f"KV cache overflow: {self.pos + 1} positions needed, max_len is {self.max_len}")
         t = self.pos - self._offset
