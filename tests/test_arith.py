@@ -55,7 +55,9 @@ def test_letters_balanced(level):
 
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_rationale_is_right_and_ends_with_the_answer(level):
-    for r in arith.generate(level)["dev"]:
+    splits = arith.generate(level)
+    # train too: level 1's train split mixes close and wide options, and the walk must be exact on both
+    for r in splits["dev"] + splits["train"][:3000]:
         rat = r["rationale"]
         assert rat.endswith(final_answer_line(r["correct"]))
         assert ends_with_final_answer(rat)
@@ -66,7 +68,7 @@ def test_rationale_is_right_and_ends_with_the_answer(level):
         value = int(re.search(r"The answer is (\d+)\.", rat).group(1))
         values = [int(option_text(o)) for o in r["options"]]
         assert values[LETTERS.index(r["correct"])] == value
-        # options: distinct, sorted, non-negative, and close to the answer (at most 4 gaps of 10)
+        # options: distinct, sorted, non-negative, and close to the answer (at most 4 gaps of 10, or of 9: wide)
         assert values == sorted(set(values)) and values[0] >= 0
         assert max(abs(v - value) for v in values) <= 40
         # the walk over the options: each option in order, as the prompt writes it, "no" until the right one
@@ -89,15 +91,37 @@ def test_level1_train_is_half_additions_half_subtractions():
 
 def test_option_set_does_not_give_the_answer_away():
     """Closest-to-the-middle or any rank rule must be at chance: the correct rank is uniform (letters above),
-    and the gaps below and above the answer come from the same distribution."""
-    below, above = [], []
+    and the gaps below and above the answer come from the same distribution, for the close options (gaps
+    uniform on {1, 2}: std 0.5) and for the wide ones (1..9, std 2.6) alike."""
+    gaps: dict[tuple[bool, str], list[int]] = {}
     for r in arith.generate(1)["train"]:
         values = [int(option_text(o)) for o in r["options"]]
         k = LETTERS.index(r["correct"])
-        below += [values[i + 1] - values[i] for i in range(k)]
-        above += [values[i + 1] - values[i] for i in range(k, 4)]
-    mean_below, mean_above = sum(below) / len(below), sum(above) / len(above)
-    assert abs(mean_below - mean_above) < 0.05  # level-1 gaps uniform on {1, 2}: std 0.5, n ~ 24k each side
+        wide = values[-1] - values[0] > 8  # a wide draw can also land within 8; it then counts as close
+        gaps.setdefault((wide, "below"), []).extend(values[i + 1] - values[i] for i in range(k))
+        gaps.setdefault((wide, "above"), []).extend(values[i + 1] - values[i] for i in range(k, 4))
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    # n ~ 20k gaps per side and kind: 4 standard errors of the difference, 0.02 (close) and 0.1 (wide)
+    assert abs(mean(gaps[False, "below"]) - mean(gaps[False, "above"])) < 0.02
+    assert abs(mean(gaps[True, "below"]) - mean(gaps[True, "above"])) < 0.1
+
+
+def test_level1_wide_options_in_train_only():
+    """Half of level 1's train problems get wide options (so guessing digits near the answer does not pay and
+    the walk has to copy), dev and test none: they keep the close options the task is measured on."""
+    splits = arith.generate(1)
+
+    def span(r):
+        values = [int(option_text(o)) for o in r["options"]]
+        return values[-1] - values[0]
+
+    wide = sum(span(r) > 8 for r in splits["train"]) / len(splits["train"])
+    # a wide draw spans more than 8 unless all four gaps are small: ~98% do
+    assert arith.WIDE_FRACTION * 0.95 < wide <= arith.WIDE_FRACTION, wide
+    assert all(span(r) <= 8 for r in splits["dev"] + splits["test"])
 
 
 def test_deterministic():

@@ -18,7 +18,8 @@ Design, and why:
   on both sides, so the set of options says nothing about which one is right: distractors are close (off by
   one or two, as slips are), and only computing finds the answer. Level 1 draws gaps from {1, 2}: the five
   options then span at most 8 and never share a last digit. Levels 2-3 draw from {1..5, 10} (10: a slipped
-  tens digit).
+  tens digit). Level 1's train split gives half its problems wide options instead (WIDE_FRACTION, below):
+  close options let a model guess the digits it should copy.
 - Level 1 rationales add or subtract in columns (ones, then tens, with the carry or borrow), so every line is a
   one-digit fact and the result is copied from two lines (`_columns`); levels 2-3 write one equation per step.
 - The rationale computes the value step by step, then walks the options in order and stops at the match; the
@@ -69,6 +70,13 @@ SEED = 1234  # the generator's seed; the split a problem lands in does not depen
 # keeps the draw's half-and-half; dev/test keep the space's share (~77% additions), so their accuracy is
 # reported per operation as well.
 TRAIN_RENDERINGS = 6
+# Level 1's train split gives this share of its problems wide options (gaps WIDE_GAPS, span up to 36), dev and
+# test never: the walk must copy each option's last digit from the prompt, and with close options (span <= 8,
+# all near the answer) a model can instead write digits near the answer's and be right often enough that the
+# copy never forms. That happened on 2 of 5 seeds, whose base checkpoints copied the last digit 60-68% of the
+# time against 99-100% on the good seeds (bench/copy_probe.py); with wide options the guess stops paying.
+WIDE_FRACTION = 0.5
+WIDE_GAPS = tuple(range(1, 10))
 
 NAMES = ("Tom", "Ana", "Li", "Sara", "Omar", "Ben", "Mia", "Ravi", "Zoe", "Ivan", "Nina", "Sam")
 THINGS = ("apples", "books", "coins", "stamps", "marbles", "pens", "cards", "shells", "eggs", "stickers")
@@ -215,9 +223,10 @@ def _bucket(key: tuple) -> str:
     return "dev" if h == 0 else "test" if h == 1 else "train"
 
 
-def _options(rng: random.Random, value: int, gaps: tuple[int, ...]) -> tuple[list[int], str]:
-    """Five sorted option values containing `value` at a uniform rank; gaps iid on both sides."""
-    k = rng.randrange(5)
+def _options(rng: random.Random, value: int, gaps: tuple[int, ...], k: int | None = None) -> tuple[list[int], str]:
+    """Five sorted option values containing `value` at rank `k` (drawn uniformly when not given); gaps iid on
+    both sides."""
+    k = rng.randrange(5) if k is None else k
     below, above = [], []
     v = value
     for _ in range(k):
@@ -230,6 +239,16 @@ def _options(rng: random.Random, value: int, gaps: tuple[int, ...]) -> tuple[lis
     return [*reversed(below), value, *above], LETTERS[k]
 
 
+def _wide_options(rng: random.Random, value: int) -> tuple[list[int], str]:
+    """Level 1's wide train options (WIDE_FRACTION): gaps from WIDE_GAPS, redrawn at the same rank (so the
+    letters stay uniform) until no option is negative and no two share a last digit (the walk compares them)."""
+    k = rng.randrange(5)
+    while True:
+        values, letter = _options(rng, value, WIDE_GAPS, k)
+        if values[0] >= 0 and len({v % 10 for v in values}) == 5:
+            return values, letter
+
+
 def _walk_line(letter: str, v: int, value: int, by_last_digit: bool) -> str:
     """One line of the walk over the options: the option as the prompt writes it, then whether it is the answer.
     By last digit (level 1, whose options all differ there): `C) 154: 4 vs 4 yes`; by value: `C) 154 yes`."""
@@ -237,8 +256,15 @@ def _walk_line(letter: str, v: int, value: int, by_last_digit: bool) -> str:
     return f"{letter}) {v}: {v % 10} vs {value % 10} {verdict}" if by_last_digit else f"{letter}) {v} {verdict}"
 
 
-def _record(question: str, steps: list[str], value: int, rng: random.Random, gaps: tuple[int, ...]) -> dict:
+def _record(
+    question: str, steps: list[str], value: int, rng: random.Random, gaps: tuple[int, ...], wide: random.Random | None
+) -> dict:
+    """One AQuA-RAT record. `wide`: the generator of level 1's wide train options, None elsewhere."""
     values, letter = _options(rng, value, gaps)
+    if wide is not None and wide.random() < WIDE_FRACTION:
+        # drawn from their own generator, after the close ones (which are dropped): the main generator's draws,
+        # and so the dev and test splits, are the same as without wide options
+        values, letter = _wide_options(wide, value)
     # with neighbouring gaps <= 2 the five options span at most 8, so no two share a last digit and the digit
     # alone tells the answer apart (level 1)
     by_last_digit = max(gaps) <= 2
@@ -263,6 +289,7 @@ def generate(level: int = 1, seed: int = SEED) -> dict[str, tuple[dict, ...]]:
         raise NanorlError(f"unknown arith level {level} (1, 2 or 3)", exit_code=2)
     draw, render, gaps = LEVELS[level]
     rng = random.Random(f"arith-{level}-{seed}")
+    wide = random.Random(f"arith-wide-{seed}") if level == 1 else None
     out: dict[str, list[dict]] = {s: [] for s in SPLIT_SIZES}
     renderings: Counter[tuple] = Counter()
     # Stop when every split is full, or when 20,000 draws in a row added nothing: a level whose space is
@@ -276,7 +303,7 @@ def generate(level: int = 1, seed: int = SEED) -> dict[str, tuple[dict, ...]]:
             continue
         misses = 0
         renderings[key] += 1
-        out[split].append(_record(*render(key, rng), rng, gaps))
+        out[split].append(_record(*render(key, rng), rng, gaps, wide if split == "train" else None))
         if all(len(out[s]) >= n for s, n in SPLIT_SIZES.items()):
             break
     return {s: tuple(recs) for s, recs in out.items()}
