@@ -1,7 +1,8 @@
 """The offline demo, measured: `nanorl pipeline --task arith --preset tiny` in a fresh NANORL_HOME.
 
 Reports wall time, peak RSS of the pipeline process, SFT vs RL dev accuracy (generative, the same questions),
-and whether the goals hold (<= 10 min, <= 2 GB, dev accuracy >= 60%, RL > SFT).
+whether the goals hold (<= 10 min, <= 2 GB, dev accuracy >= 60%, RL > SFT), and, measured after the run,
+how well the base and SFT models copy the options and the operands (bench/copy_probe.py).
 
     .venv/bin/python bench/pipeline_tiny.py [--home DIR] [extra key=value overrides...]
 
@@ -24,6 +25,7 @@ from nanorl.multichoice import compare
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _shape import print_table  # noqa: E402
+from copy_probe import probe  # noqa: E402
 
 
 def _dev_truth() -> dict[str, tuple[int, str]]:
@@ -85,6 +87,12 @@ def main() -> None:
         done = d / "DONE"
         if done.is_file():
             stage_s[d.name] = round(json.loads(done.read_text() or "{}").get("wall_s", 0), 1)
+    # after the timing: do the base and SFT models copy the options and operands? (bench/copy_probe.py)
+    copies = {
+        stage: {k: round(v, 3) for k, v in probe(run, stage, 200).items() if k in ("copy_last", "operand")}
+        for stage in ("base", "sft")
+        if (run / stage / "DONE").is_file()
+    }
     result = {
         "bench": "pipeline_tiny",
         "rc": proc.returncode,
@@ -100,6 +108,7 @@ def main() -> None:
         "rl_minus_sft_ci95": paired and [round(x, 3) for x in paired["diff_ci95"]],
         "mcnemar_p": paired and round(paired["p_value"], 4),
         "stage_s": stage_s,
+        "copy_probe": copies,
         "goal_time": wall <= 600,
         "goal_memory": peak_mb <= 2048,
         "goal_acc": (acc.get("rl") or 0) >= 0.6,
