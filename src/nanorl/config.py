@@ -223,9 +223,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.depth": 4,
         "model.n_embd": 128,
         # two heads of 64: the walk and the column lines copy digits from the prompt (an option's last digit, the
-        # operands), and whether a copy forms in the budget depended on the seed; with one head the pipeline
-        # reached 60% on 3 of 5 seeds, with two heads (and wide train options, builtin/arith.py) on 6 of 6
-        # (docs/benchmarks.md, seventh session)
+        # operands), and whether both copies formed used to depend on the seed: with one head the pipeline reached
+        # 60% dev on 3 of 5 seeds; with two heads and wide train options (builtin/arith.py) every seed run has
+        # reached 90% (docs/benchmarks.md, seventh session)
         "model.n_head": 2,
         "model.vocab_size": 1024,
         "model.seq_len": 256,
