@@ -124,6 +124,20 @@ def test_level1_wide_options_in_train_only():
     assert all(span(r) <= 8 for r in splits["dev"] + splits["test"])
 
 
+def test_wide_options_leave_dev_and_test_unchanged(monkeypatch):
+    """The wide options come from their own generator: dev and test are the same records with or without them,
+    so accuracies measured before and after they were introduced compare question for question."""
+    with_wide = arith.generate(1)
+    monkeypatch.setattr(arith, "WIDE_FRACTION", 0.0)
+    arith.generate.cache_clear()
+    try:
+        without = arith.generate(1)
+    finally:
+        arith.generate.cache_clear()
+    assert with_wide["dev"] == without["dev"] and with_wide["test"] == without["test"]
+    assert with_wide["train"] != without["train"]
+
+
 def test_deterministic():
     a = arith.generate(2)
     arith.generate.cache_clear()
