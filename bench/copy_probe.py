@@ -72,21 +72,21 @@ def probe(run_dir: Path, stage: str, n: int) -> dict[str, float]:
     counts = dict.fromkeys(ROLES, 0)
     for ex in task.load("dev")[:n]:
         target = task.target(ex)
-        if stage == "base":  # the pretraining document: one text, so encode it whole
+        if stage == "base":  # the pretraining document: one text, so encode it whole (after <|bos|>)
             prompt = task.prompt(ex)[0]["content"] + "\n\n"
             ids = tok.encode(prompt + target, bos=True)
-            text, start = prompt + target, len(prompt)
+            text, start, first = prompt + target, len(prompt), 1
         else:  # the chat rendering: the rationale's tokens follow <|assistant_start|>
             head = tok.render_for_completion(task.prompt(ex))
             ids = head + tok.encode(target)
-            text, start = target, 0
+            text, start, first = target, 0, len(head)
         roles = char_roles(text, start)
-        # a token's role is its last character's (a digit token may carry the space before it)
+        # a token's role is its last character's (a digit token may carry the space before it); `text` starts
+        # where the token ids from `first` on start
         ends, pos = [], 0
-        for t in ids[1 if stage == "base" else len(head) :]:
+        for t in ids[first:]:
             pos += len(tok.decode([t]))
             ends.append(pos - 1)
-        first = 1 if stage == "base" else len(head)
         with torch.no_grad():
             pred = model(torch.tensor([ids]))[0, first - 1 : -1].argmax(-1).tolist()
         for t, p, end in zip(ids[first:], pred, ends, strict=True):

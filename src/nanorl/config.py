@@ -237,8 +237,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.matrix_lr": 0.04,
         "optim.embedding_lr": 0.4,
         "optim.unembedding_lr": 0.008,
-        # 1,000 base + 600 SFT steps: two heads train ~15% slower than one on this CPU, and 1,200 + 700 steps with
-        # two heads took 622 s; the copies are formed by step 1,000 (bench/copy_probe.py; docs/benchmarks.md)
+        # 1,000 base + 600 SFT steps: two heads train ~12% slower than one on this CPU, and 1,200 + 700 steps with
+        # two heads took 622 s; the option copy has formed by base step 1,000, and SFT completes the operand copy
+        # on every seed run (bench/copy_probe.py; docs/benchmarks.md)
         "base.steps": 1000,
         "base.device_batch_size": 8,
         "base.eval_every": 100,
