@@ -171,3 +171,50 @@ def test_token_masks_forced_dropped_and_truncated():
     keep = [True, True, False]
     assert token_masks(samples, keep, mask_truncated=True) == [[1.0, 0.0, 1.0], [0.0, 0.0], [0.0]]
     assert token_masks(samples, keep, mask_truncated=False) == [[1.0, 0.0, 1.0], [1.0, 1.0], [0.0]]
+
+
+def test_update_skips_masked_prompts_and_keeps_the_gradient():
+    # the update runs only on prompts with a token to learn from: the gradient must equal the full batch's, where
+    # the masked prompts' rows are computed and contribute zero
+    from nanorl.stages.rl import policy_gradient, update_chunks
+
+    model = _tiny_model()
+    G = 2
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (4, 7, 3, 5)]
+    comps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (3, 5, 2, 4, 6, 1, 2, 3)]
+    masks = [[1.0] * len(c) for c in comps]
+    for r in (2, 3, 6, 7):  # prompts 1 and 3: a dropped group, and a group whose rows were both cut
+        masks[r] = [0.0] * len(comps[r])
+    masks[4][0] = 0.0  # a tool's token in a kept group
+    A = torch.tensor([1.0, -1.0, 0.5, -0.5, -0.7, 0.7, 0.3, -0.3], dtype=torch.float64)
+    N = sum(map(sum, masks))
+    cpu = torch.device("cpu")
+
+    chunks = update_chunks(masks, G, max_rows=2)
+    assert chunks == [[0], [2]]
+    assert update_chunks(masks, G, max_rows=64) == [[0, 2]]
+    assert update_chunks([[0.0]] * 4, G, max_rows=64) == []
+
+    def grads(prompt_sets):
+        model.zero_grad()
+        total = 0.0
+        for chunk in prompt_sets:
+            rows = [i * G + j for i in chunk for j in range(G)]
+            C = max(len(comps[r]) for r in rows)
+            mask = torch.zeros(len(rows), C, dtype=torch.float64)
+            for k, r in enumerate(rows):
+                mask[k, : len(masks[r])] = torch.tensor(masks[r], dtype=torch.float64)
+            loss, _, _ = policy_gradient(
+                model, [prompts[i] for i in chunk], [comps[r] for r in rows], A[rows], mask, N, cpu,
+                torch.float64, 0.2,
+            )  # fmt: skip
+            total += loss.item()
+        return total, [p.grad.clone() for p in model.parameters()]
+
+    loss_skip, g_skip = grads(chunks)
+    loss_all, g_all = grads([[0, 1, 2, 3]])
+    assert loss_skip == pytest.approx(loss_all, rel=1e-9)
+    assert sum(x.abs().sum() for x in g_all) > 0
+    for a, b in zip(g_skip, g_all, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)

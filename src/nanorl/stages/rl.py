@@ -18,7 +18,10 @@ One step:
    sampled (detached); with `rl.ppo_epochs` = 1 the ratio is 1 and the clip is inactive, with more epochs it
    bounds each pass's change.
 6. one optimizer step per epoch (Muon + AdamW, at `rl.lr` times the optim rates, constant; Muon's also times
-   `rl.matrix_lr_scale`).
+   `rl.matrix_lr_scale`); none when no token is left to learn from (every group dropped or truncated).
+
+Prompts whose rows are all masked are left out of the update's forward and backward passes (`update_chunks`):
+they add nothing to the loss or its gradient.
 
 The training forward computes each prompt once, too: the prompt's keys and values (with gradient) go into a
 small autograd-friendly cache (`PrefixCache`) whose rows are repeated for the G completions, so the backward
@@ -205,10 +208,16 @@ def policy_gradient(
     return loss.detach(), stats, logp.detach()
 
 
-def _chunks(n_prompts: int, G: int, max_rows: int) -> list[list[int]]:
-    """Prompt indices in chunks of at most max_rows completion rows (one forward + backward each)."""
+def update_chunks(masks: list[list[float]], G: int, max_rows: int) -> list[list[int]]:
+    """The prompts the update runs on, in chunks of at most max_rows completion rows (one forward + backward each).
+
+    A prompt whose G rows are masked whole (a dropped zero-variance group, or every completion truncated) adds
+    nothing to the loss or its gradient, so it is left out: near SFT's ceiling most groups are dropped, and their
+    forward and backward passes were most of the update's time.
+    """
+    active = [i for i in range(len(masks) // G) if any(any(m) for m in masks[i * G : (i + 1) * G])]
     per = max(1, max_rows // G)
-    return [list(range(s, min(n_prompts, s + per))) for s in range(0, n_prompts, per)]
+    return [active[s : s + per] for s in range(0, len(active), per)]
 
 
 # ---- the Scorer handed to telemetry hooks -----------------------------------------------------------------------
@@ -348,7 +357,7 @@ def run(ctx: Context) -> dict[str, Any]:
         need_ref = rcfg.beta > 0 or (rcfg.kl_every and (step + 1) % rcfg.kl_every == 0)
         old: dict[int, torch.Tensor] = {}
         gnorm = 0.0
-        chunks = _chunks(len(prompt_ids), G, max_rows=64)
+        chunks = update_chunks(masks, G, max_rows=64)
         for epoch in range(rcfg.ppo_epochs):
             for ci, chunk in enumerate(chunks):
                 rows = [i * G + j for i in chunk for j in range(G)]
@@ -366,6 +375,10 @@ def run(ctx: Context) -> dict[str, Any]:
                 sums["loss"] += float(loss)
                 sums["clipped"] += float(st["clipped"])
                 sums["kl"] += float(st.get("kl", 0.0))
+            if n_tokens == 0:
+                # no token to learn from on any rank: no step (a zero gradient would still move the weights
+                # through the optimizers' momentum)
+                break
             sync_grads(opt.params)
             gnorm = opt.step()
         t_train = time.time() - t1
@@ -400,7 +413,7 @@ def run(ctx: Context) -> dict[str, Any]:
         if rcfg.eval_every and done % rcfg.eval_every == 0 and done != steps:
             from nanorl.stages.eval import evaluate
 
-            res = evaluate(ctx, model, "dev", "generative", min(ctx.cfg.eval.max_examples or 100, 100))
+            res = evaluate(ctx, model, "dev", "generative", min(ctx.cfg.eval.max_examples or 100, 100), samples=0)
             last["dev_acc"] = res["accuracy"]
         if done % cfg.telemetry.log_every == 0 or done == steps:
             ctx.bus.log("rl", done, last)
