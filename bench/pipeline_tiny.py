@@ -1,7 +1,8 @@
 """The offline demo, measured: `nanorl pipeline --task arith --preset tiny` in a fresh NANORL_HOME.
 
-Reports wall time, peak RSS of the pipeline process, SFT vs RL dev accuracy (generative, the same questions),
-whether the goals hold (<= 10 min, <= 2 GB, dev accuracy >= 60%, RL > SFT), and, measured after the run,
+Reports wall time, peak RSS of the pipeline process, SFT vs RL dev accuracy on the same questions (greedy, and
+the `sampled` mode's pass@1 with its sign test when eval.samples is set, as the tiny preset does), whether the
+goals hold (<= 10 min, <= 2 GB, dev accuracy >= 60%, RL > SFT), and, measured after the run,
 how well the base and SFT models copy the options and the operands (bench/copy_probe.py).
 
     .venv/bin/python bench/pipeline_tiny.py [--home DIR] [extra key=value overrides...]
@@ -64,12 +65,18 @@ def main() -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
     run = Path(home) / "runs" / "bench-tiny"
     acc, value_right, records, baselines, by_op = {}, {}, {}, {}, {}
+    sampled, sampled_records = {}, {}
     truth = _dev_truth()
     for stage, name in (("rl", "arith-dev.json"), ("sft", "arith-dev-sft.json")):
         p = run / "eval" / name
         if p.is_file():
-            gen = json.loads(p.read_text())["modes"]["generative"]
+            modes = json.loads(p.read_text())["modes"]
+            gen = modes["generative"]
             acc[stage], records[stage] = gen["accuracy"], gen["records"]
+            if "sampled" in modes:  # eval.samples completions per question at eval.sample_temperature
+                s = modes["sampled"]
+                sampled[stage] = {k: round(s[k], 4) for k in ("accuracy", "pass_at_k", "maj_at_k")}
+                sampled_records[stage] = s["records"]
             baselines = {"chance": gen["chance_baseline"], "majority": gen["majority_baseline"]}
             # did the rationale reach the right number? (the letter can be right by luck, or wrong after it)
             stated = [re.search(r"The answer is (\d+)\.", r.get("completion") or "") for r in gen["records"]]
@@ -82,6 +89,7 @@ def main() -> None:
                 by_op[f"{stage}_acc_{op}"] = round(sum(r["pred"] == r["gold"] for r in mine) / max(1, len(mine)), 3)
                 by_op[f"n_{op}"] = len(mine)
     paired = compare(records["rl"], records["sft"]) if len(records) == 2 else None
+    paired_sampled = compare(sampled_records["rl"], sampled_records["sft"]) if len(sampled_records) == 2 else None
     stage_s = {}
     for d in run.iterdir() if run.is_dir() else []:
         done = d / "DONE"
@@ -107,12 +115,22 @@ def main() -> None:
         "rl_minus_sft": paired and round(paired["diff"], 3),
         "rl_minus_sft_ci95": paired and [round(x, 3) for x in paired["diff_ci95"]],
         "mcnemar_p": paired and round(paired["p_value"], 4),
+        "sft_dev_sampled": sampled.get("sft"),
+        "rl_dev_sampled": sampled.get("rl"),
+        "rl_minus_sft_sampled": paired_sampled and round(paired_sampled["diff"], 4),
+        "rl_minus_sft_sampled_ci95": paired_sampled and [round(x, 4) for x in paired_sampled["diff_ci95"]],
+        "sampled_questions_rl_better_worse": paired_sampled and [paired_sampled["a_only"], paired_sampled["b_only"]],
+        "sampled_sign_test_p": paired_sampled and round(paired_sampled["p_value"], 4),
         "stage_s": stage_s,
         "copy_probe": copies,
         "goal_time": wall <= 600,
         "goal_memory": peak_mb <= 2048,
         "goal_acc": (acc.get("rl") or 0) >= 0.6,
         "goal_rl_above_sft": acc.get("rl") is not None and acc.get("sft") is not None and acc["rl"] > acc["sft"],
+        # the policy RL trains (sampled), above SFT's on the same questions at p < 0.05
+        "goal_rl_above_sft_sampled": bool(paired_sampled)
+        and paired_sampled["diff"] > 0
+        and paired_sampled["p_value"] < 0.05,
         "load_avg_end": round(os.getloadavg()[0], 1),
     }
     print_table(

@@ -546,20 +546,27 @@ def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where a stray temporary folder would land
     run = two_checkpoints
-    assert _nanorl("eval", "--checkpoint", str(run / "base"), "--mode", "both", "--max-examples", "5") == 0
+    sampled = ["--samples", "2", "--sample-temperature", "0.5"]
+    assert _nanorl("eval", "--checkpoint", str(run / "base"), *sampled, "--mode", "both", "--max-examples", "5") == 0
     mid_vs_base = ["--checkpoint", str(run / "mid"), "--compare", str(run / "base"), "--shuffle-options", "2"]
-    assert _nanorl("eval", *mid_vs_base, "--mode", "both", "--max-examples", "5") == 0
+    assert _nanorl("eval", *mid_vs_base, *sampled, "--mode", "both", "--max-examples", "5") == 0
     base = json.loads((run / "eval" / "arith-dev-base.json").read_text())
     mid = json.loads((run / "eval" / "arith-dev-mid.json").read_text())
-    for m in ("generative", "categorical"):
+    for m in ("generative", "categorical", "sampled"):
         # the comparison is the paired test of the two evaluations' own records
         expected = compare(mid["modes"][m]["records"], base["modes"][m]["records"])
         assert mid["compare"][m] == {"a": str(run / "mid"), "b": str(run / "base"), **expected}
+        if m == "sampled":  # --samples reached both evaluations
+            assert (mid["modes"][m]["samples"], mid["modes"][m]["temperature"]) == (2, 0.5)
+            assert len(base["modes"][m]["records"]) == 10
+            continue
         shuffle = mid["modes"][m]["shuffle"]
         assert shuffle["shuffle_k"] == 2 and shuffle["shuffled_n"] == 10
         assert 0.0 <= shuffle["content_consistency"] <= 1.0
     assert mid["modes"]["categorical"]["shuffle"]["answered_pairs"] == 10  # categorical always answers
     assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--shuffle-options", "-1") == 2
+    assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--samples", "-1") == 2
+    assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--samples", "2", "--sample-temperature", "0") == 2
     assert list(scratch.iterdir()) == []  # local checkpoints need no download folder (one leaked per eval once)
 
 
@@ -587,3 +594,99 @@ def test_eval_compile_flag_reaches_the_engine(two_checkpoints, monkeypatch):
         records[flag] = json.loads(out.read_text())["modes"]["generative"]["records"]
         assert bool(calls) == (flag == "--compile")
     assert records["--compile"] == records["--no-compile"]
+
+
+def _sampled(rows):
+    """Records of a sampled evaluation: rows of (id, gold, [preds of its completions])."""
+    return [
+        {"id": q, "sample": j, "gold": gold, "pred": p, "correct": p == gold}
+        for q, gold, preds in rows
+        for j, p in enumerate(preds)
+    ]
+
+
+def test_sampled_stats_hand_computed():
+    from nanorl.multichoice import sampled_stats
+
+    recs = _sampled([(0, "A", ["A", "A"]), (1, "B", ["B", "C"]), (2, "C", ["D", "D"]), (3, "D", ["E", "D"])])
+    s = sampled_stats(recs)
+    assert (s["n"], s["samples"], s["completions"]) == (4, 2, 8)
+    assert s["accuracy"] == pytest.approx(0.5)  # (1 + 0.5 + 0 + 0.5) / 4
+    assert s["pass_at_k"] == pytest.approx(0.75)
+    # majority vote, ties to the answer sampled first: q0 A (right), q1 B (right), q2 D, q3 E (wrong)
+    assert s["maj_at_k"] == pytest.approx(0.5)
+    # per-question accuracies (1, .5, 0, .5): se^2 = sum (f - .5)^2 / (n (n - 1)) = 0.5 / 12, n_eff = .25 / se^2
+    assert s["effective_n"] == pytest.approx(6.0)
+    assert s["accuracy_ci95"] == pytest.approx(list(wilson_interval(3.0, 6.0)))
+    # correlated completions: wider than treating the 8 completions as independent
+    assert s["accuracy_ci95"][0] < wilson_interval(4, 8)[0]
+    # every question alike: n_eff is the number of completions
+    same = sampled_stats(_sampled([(0, "A", ["A", "B"]), (1, "B", ["C", "B"])]))
+    assert same["effective_n"] == 4 and same["accuracy_ci95"] == pytest.approx(list(wilson_interval(2, 4)))
+    with pytest.raises(ValueError, match="same number"):
+        sampled_stats(_sampled([(0, "A", ["A", "B"]), (1, "B", ["B"])]))
+
+
+def test_compare_sampled_is_a_sign_test_over_questions():
+    a = _sampled([(0, "A", ["A", "A", "B"]), (1, "B", ["B", "B", "B"]), (2, "C", ["C", "D", "D"]), (3, "D", ["D"] * 3)])
+    b = _sampled([(0, "A", ["A", "B", "B"]), (1, "B", ["B", "B", "B"]), (2, "C", ["C", "C", "D"]), (3, "D", ["E"] * 3)])
+    c = compare(a, list(reversed(b)))  # matched by id, not by order
+    # per question a - b: 1/3, 0, -1/3, 1
+    assert (c["a_only"], c["b_only"], c["both_correct"]) == (2, 1, 1)
+    assert c["diff"] == pytest.approx(0.25)
+    assert c["accuracy_a"] == pytest.approx(9 / 12) and c["accuracy_b"] == pytest.approx(6 / 12)
+    d = [1 / 3, 0, -1 / 3, 1]
+    se = math.sqrt((sum(x * x for x in d) / 4 - 0.25**2) / 4)
+    assert c["diff_ci95"] == pytest.approx([0.25 - 1.96 * se, 0.25 + 1.96 * se])
+    assert c["p_value"] == pytest.approx(mcnemar_p(2, 1)) and c["test"].startswith("sign test")
+    # the task's verdict ("correct") decides, not the letters
+    a[0]["correct"] = False
+    assert compare(a, b)["accuracy_a"] == pytest.approx(8 / 12)
+    with pytest.raises(ValueError, match="different questions"):
+        compare(a, b[:6])
+
+
+@pytest.mark.slow
+def test_eval_sampled_mode_records_follow_their_questions(two_checkpoints, monkeypatch):
+    # the engine replaced by one whose answers are known: question i gets (i mod 3) right answers among its 3
+    # completions, the rest a wrong letter; the records, statistics and comparison must follow
+    from nanorl.cli.eval_cmd import load_for_eval
+    from nanorl.engine import Engine, Sample
+    from nanorl.stages.eval import evaluate, shuffle_check
+
+    ctx, model, _ = load_for_eval(str(two_checkpoints / "base"), None)
+    examples = ctx.examples("dev")[:5]
+    tok = ctx.tokenizer()
+    index = {tuple(tok.render_for_completion(ctx.task.prompt(ex))): (i, ex) for i, ex in enumerate(examples)}
+    seen = []
+
+    def fake_sample(self, prompts, num_samples=1, max_new_tokens=128, temperature=1.0, top_k=0, seed=0, **kw):
+        seen.append((num_samples, temperature))
+        out = []
+        for p in prompts:
+            if tuple(p) not in index:  # a question with its options shuffled (position bias)
+                out.append([Sample([1], True, [False], "Final Answer: A")] * num_samples)
+                continue
+            i, ex = index[tuple(p)]
+            wrong = "A" if ex.answer != "A" else "B"
+            letters = [ex.answer if j < i % 3 else wrong for j in range(num_samples)]
+            out.append([Sample([1], True, [False], f"Final Answer: {x}") for x in letters])
+        return out
+
+    monkeypatch.setattr(Engine, "sample", fake_sample)
+    ctx.cfg.eval.samples, ctx.cfg.eval.sample_temperature = 3, 0.6
+    res = evaluate(ctx, model, "dev", "generative", 5, samples=None)
+    assert list(res["modes"]) == ["generative", "sampled"]
+    assert (1, 0.0) in seen and (3, 0.6) in seen
+    s = res["modes"]["sampled"]
+    assert [(r["id"], r["sample"]) for r in s["records"]] == [(ex.id, j) for ex in examples for j in range(3)]
+    right = [i % 3 for i in range(5)]  # 0, 1, 2, 0, 1 of 3
+    assert [sum(r["correct"] for r in s["records"] if r["id"] == ex.id) for ex in examples] == right
+    assert (s["n"], s["samples"], s["temperature"]) == (5, 3, 0.6)
+    assert s["accuracy"] == pytest.approx(sum(right) / 15)
+    assert s["pass_at_k"] == pytest.approx(3 / 5) and s["maj_at_k"] == pytest.approx(1 / 5)
+    assert res["modes"]["generative"]["accuracy"] == pytest.approx(3 / 5)  # one completion: right when i mod 3 > 0
+    shuffle_check(ctx, model, res, 1)  # position bias skips the sampled mode
+    assert "shuffle" not in s and "shuffle" in res["modes"]["generative"]
+    assert evaluate(ctx, model, "dev", "generative", 5, samples=0)["modes"].keys() == {"generative"}
+    ctx.bus.close()

@@ -144,6 +144,13 @@ class EvalConfig:
     max_examples: int = _f(0, "evaluate at most this many examples per split (0: all)", ge=0)
     max_new_tokens: int = _f(256, "completion length limit", ge=1)
     temperature: float = _f(0.0, "sampling temperature (0: greedy)", ge=0)
+    samples: int = _f(
+        0,
+        "also sample this many completions per question at eval.sample_temperature: the `sampled` mode, whose"
+        " accuracy is their mean (pass@1), with pass@k and maj@k (0: off)",
+        ge=0,
+    )
+    sample_temperature: float = _f(1.0, "sampling temperature of the `sampled` mode", gt=0)
     batch_size: int = _f(16, "questions per batch", ge=1)
 
 

@@ -272,8 +272,9 @@ def format_reward(example: Example, completion: str, answer: str | None) -> floa
 # Statistics for an honest evaluation
 
 
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion k/n (z = 1.96: 95%). (0, 1) when n is 0.
+def wilson_interval(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion k/n (z = 1.96: 95%). (0, 1) when n is 0. (k and n may be
+    effective counts, not integers: `sampled_stats`.)
 
     Wilson rather than the normal approximation p ± z·sqrt(p(1-p)/n): it stays inside [0, 1] and keeps its
     coverage at the small n (254 dev questions) and extreme p a small model gives.
@@ -368,44 +369,104 @@ def eval_record(example: Example, pred: str | None, completion: str | None = Non
     return {"id": example.id, "gold": example.answer, "pred": pred, "format_ok": format_ok}
 
 
-def compare(records_a: Sequence[dict[str, Any]], records_b: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Paired comparison of two evaluations of the same questions (same order, or matched by "id").
+def _right(r: dict[str, Any]) -> bool:
+    """Whether a record's answer is right: the task's verdict ("correct") where the record has one."""
+    return bool(r["correct"]) if "correct" in r else r.get("pred") is not None and r.get("pred") == r["gold"]
 
-    diff = accuracy(a) - accuracy(b); `a_only`/`b_only` are the discordant pairs; p from the exact McNemar test
-    (`mcnemar_p`); `diff_ci95` a normal-approximation interval for a paired difference of proportions.
+
+def _by_question(records: Sequence[dict[str, Any]]) -> dict[Any, list[dict[str, Any]]]:
+    """Records grouped by question id, in first-seen order (a sampled evaluation has several per question)."""
+    out: dict[Any, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r["id"], []).append(r)
+    return out
+
+
+def sampled_stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy of an evaluation with k sampled completions per question (records with "id", "pred", "correct").
+
+    accuracy = pass@1, the mean over all completions. Its 95% interval is Wilson's at the effective sample size
+    (Kish's design effect): completions of one question are not independent, so n_eff = p(1-p) / se^2, where se
+    is the standard error of the mean of the per-question accuracies; at most n·k, and n·k when every question
+    has the same accuracy. pass@k: some completion is right; maj@k: the most common answer (ties: the one
+    sampled first) is right.
     """
-    if all("id" in r for r in records_a) and all("id" in r for r in records_b):
-        by_id = {r["id"]: r for r in records_b}
-        missing = [r["id"] for r in records_a if r["id"] not in by_id]
-        if missing or len(by_id) != len(records_a):
-            raise ValueError(f"the two evaluations cover different questions (e.g. {missing[:3]})")
-        records_b = [by_id[r["id"]] for r in records_a]
-    if len(records_a) != len(records_b):
-        raise ValueError(f"cannot pair {len(records_a)} records with {len(records_b)}")
-    both = a_only = b_only = 0
-    for ra, rb in zip(records_a, records_b, strict=True):
-        (ga, pa, _), (gb, pb, _) = _record(ra), _record(rb)
-        if ga != gb:
-            raise ValueError(f"paired records disagree on the gold letter ({ga} vs {gb})")
-        right_a, right_b = pa == ga, pb == gb
-        both += right_a and right_b
-        a_only += right_a and not right_b
-        b_only += right_b and not right_a
-    n = len(records_a)
-    diff = (a_only - b_only) / n if n else 0.0
-    # variance of the mean of paired differences d_i in {-1, 0, 1}: (E[d^2] - E[d]^2) / n
-    se = math.sqrt(max(0.0, (a_only + b_only) / n - diff * diff) / n) if n else 0.0
+    groups = list(_by_question(records).values())
+    n = len(groups)
+    k = max((len(g) for g in groups), default=0)
+    if any(len(g) != k for g in groups):
+        raise ValueError("a sampled evaluation needs the same number of completions for every question")
+    fracs = [sum(map(_right, g)) / k for g in groups]
+    p = sum(fracs) / n if n else 0.0
+    var = sum((f - p) ** 2 for f in fracs) / (n * (n - 1)) if n > 1 else 0.0
+    n_eff = min(n * k, p * (1 - p) / var) if var > 0 else n * k
+    lo, hi = wilson_interval(p * n_eff, n_eff) if n_eff > 0 else (0.0, 1.0)
+    maj = 0
+    for g in groups:
+        votes = Counter(r.get("pred") for r in g if r.get("pred") is not None)
+        if votes:
+            top = max(votes.values())
+            first = next(r for r in g if r.get("pred") is not None and votes[r["pred"]] == top)
+            maj += _right(first)
     return {
         "n": n,
-        "accuracy_a": (both + a_only) / n if n else 0.0,
-        "accuracy_b": (both + b_only) / n if n else 0.0,
+        "samples": k,
+        "completions": n * k,
+        "accuracy": p,
+        "accuracy_ci95": [lo, hi],
+        "effective_n": n_eff,
+        "pass_at_k": sum(f > 0 for f in fracs) / n if n else 0.0,
+        "maj_at_k": maj / n if n else 0.0,
+    }
+
+
+def compare(records_a: Sequence[dict[str, Any]], records_b: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Paired comparison of two evaluations of the same questions (matched by "id", else by order).
+
+    Per question, the share of its completions that are right (0 or 1 with one completion each). diff = mean
+    share(a) - mean share(b), `diff_ci95` its normal interval from the per-question differences; `a_only`/`b_only`
+    count the questions a / b did better on, and p is the exact two-sided sign test on them: McNemar's exact test
+    (`mcnemar_p`) when each question has one completion. `both_correct`: questions both got entirely right.
+    """
+    if all("id" in r for r in records_a) and all("id" in r for r in records_b):
+        qa, qb = _by_question(records_a), _by_question(records_b)
+        missing = [q for q in qa if q not in qb]
+        if missing or len(qa) != len(qb):
+            raise ValueError(f"the two evaluations cover different questions (e.g. {missing[:3]})")
+        pairs = [(qa[q], qb[q]) for q in qa]
+    else:
+        if len(records_a) != len(records_b):
+            raise ValueError(f"cannot pair {len(records_a)} records with {len(records_b)}")
+        pairs = [([ra], [rb]) for ra, rb in zip(records_a, records_b, strict=True)]
+    both = a_only = b_only = 0
+    diffs, share_a, share_b = [], 0.0, 0.0
+    for ga, gb in pairs:
+        if ga[0]["gold"] != gb[0]["gold"]:
+            raise ValueError(f"paired records disagree on the gold answer ({ga[0]['gold']} vs {gb[0]['gold']})")
+        fa, fb = sum(map(_right, ga)) / len(ga), sum(map(_right, gb)) / len(gb)
+        share_a, share_b = share_a + fa, share_b + fb
+        both += fa == 1 and fb == 1
+        a_only += fa > fb
+        b_only += fb > fa
+        diffs.append(fa - fb)
+    n = len(pairs)
+    diff = sum(diffs) / n if n else 0.0
+    # the standard error of the mean of the paired differences d_i: sqrt((E[d^2] - E[d]^2) / n)
+    se = math.sqrt(max(0.0, sum(d * d for d in diffs) / n - diff * diff) / n) if n else 0.0
+    single = all(len(ga) == 1 and len(gb) == 1 for ga, gb in pairs)
+    return {
+        "n": n,
+        "accuracy_a": share_a / n if n else 0.0,
+        "accuracy_b": share_b / n if n else 0.0,
         "diff": diff,
         "diff_ci95": [diff - 1.96 * se, diff + 1.96 * se],
         "both_correct": both,
         "a_only": a_only,
         "b_only": b_only,
         "p_value": mcnemar_p(a_only, b_only),
-        "test": "McNemar exact (two-sided binomial on discordant pairs)",
+        "test": "McNemar exact (two-sided binomial on discordant pairs)"
+        if single
+        else "sign test (two-sided binomial on the questions' accuracy over their samples)",
     }
 
 

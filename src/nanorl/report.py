@@ -112,7 +112,7 @@ def write_report(run: str | Path) -> Path:
             "| file | model | mode | n | accuracy | 95% CI | format rate | majority |",
         ]
         lines += ["|---|---|---|---|---|---|---|---|"]
-        compares = []
+        compares, sampled = [], []
         for path in evals:
             try:
                 res = json.loads(path.read_text())
@@ -120,17 +120,27 @@ def write_report(run: str | Path) -> Path:
                 continue
             for mode, s in res.get("modes", {}).items():
                 ci = s.get("accuracy_ci95") or ["", ""]
+                if mode == "sampled":
+                    k = s.get("samples")
+                    sampled.append(
+                        f"- {path.name}: {k} completions per question at temperature {_fmt(s.get('temperature'))}:"
+                        f" pass@1 {_fmt(s.get('accuracy'))}, pass@{k} {_fmt(s.get('pass_at_k'))},"
+                        f" maj@{k} {_fmt(s.get('maj_at_k'))}"
+                    )
                 lines.append(
                     f"| {path.name} | {res.get('stage', '')} | {mode} | {s.get('n')} | {_fmt(s.get('accuracy'))} | "
                     f"{_fmt(ci[0])}–{_fmt(ci[1])} | {_fmt(s.get('format_rate', ''))} | "
                     f"{_fmt(s.get('majority_baseline', ''))} |"
                 )
             for mode, c in (res.get("compare") or {}).items():
+                test = "McNemar" if c.get("test", "McNemar").startswith("McNemar") else "sign test"
                 compares.append(
                     f"- {path.name} [{mode}]: {c['a']} {c['accuracy_a']:.3f} vs {c['b']} {c['accuracy_b']:.3f} "
-                    f"(diff {c['diff']:+.3f}, McNemar p = {c['p_value']:.3g}, n = {c['n']})"
+                    f"(diff {c['diff']:+.3f}, {test} p = {c['p_value']:.3g}, n = {c['n']})"
                 )
         lines.append("")
+        if sampled:
+            lines += ["Sampled mode (accuracy = pass@1, the mean over the completions):", "", *sampled, ""]
         if compares:
             lines += ["Paired comparison on the same questions:", "", *compares, ""]
 

@@ -17,10 +17,13 @@ CompileOpt = typer.Option(
 )
 
 
-def load_for_eval(checkpoint: str, task: str | None, data_dir: str | None = None, compile_: bool | None = None):
+def load_for_eval(
+    checkpoint: str, task: str | None, data_dir: str | None = None, compile_: bool | None = None,
+    eval_overrides: dict | None = None,
+):  # fmt: skip
     """(context, model, stage folder) for a checkpoint: a run name, a stage folder, or an s3:// URL (downloaded
     into a temporary folder that lives until the process exits: the run's tokenizer is read from it later).
-    `compile_` (not None) overrides the run's engine.compile."""
+    `compile_` (not None) overrides the run's engine.compile; `eval_overrides` the eval fields given (not None)."""
     from nanorl.api import NanorlError
     from nanorl.cli.train_cmd import resolve_checkpoint
     from nanorl.config import from_toml_file
@@ -47,6 +50,9 @@ def load_for_eval(checkpoint: str, task: str | None, data_dir: str | None = None
         cfg.data.data_dir = data_dir
     if compile_ is not None:
         cfg.engine.compile = compile_
+    for key, value in (eval_overrides or {}).items():
+        if value is not None:
+            setattr(cfg.eval, key, value)
     cfg.telemetry.console = False
     ctx = make_context(cfg)
     ctx.run_dir = run
@@ -59,15 +65,15 @@ def load_for_eval(checkpoint: str, task: str | None, data_dir: str | None = None
 
 def compare_checkpoints(
     res, other: str, task: str, split: str, mode: str, max_examples: int, seed: int, data_dir: str | None = None,
-    compile_: bool | None = None,
+    compile_: bool | None = None, eval_overrides: dict | None = None,
 ):  # fmt: skip
-    """`--compare OTHER`: evaluate OTHER on the same questions; per mode, the paired difference and McNemar's p
+    """`--compare OTHER`: evaluate OTHER on the same questions; per mode, the paired difference and its p
     (`nanorl.multichoice.compare`; a = the checkpoint evaluated, b = OTHER)."""
     from nanorl.api import NanorlError
     from nanorl.multichoice import compare
     from nanorl.stages.eval import evaluate
 
-    ctx, model, stage_dir = load_for_eval(other, task, data_dir, compile_)
+    ctx, model, stage_dir = load_for_eval(other, task, data_dir, compile_, eval_overrides)
     try:
         res_b = evaluate(ctx, model, split, mode, max_examples, seed=seed)
     finally:
@@ -104,6 +110,14 @@ def register(app: typer.Typer) -> None:
         shuffle_k: int = typer.Option(
             0, "--shuffle-options", help="Re-ask each question with its options permuted K times (position bias)."
         ),
+        samples: int = typer.Option(
+            None,
+            "--samples",
+            help="Also sample K completions per question: pass@1, pass@K, maj@K (default: the run's eval.samples).",
+        ),
+        sample_temperature: float = typer.Option(
+            None, "--sample-temperature", help="Temperature of --samples (default: the run's eval.sample_temperature)."
+        ),
         compile_: bool = CompileOpt,
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
@@ -120,7 +134,12 @@ def register(app: typer.Typer) -> None:
             raise NanorlError(f"--shuffle-options {shuffle_k}: give K >= 1 (0: off)", exit_code=2)
         from nanorl.stages.eval import shuffle_check
 
-        ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_)
+        if samples is not None and samples < 0:
+            raise NanorlError(f"--samples {samples}: give K >= 1 (0: off)", exit_code=2)
+        if sample_temperature is not None and sample_temperature <= 0:
+            raise NanorlError(f"--sample-temperature {sample_temperature}: give T > 0", exit_code=2)
+        sampling = {"samples": samples, "sample_temperature": sample_temperature}
+        ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_, sampling)
         if ctx.cfg.engine.compile and ctx.device.type == "cpu" and not as_json:
             console.print("[dim]compiling the decode step on first use: 20-40 s, once per process and batch layout[/]")
         try:
@@ -135,7 +154,7 @@ def register(app: typer.Typer) -> None:
             del model  # one model in memory at a time
             other_task = task or ctx.task.name
             res["compare"] = compare_checkpoints(
-                res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir, compile_
+                res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir, compile_, sampling
             )
         out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split}-{stage_dir.name}.json"
         write_json(out, res)
@@ -154,9 +173,15 @@ def register(app: typer.Typer) -> None:
                 f"{s.get('format_rate', float('nan')):.3f}", f"{s.get('majority_baseline', float('nan')):.3f}",
             )  # fmt: skip
         console.print(table)
+        if "sampled" in res["modes"]:
+            s = res["modes"]["sampled"]
+            console.print(
+                f"sampled: {s['samples']} completions per question at temperature {s['temperature']}; accuracy is"
+                f" pass@1; pass@{s['samples']} {s['pass_at_k']:.3f}, maj@{s['samples']} {s['maj_at_k']:.3f}"
+            )
         if res.get("compare"):
-            t = Table(title=f"paired with {compare_to} (McNemar, exact)", title_justify="left")
-            for col in ("mode", "n", "acc", "other", "diff ± 95%", "only this", "only other", "p"):
+            t = Table(title=f"paired with {compare_to} (McNemar, exact; sampled: sign test)", title_justify="left")
+            for col in ("mode", "n", "acc", "other", "diff ± 95%", "this better", "other better", "p"):
                 t.add_column(col, no_wrap=col in ("mode", "diff ± 95%"))
             for m, c in res["compare"].items():
                 half = (c["diff_ci95"][1] - c["diff_ci95"][0]) / 2  # the interval is symmetric about diff
@@ -172,6 +197,8 @@ def register(app: typer.Typer) -> None:
             for col in ("asked", "accuracy", "95% CI", "same content", "same letter"):
                 t.add_column(col)
             for m, s in res["modes"].items():
+                if "shuffle" not in s:  # the sampled mode is not re-asked
+                    continue
                 sh = s["shuffle"]
                 lo, hi = sh["shuffled_accuracy_ci95"]
                 t.add_row(

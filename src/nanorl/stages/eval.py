@@ -6,12 +6,20 @@ Two modes (`eval.mode`):
   compare the logits of the answer letters' tokens; the largest is the prediction. It asks the model for the
   answer without its reasoning, and answers every question, so it is the "what does it believe" reading.
 
-Per question a record {"id", "gold", "pred", "format_ok", "correct", ...}; per mode the summary of
+With `eval.samples` = k > 0 a third mode, `sampled`, runs beside the generative one: k completions per question
+at `eval.sample_temperature`. Its accuracy is pass@1, the mean over all completions; it is the policy that RL
+trains (rollouts are sampled), and averaging k completions measures it with far less noise than one greedy
+answer per question. pass@k and maj@k (majority vote) come with it.
+
+Per completion a record {"id", "sample", "gold", "pred", "format_ok", "correct", ...}; per mode the summary of
 `nanorl.multichoice.summarize` (accuracy with its Wilson interval, chance and majority baselines, format rate,
-letter distribution, confusion) when the task has choices, else accuracy with its Wilson interval.
+letter distribution, confusion) when the task has choices, else accuracy with its Wilson interval; for
+`sampled`, n counts questions and the interval allows for their completions being correlated
+(`nanorl.multichoice.sampled_stats`).
 
 The stage evaluates the run's final model (`eval/<task>-<split>.json`) and, when RL ran, the SFT model as well
-(`eval/<task>-<split>-sft.json`); the final file then holds the paired comparison (McNemar) of the two.
+(`eval/<task>-<split>-sft.json`); the final file then holds the paired comparison of the two per mode
+(`nanorl.multichoice.compare`: McNemar's test, or the sign test over questions for `sampled`).
 """
 
 from __future__ import annotations
@@ -32,34 +40,40 @@ from nanorl.stages.common import MODEL_STAGES, Context
 ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (nanorl.multichoice)
 
 
-def generative_records(ctx: Context, model, examples: list[Example], seed: int = 0) -> list[dict[str, Any]]:
+def generative_records(
+    ctx: Context, model, examples: list[Example], seed: int = 0, samples: int = 1, temperature: float | None = None
+) -> list[dict[str, Any]]:
+    """One record per completion: `samples` completions of each question (the engine prefills its prompt once),
+    at `temperature` (default eval.temperature); a question's records are consecutive, numbered by "sample"."""
     task, tok, ecfg = ctx.task, ctx.tokenizer(), ctx.cfg.eval
+    temperature = ecfg.temperature if temperature is None else temperature
     engine = ctx.engine(model)
     prompts = [tok.render_for_completion(task.prompt(ex)) for ex in examples]
-    samples = []
+    groups = []
     for i in range(0, len(prompts), ecfg.batch_size):
-        groups = engine.sample(
-            prompts[i : i + ecfg.batch_size], 1, ecfg.max_new_tokens, ecfg.temperature, 0, seed=seed + i
+        groups += engine.sample(
+            prompts[i : i + ecfg.batch_size], samples, ecfg.max_new_tokens, temperature, 0, seed=seed + i
         )
-        samples += [g[0] for g in groups]
     from nanorl.multichoice import ends_with_final_answer
 
     records = []
-    for ex, s in zip(examples, samples, strict=False):
-        pred = task.extract(s.text)
+    for ex, group in zip(examples, groups, strict=True):
         has_choices = task.choices(ex) is not None
-        records.append(
-            {
-                "id": ex.id,
-                "gold": ex.answer,
-                "pred": pred,
-                "correct": bool(task.is_correct(ex, pred)),
-                "format_ok": ends_with_final_answer(s.text) if has_choices else pred is not None,
-                "finished": s.finished,
-                "completion_tokens": len(s.tokens),
-                "completion": s.text,
-            }
-        )
+        for j, s in enumerate(group):
+            pred = task.extract(s.text)
+            records.append(
+                {
+                    "id": ex.id,
+                    "sample": j,
+                    "gold": ex.answer,
+                    "pred": pred,
+                    "correct": bool(task.is_correct(ex, pred)),
+                    "format_ok": ends_with_final_answer(s.text) if has_choices else pred is not None,
+                    "finished": s.finished,
+                    "completion_tokens": len(s.tokens),
+                    "completion": s.text,
+                }
+            )
     return records
 
 
@@ -112,28 +126,42 @@ def categorical_records(ctx: Context, model, examples: list[Example]) -> list[di
     return records
 
 
-def summary(records: list[dict[str, Any]], multiple_choice: bool) -> dict[str, Any]:
-    from nanorl.multichoice import summarize, wilson_interval
+def summary(records: list[dict[str, Any]], multiple_choice: bool, sampled: bool = False) -> dict[str, Any]:
+    """A mode's summary. Multiple choice: `nanorl.multichoice.summarize` (baselines, format rate, letters) over
+    every completion; the accuracy is the task's verdict. `sampled` (several completions per question): the
+    accuracy, its interval and n come from `sampled_stats` (pass@1 over questions, with pass@k and maj@k)."""
+    from nanorl.multichoice import sampled_stats, summarize, wilson_interval
 
+    n, k = len(records), sum(r["correct"] for r in records)
     if multiple_choice:
         out = summarize(records)
         # the task decides correctness (summarize compares letters; they agree for letter tasks)
-        out["correct"] = sum(r["correct"] for r in records)
-        out["accuracy"] = out["correct"] / len(records) if records else 0.0
-        out["accuracy_ci95"] = list(wilson_interval(out["correct"], len(records)))
-        return out
-    n, k = len(records), sum(r["correct"] for r in records)
-    return {
-        "n": n,
-        "correct": k,
-        "accuracy": k / n if n else 0.0,
-        "accuracy_ci95": list(wilson_interval(k, n)),
-        "answered_rate": sum(r["pred"] is not None for r in records) / n if n else 0.0,
-    }
+        out.update(correct=k, accuracy=k / n if n else 0.0, accuracy_ci95=list(wilson_interval(k, n)))
+    else:
+        out = {
+            "n": n,
+            "correct": k,
+            "accuracy": k / n if n else 0.0,
+            "accuracy_ci95": list(wilson_interval(k, n)),
+            "answered_rate": sum(r["pred"] is not None for r in records) / n if n else 0.0,
+        }
+    if sampled:
+        out.update(sampled_stats(records))
+        if multiple_choice:
+            out["beats_majority"] = out["n"] > 0 and out["accuracy_ci95"][0] > out["majority_baseline"]
+    return out
 
 
-def evaluate(ctx: Context, model, split: str, mode: str, max_examples: int = 0, seed: int = 0) -> dict[str, Any]:
-    """Evaluate `model` on a split: {"task", "split", "n", "modes": {mode: summary + "records"}}."""
+def evaluate(
+    ctx: Context, model, split: str, mode: str, max_examples: int = 0, seed: int = 0, samples: int | None = None
+) -> dict[str, Any]:
+    """Evaluate `model` on a split: {"task", "split", "n", "modes": {mode: summary + "records"}}.
+
+    With `samples` (default eval.samples) > 0 and the generative mode, the `sampled` mode runs too: that many
+    completions per question at eval.sample_temperature.
+    """
+    ecfg = ctx.cfg.eval
+    samples = ecfg.samples if samples is None else samples
     examples = ctx.examples(split)
     if max_examples:
         examples = examples[:max_examples]
@@ -141,14 +169,21 @@ def evaluate(ctx: Context, model, split: str, mode: str, max_examples: int = 0, 
     modes = ["generative", "categorical"] if mode == "both" else [mode]
     if not mc:
         modes = [m for m in modes if m == "generative"] or ["generative"]
+    if samples and "generative" in modes:
+        modes.append("sampled")
     out: dict[str, Any] = {"task": ctx.task.name, "split": split, "n": len(examples), "modes": {}}
     for m in modes:
         t0 = time.time()
         if m == "generative":
             records = generative_records(ctx, model, examples, seed=seed)
+        elif m == "sampled":
+            # its own seed stream, apart from a generative mode that samples too (eval.temperature > 0)
+            records = generative_records(ctx, model, examples, seed + 1_000_003, samples, ecfg.sample_temperature)
         else:
             records = categorical_records(ctx, model, examples)
-        out["modes"][m] = {**summary(records, mc), "seconds": time.time() - t0, "records": records}
+        out["modes"][m] = {**summary(records, mc, m == "sampled"), "seconds": time.time() - t0, "records": records}
+        if m == "sampled":
+            out["modes"][m]["temperature"] = ecfg.sample_temperature
     first = out["modes"][modes[0]]
     out["accuracy"] = first["accuracy"]
     out["mode"] = modes[0]
@@ -235,6 +270,8 @@ def shuffle_check(ctx: Context, model, result: dict[str, Any], k: int, seed: int
             f"--shuffle-options needs a multiple-choice task ({ctx.task.name} has no options)", exit_code=2
         )
     for mode, s in result["modes"].items():
+        if mode == "sampled":  # position bias is read from the greedy and categorical answers
+            continue
         base = {r["id"]: r["pred"] for r in s["records"]}
 
         def answer(exs: list[Example], mode: str = mode) -> list[str | None]:
