@@ -146,3 +146,32 @@ def test_a_raising_telemetry_hook_is_reported_once_and_disabled(tmp_path):
     assert (tmp_path / "out.txt").read_text().count("boom") == 1
     recs = read_metrics(tmp_path)
     assert len(recs) == 3 and recs[0]["metrics"] == {"loss": None, "x": 2.0, "extra": 1.0}
+
+
+@pytest.mark.slow
+def test_rl_steps_without_signal_leave_the_weights_alone(monkeypatch):
+    # step 1's groups have rewards that differ, steps 2-3 all-equal rewards (dropped): with nothing to learn from,
+    # a step must not move the weights (a zero gradient still would, through the optimizers' momentum: the
+    # update used to run on every prompt and step), and the update must run with no prompt at all
+    from nanorl.stages import rl
+
+    calls = []
+
+    def reward(example, completion, answer):
+        calls.append(1)
+        return float(len(calls) % 2) if len(calls) <= 4 else 1.0  # 2 prompts x 2 completions: step 1 only
+
+    monkeypatch.setattr(rl, "resolve_rewards", lambda cfg, task: [(reward, 1.0)])
+    # the untrained model's completions run to max_new_tokens: train on them rather than mask them
+    flags = ("rl.drop_zero_variance=true", "rl.mask_truncated=false", "eval.max_examples=1")
+    run_pipeline(_cfg("signal", "rl.steps=1", *flags))
+    one, sft = _weights("signal", "rl"), _weights("signal", "sft")
+    assert any(not torch.equal(one[k], sft[k]) for k in one)  # step 1 learned
+    calls.clear()
+    run_pipeline(_cfg("signal", "rl.steps=3", *flags), only="rl")
+    three = _weights("signal", "rl")
+    for k in one:
+        assert torch.equal(one[k], three[k]), k
+    rl_logs = [r["metrics"] for r in read_metrics(run_dir("signal")) if r["stage"] == "rl" and r.get("kind") is None]
+    assert [m["zero_var_frac"] for m in rl_logs[-3:]] == [0.0, 1.0, 1.0]
+    assert rl_logs[-1]["grad_norm"] == 0.0
