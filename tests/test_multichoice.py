@@ -683,7 +683,7 @@ def test_eval_sampled_mode_records_follow_their_questions(two_checkpoints, monke
     right = [i % 3 for i in range(5)]  # 0, 1, 2, 0, 1 of 3
     assert [sum(r["correct"] for r in s["records"] if r["id"] == ex.id) for ex in examples] == right
     assert (s["n"], s["samples"], s["temperature"]) == (5, 3, 0.6)
-    assert s["accuracy"] == pytest.approx(sum(right) / 15)
+    assert s["accuracy"] == pytest.approx(sum(right) / 15) and s["correct_completions"] == sum(right)
     assert s["pass_at_k"] == pytest.approx(3 / 5) and s["maj_at_k"] == pytest.approx(1 / 5)
     assert res["modes"]["generative"]["accuracy"] == pytest.approx(3 / 5)  # one completion: right when i mod 3 > 0
     shuffle_check(ctx, model, res, 1)  # position bias skips the sampled mode

@@ -146,7 +146,8 @@ def summary(records: list[dict[str, Any]], multiple_choice: bool, sampled: bool 
             "answered_rate": sum(r["pred"] is not None for r in records) / n if n else 0.0,
         }
     if sampled:
-        out.update(sampled_stats(records))
+        out.update(sampled_stats(records))  # n: questions now; the completions are counted apart
+        out["correct_completions"] = out.pop("correct")
         if multiple_choice:
             out["beats_majority"] = out["n"] > 0 and out["accuracy_ci95"][0] > out["majority_baseline"]
     return out
