@@ -84,8 +84,10 @@ def test_interrupted_and_resumed_equals_uninterrupted_then_rerun_skips():
 
     # eval wrote the final model's file with both modes and the paired comparison with SFT, and the report
     res = json.loads((run_dir("full") / "eval" / "arith-dev.json").read_text())
-    assert res["stage"] == "rl" and set(res["modes"]) == {"generative", "categorical"}
-    assert res["modes"]["generative"]["n"] == 4 and "compare" in res
+    # (the tiny preset's eval.samples adds the sampled mode: 4 completions of each of the 4 questions)
+    assert res["stage"] == "rl" and set(res["modes"]) == {"generative", "categorical", "sampled"}
+    assert res["modes"]["generative"]["n"] == 4 and set(res["compare"]) == set(res["modes"])
+    assert (res["modes"]["sampled"]["n"], len(res["modes"]["sampled"]["records"])) == (4, 16)
     assert (run_dir("full") / "eval" / "arith-dev-sft.json").is_file()
     assert "## Evaluation" in (run_dir("full") / "report.md").read_text()
 

@@ -273,6 +273,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rl.checkpoint_every": 10,
         "rl.eval_every": 0,
         "eval.max_examples": 300,
+        # 4 completions per question at RL's temperature beside the greedy answer: the sampled policy is what RL
+        # trains, and near SFT's ceiling one greedy answer per question cannot show a change of a point or less
+        # (nine seeds, docs/benchmarks.md, eighth session)
+        "eval.samples": 4,
+        "eval.sample_temperature": 0.7,
         "eval.max_new_tokens": 144,  # the level-1 arith target is at most 125 tokens (digit tokens), mean 89
         "eval.batch_size": 64,
         "rl.max_new_tokens": 144,
