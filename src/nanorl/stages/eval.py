@@ -252,8 +252,15 @@ def run(ctx: Context) -> dict[str, Any]:
             for stage, res in results.items():
                 suffix = "" if stage == final else f"-{stage}"
                 write_json(ctx.run_dir / "eval" / f"{ctx.task.name}-{split_name}{suffix}.json", res)
-        out[split] = {stage: r["accuracy"] for stage, r in results.items()}
-    summary_metrics = {f"{split}_{stage}_acc": acc for split, d in out.items() for stage, acc in d.items()}
+        out[split] = {f"{stage}_acc": r["accuracy"] for stage, r in results.items()}
+        out[split].update(
+            {
+                f"{stage}_sampled_acc": r["modes"]["sampled"]["accuracy"]
+                for stage, r in results.items()
+                if "sampled" in r["modes"]
+            }
+        )
+    summary_metrics = {f"{split}_{key}": acc for split, d in out.items() for key, acc in d.items()}
     ctx.bus.stage_end(info, summary_metrics)
     return summary_metrics
 
