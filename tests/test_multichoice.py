@@ -675,8 +675,12 @@ def test_eval_sampled_mode_records_follow_their_questions(two_checkpoints, monke
 
     monkeypatch.setattr(Engine, "sample", fake_sample)
     ctx.cfg.eval.samples, ctx.cfg.eval.sample_temperature = 3, 0.6
-    res = evaluate(ctx, model, "dev", "generative", 5, samples=None)
+    calls: dict[str, list] = {}
+    progress = lambda mode: lambda *args: calls.setdefault(mode, []).append(args)  # noqa: E731
+    res = evaluate(ctx, model, "dev", "generative", 5, samples=None, progress=progress)
     assert list(res["modes"]) == ["generative", "sampled"]
+    # progress per batch of questions: done, in all, completion tokens so far (one token per fake completion)
+    assert calls["generative"][-1] == (5, 5, 5) and calls["sampled"][-1] == (5, 5, 15)
     assert (1, 0.0) in seen and (3, 0.6) in seen
     s = res["modes"]["sampled"]
     assert [(r["id"], r["sample"]) for r in s["records"]] == [(ex.id, j) for ex in examples for j in range(3)]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import typer
 
 from nanorl.cli.config_cmd import DataDirOpt
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import console, err_console, print_json
 
 # Options are module-level so that other commands (and later flags such as --compare) can reuse them.
 SplitOpt = typer.Option("dev", "--split", help="dev or test.")
@@ -15,6 +17,33 @@ ModeOpt = typer.Option("generative", "--mode", help="generative, categorical or 
 CompileOpt = typer.Option(
     None, "--compile/--no-compile", help="Compile the CPU decode step (default: the run's engine.compile)."
 )
+
+
+@contextlib.contextmanager
+def eval_progress(disable: bool):
+    """A progress bar per evaluated mode (questions done, completion tokens/s, ETA) on stderr, cleared when done;
+    yields `evaluate`'s `progress` argument for a checkpoint label: label -> mode -> callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=err_console, transient=True, disable=disable) as bar:
+
+        def for_checkpoint(label: str):
+            def for_mode(mode: str):
+                job, t0 = bar.add_task(f"{label} {mode}", total=None, rate=""), time.time()
+
+                def update(done: int, total: int, tokens: int) -> None:
+                    rate = f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s"
+                    bar.update(job, completed=done, total=total, rate=rate)
+
+                return update
+
+            return for_mode
+
+        yield for_checkpoint
 
 
 def load_for_eval(
@@ -65,7 +94,7 @@ def load_for_eval(
 
 def compare_checkpoints(
     res, other: str, task: str, split: str, mode: str, max_examples: int, seed: int, data_dir: str | None = None,
-    compile_: bool | None = None, eval_overrides: dict | None = None,
+    compile_: bool | None = None, eval_overrides: dict | None = None, progress=None,
 ):  # fmt: skip
     """`--compare OTHER`: evaluate OTHER on the same questions; per mode, the paired difference and its p
     (`nanorl.multichoice.compare`; a = the checkpoint evaluated, b = OTHER)."""
@@ -75,7 +104,9 @@ def compare_checkpoints(
 
     ctx, model, stage_dir = load_for_eval(other, task, data_dir, compile_, eval_overrides)
     try:
-        res_b = evaluate(ctx, model, split, mode, max_examples, seed=seed)
+        res_b = evaluate(
+            ctx, model, split, mode, max_examples, seed=seed, progress=progress and progress(stage_dir.name)
+        )
     finally:
         ctx.bus.close()
     out = {}
@@ -142,20 +173,22 @@ def register(app: typer.Typer) -> None:
         ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_, sampling)
         if ctx.cfg.engine.compile and ctx.device.type == "cpu" and not as_json:
             console.print("[dim]compiling the decode step on first use: 20-40 s, once per process and batch layout[/]")
-        try:
-            res = evaluate(ctx, model, split, mode, max_examples, seed=ctx.cfg.seed)
-            if shuffle_k:
-                shuffle_check(ctx, model, res, shuffle_k, seed=ctx.cfg.seed)
-        finally:
-            ctx.bus.close()
-        res["stage"] = stage_dir.name
-        res["checkpoint"] = str(stage_dir)
-        if compare_to:
-            del model  # one model in memory at a time
-            other_task = task or ctx.task.name
-            res["compare"] = compare_checkpoints(
-                res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir, compile_, sampling
-            )
+        with eval_progress(disable=as_json) as progress:
+            try:
+                res = evaluate(ctx, model, split, mode, max_examples, ctx.cfg.seed, progress=progress(stage_dir.name))
+                if shuffle_k:
+                    shuffle_check(ctx, model, res, shuffle_k, seed=ctx.cfg.seed)
+            finally:
+                ctx.bus.close()
+            res["stage"] = stage_dir.name
+            res["checkpoint"] = str(stage_dir)
+            if compare_to:
+                del model  # one model in memory at a time
+                other_task = task or ctx.task.name
+                res["compare"] = compare_checkpoints(
+                    res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir, compile_,
+                    sampling, progress,
+                )  # fmt: skip
         out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split}-{stage_dir.name}.json"
         write_json(out, res)
         if as_json:

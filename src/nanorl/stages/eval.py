@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +41,29 @@ from nanorl.stages.common import MODEL_STAGES, Context
 ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (nanorl.multichoice)
 
 
+Progress = Callable[[int, int, int], None]  # (questions done, questions in all, completion tokens so far)
+
+
 def generative_records(
-    ctx: Context, model, examples: list[Example], seed: int = 0, samples: int = 1, temperature: float | None = None
-) -> list[dict[str, Any]]:
+    ctx: Context, model, examples: list[Example], seed: int = 0, samples: int = 1, temperature: float | None = None,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """One record per completion: `samples` completions of each question (the engine prefills its prompt once),
     at `temperature` (default eval.temperature); a question's records are consecutive, numbered by "sample"."""
     task, tok, ecfg = ctx.task, ctx.tokenizer(), ctx.cfg.eval
     temperature = ecfg.temperature if temperature is None else temperature
     engine = ctx.engine(model)
     prompts = [tok.render_for_completion(task.prompt(ex)) for ex in examples]
-    groups = []
+    groups: list[list[Any]] = []
+    tokens = 0
     for i in range(0, len(prompts), ecfg.batch_size):
-        groups += engine.sample(
+        batch = engine.sample(
             prompts[i : i + ecfg.batch_size], samples, ecfg.max_new_tokens, temperature, 0, seed=seed + i
         )
+        groups += batch
+        if progress is not None:
+            tokens += sum(len(s.tokens) for g in batch for s in g)
+            progress(len(groups), len(prompts), tokens)
     from nanorl.multichoice import ends_with_final_answer
 
     records = []
@@ -154,12 +164,14 @@ def summary(records: list[dict[str, Any]], multiple_choice: bool, sampled: bool 
 
 
 def evaluate(
-    ctx: Context, model, split: str, mode: str, max_examples: int = 0, seed: int = 0, samples: int | None = None
-) -> dict[str, Any]:
+    ctx: Context, model, split: str, mode: str, max_examples: int = 0, seed: int = 0, samples: int | None = None,
+    progress: Callable[[str], Progress] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Evaluate `model` on a split: {"task", "split", "n", "modes": {mode: summary + "records"}}.
 
     With `samples` (default eval.samples) > 0 and the generative mode, the `sampled` mode runs too: that many
-    completions per question at eval.sample_temperature.
+    completions per question at eval.sample_temperature. `progress(mode)` gives the sampling modes' progress
+    callback (`nanorl eval` draws a bar from it).
     """
     ecfg = ctx.cfg.eval
     samples = ecfg.samples if samples is None else samples
@@ -175,11 +187,14 @@ def evaluate(
     out: dict[str, Any] = {"task": ctx.task.name, "split": split, "n": len(examples), "modes": {}}
     for m in modes:
         t0 = time.time()
+        report = progress(m) if progress is not None else None
         if m == "generative":
-            records = generative_records(ctx, model, examples, seed=seed)
+            records = generative_records(ctx, model, examples, seed=seed, progress=report)
         elif m == "sampled":
             # its own seed stream, apart from a generative mode that samples too (eval.temperature > 0)
-            records = generative_records(ctx, model, examples, seed + 1_000_003, samples, ecfg.sample_temperature)
+            records = generative_records(
+                ctx, model, examples, seed + 1_000_003, samples, ecfg.sample_temperature, progress=report
+            )
         else:
             records = categorical_records(ctx, model, examples)
         out["modes"][m] = {**summary(records, mc, m == "sampled"), "seconds": time.time() - t0, "records": records}
