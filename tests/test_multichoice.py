@@ -566,6 +566,10 @@ def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch
     assert mid["modes"]["categorical"]["shuffle"]["answered_pairs"] == 10  # categorical always answers
     assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--shuffle-options", "-1") == 2
     assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--samples", "-1") == 2
+    # RUN/STAGE names a stage of a run under $NANORL_HOME/runs
+    assert _nanorl("eval", "--checkpoint", "mc/base", "--max-examples", "2") == 0
+    assert json.loads((run / "eval" / "arith-dev-base.json").read_text())["n"] == 2
+    assert _nanorl("eval", "--checkpoint", "mc/sft", "--max-examples", "2") != 0  # no such stage
     assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--samples", "2", "--sample-temperature", "0") == 2
     assert list(scratch.iterdir()) == []  # local checkpoints need no download folder (one leaked per eval once)
 

@@ -131,7 +131,9 @@ def register(app: typer.Typer) -> None:
     def eval_(
         task: str = typer.Option(None, "--task", help="The task (default: the run's)."),
         split: str = SplitOpt,
-        checkpoint: str = typer.Option(..., "--checkpoint", help="A run name, a stage folder or an s3:// URL."),
+        checkpoint: str = typer.Option(
+            ..., "--checkpoint", help="A run name (its final model), RUN/STAGE, a stage folder or an s3:// URL."
+        ),
         mode: str = ModeOpt,
         max_examples: int = typer.Option(0, "--max-examples", help="Evaluate at most this many (0: all)."),
         data_dir: str = DataDirOpt,

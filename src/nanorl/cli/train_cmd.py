@@ -11,8 +11,8 @@ from nanorl.cli.ui import print_json
 
 
 def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
-    """A checkpoint folder, a run name's final model, or an s3:// URL (downloaded into `workdir`, which an
-    s3:// spec needs)."""
+    """A checkpoint folder, a run name's final model, RUN/STAGE (that stage of a run under $NANORL_HOME/runs), or
+    an s3:// URL (downloaded into `workdir`, which an s3:// spec needs)."""
     from nanorl import checkpoint as ckpt
     from nanorl.api import NanorlError
     from nanorl.config import run_dir
@@ -22,6 +22,8 @@ def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
     p = Path(spec).expanduser()
     if p.is_dir() and ckpt.has_checkpoint(p):
         return p
+    if not p.is_absolute() and len(p.parts) == 2 and ckpt.has_checkpoint(run_dir(p.parts[0]) / p.parts[1]):
+        return run_dir(p.parts[0]) / p.parts[1]
     run = p if (p / "run.toml").is_file() else run_dir(spec)
     if (run / "run.toml").is_file():
         for stage in ("rl", "sft", "mid", "base"):
@@ -30,7 +32,7 @@ def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
         raise NanorlError(f"run {spec!r} has no finished model stage yet", hint="run the pipeline first")
     raise NanorlError(
         f"no checkpoint at {spec!r}",
-        hint="give a stage folder (runs/<name>/sft), a run name, or s3://bucket/prefix",
+        hint="give a run name, RUN/STAGE (e.g. arith-tiny/sft), a stage folder, or s3://bucket/prefix",
     )
 
 
@@ -40,7 +42,7 @@ def register(app: typer.Typer) -> None:
         stage: str = typer.Argument(..., help="base, mid, sft or rl."),
         run: str = typer.Option(..., "--run", help="The run (its folder holds run.toml and the tokenizer)."),
         checkpoint: str = typer.Option(
-            None, "--checkpoint", help="Start from this checkpoint (folder, run name or s3:// URL)."
+            None, "--checkpoint", help="Start from this checkpoint (run name, RUN/STAGE, folder or s3:// URL)."
         ),
         steps: int = typer.Option(None, "--steps", help="Steps of this stage."),
         overrides: list[str] = OverridesArg,
