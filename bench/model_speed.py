@@ -88,18 +88,18 @@ def loss_chunks(threads: int, reps: int = 8) -> dict:
     w = (torch.randn(V, C) * 0.05).requires_grad_()
     y = torch.randint(0, V, (N,))
     sizes = {"512K": 2**19, "2M": 2**21, "8M": 2**23, "16M (one chunk)": 2**24}
-    default = gpt._CHUNK_ELEMENTS["cpu"]
+    default = gpt.LOSS_CHUNK_ELEMENTS["cpu"]
     times = {k: [] for k in sizes}
     try:
         for i in range(reps + 1):
             for name, n in sizes.items():
-                gpt._CHUNK_ELEMENTS["cpu"] = n
+                gpt.LOSS_CHUNK_ELEMENTS["cpu"] = n
                 c = time.process_time()
                 gpt.FusedLinearSoftcapCE.apply(x, w, y, 15.0, None)[0].backward()
                 if i:  # the first round is warm-up
                     times[name].append((time.process_time() - c) / threads * 1e3)
     finally:
-        gpt._CHUNK_ELEMENTS["cpu"] = default
+        gpt.LOSS_CHUNK_ELEMENTS["cpu"] = default
     return {k: round(statistics.median(v), 1) for k, v in times.items()}
 
 

@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node=2 (gloo on CPU): a few base steps, and the two ranks' weights stay identical."""
+"""torchrun --nproc_per_node=2 (gloo on CPU): a few base steps with gradient accumulation, and the two ranks' weights
+stay identical."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ SCRIPT = textwrap.dedent(
     cfg = resolve(preset="tiny", overrides=[
         "name=ddp", "model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=64",
         "tokenizer.train_chars=50000", "base.steps=4", "base.device_batch_size=2", "base.checkpoint_every=2",
+        "base.total_batch_tokens=512",
         "base.eval_every=0", "telemetry.console=false", "device=cpu",
     ])
     seen = {}
@@ -66,4 +68,6 @@ def test_two_ranks_stay_in_sync(tmp_path):
     assert r0["loss"] == r1["loss"]  # the logged loss is the mean over ranks
     # rank 0 wrote the checkpoint; its metrics say it trained on two ranks' tokens per step
     recs = [json.loads(line) for line in (tmp_path / "home/runs/ddp/metrics.jsonl").read_text().splitlines()]
-    assert any(r["stage"] == "base" and r.get("kind") == "end" for r in recs)
+    end = next(r for r in recs if r["stage"] == "base" and r.get("kind") == "end")
+    # 512 tokens a step: 2 ranks x 2 passes x 2 rows x 64 tokens (gradient accumulation within each rank)
+    assert end["metrics"]["tokens_per_step"] == 512

@@ -255,6 +255,16 @@ def test_model_info_cli_prints_the_truth(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["params"]["total"] == 92_274_688
     assert out["shape"]["n_embd"] == 512 and out["shape"]["n_head"] == 4
+    # the GPU training estimate, by hand: float32 weights and gradients (8 bytes), Muon's momentum (4) and a bf16
+    # copy (2) for the 25.2 M matrix entries, AdamW's moments (8) for the embedding, those plus the bf16 copy and
+    # the loss's float32 head gradient (8 + 2 + 4) for the head; per row, 2048 tokens x width 512 x (8 layers x
+    # 41 + 11) bytes
+    mem = out["train_memory"]
+    assert mem["weights_and_optimizer_bytes"] == 25_165_824 * 14 + 33_554_432 * 16 + 33_554_432 * 22
+    assert mem["per_row_bytes"] == 2048 * 512 * (8 * 41 + 11)
+    fixed = mem["weights_and_optimizer_bytes"] + mem["loss_chunk_bytes_max"]
+    rows = mem["rows_that_fit"]["80GiB"]
+    assert fixed + rows * mem["per_row_bytes"] <= 0.85 * 80 * 2**30 < fixed + (rows + 1) * mem["per_row_bytes"]
 
 
 @pytest.mark.parametrize(
@@ -363,3 +373,42 @@ def test_inference_weight_caches_follow_the_weights(shape):
     assert gap() < 1e-5
     model.double()
     assert gap() < 1e-5  # a stale float32 cache would not even multiply with float64 activations
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_training_memory_estimate_covers_what_autograd_keeps(mixed):
+    """The activation bytes a token costs (nanorl.model.counts.ACTIVATION_BYTES, behind the GPU batch size a
+    stage picks), measured again: the distinct tensors autograd saves for the backward, under bf16 autocast or
+    in float32. Per token and layer from the depth x length interaction (what grows with both), outside the
+    layers from the length alone. A model change that keeps more for the backward fails here before it makes
+    a GPU run run out of memory."""
+    from nanorl.model.counts import ACTIVATION_BYTES
+
+    def saved_bytes(depth: int, T: int) -> int:
+        cfg = small_cfg(depth=depth, n_embd=256, n_head=2, seq_len=T, vocab_size=512, attention="sdpa")
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        model.init_weights()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                kept[st.data_ptr()] = st.nbytes()
+            return t
+
+        idx = torch.randint(0, 512, (2, T))
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed),
+        ):
+            model(idx, idx)
+        return sum(kept.values())
+
+    a, b, c, d = saved_bytes(1, 32), saved_bytes(1, 64), saved_bytes(3, 32), saved_bytes(3, 64)
+    per_layer = ((d - c) - (b - a)) / (2 * 2 * 32 * 256)  # 2 more layers, 2 x 32 more tokens, width 256
+    outside = (b - a) / (2 * 32 * 256) - per_layer
+    inside_est, outside_est = ACTIVATION_BYTES["mixed" if mixed else "float32"]
+    assert 0.9 * inside_est <= per_layer <= inside_est
+    assert 0.75 * outside_est <= outside <= outside_est

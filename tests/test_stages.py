@@ -177,3 +177,69 @@ def test_rl_steps_without_signal_leave_the_weights_alone(monkeypatch):
     rl_logs = [r["metrics"] for r in read_metrics(run_dir("signal")) if r["stage"] == "rl" and r.get("kind") is None]
     assert [m["zero_var_frac"] for m in rl_logs[-3:]] == [0.0, 1.0, 1.0]
     assert rl_logs[-1]["grad_norm"] == 0.0
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_trains_like_one_pass_of_the_whole_batch():
+    """A 512-token step as 2 passes of 2 rows takes the step that 1 pass of 4 rows takes: the same rows, the
+    loss of each pass scaled by 1/passes (the sums differ in rounding only)."""
+    runs = {}
+    for name, rows in (("accum-4x1", 4), ("accum-2x2", 2)):
+        cfg = _cfg(name, f"base.device_batch_size={rows}", "base.total_batch_tokens=512", "base.steps=3")
+        run_pipeline(cfg, only="tokenizer")
+        runs[name] = run_pipeline(cfg, only="base")["base"]
+        assert runs[name]["tokens_per_step"] == 512  # 4 rows of 128 tokens, all of them targets
+    one, two = _losses("accum-4x1", "base"), _losses("accum-2x2", "base")
+    assert one.keys() == two.keys() == {1, 2, 3}
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-5)
+    a, b = _weights("accum-4x1", "base"), _weights("accum-2x2", "base")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_split_rows_prefers_equal_passes():
+    from nanorl.stages.common import split_rows
+
+    assert split_rows(8, 32) == (8, 1)
+    assert split_rows(256, 193) == (128, 2)
+    assert split_rows(256, 28) == (16, 16)  # not 10 passes of 26 (260 rows)
+    assert split_rows(86, 64) == (43, 2)
+    assert split_rows(97, 64) == (49, 2)  # a prime: rounded up to 98 rows
+
+
+def _batch_ctx(world_size: int, device: str, *extra: str):
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    cfg = resolve(overrides=[*extra])
+    bus = SimpleNamespace(console=Console(quiet=True))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return SimpleNamespace(cfg=cfg, device=torch.device(device), dtype=dtype, rank=0, world_size=world_size, bus=bus)
+
+
+def test_a_token_target_gives_the_same_step_on_one_rank_or_eight(monkeypatch):
+    """The default recipe's 2^19 tokens a step, on 1 and on 8 GPUs of 80 GiB: the rows a pass come from the
+    memory estimate, the passes make up the rest."""
+    from types import SimpleNamespace
+
+    from nanorl.api import NanorlError
+    from nanorl.stages.common import micro_batch
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * gib))
+    for depth, layouts in ((8, {1: (128, 2), 8: (32, 1)}), (20, {1: (16, 16), 8: (16, 2)})):
+        for world, layout in layouts.items():
+            ctx = _batch_ctx(world, "cuda", f"model.depth={depth}")
+            B, accum = micro_batch(ctx, "base")
+            assert (B, accum) == layout, (depth, world)
+            assert B * accum * world * 2048 == 2**19
+    # no target: one pass, at most 32 rows; the CPU takes 8
+    assert micro_batch(_batch_ctx(1, "cuda", "model.depth=8", "base.total_batch_tokens=0"), "base") == (32, 1)
+    assert micro_batch(_batch_ctx(1, "cpu", "model.depth=8", "base.total_batch_tokens=0"), "base") == (8, 1)
+    # a model whose training step cannot fit gets a clear error, not an out-of-memory crash
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=8 * gib))
+    with pytest.raises(NanorlError, match="does not fit") as err:
+        micro_batch(_batch_ctx(1, "cuda", "model.depth=26"), "base")
+    assert "seq_len" in err.value.hint

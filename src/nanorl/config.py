@@ -87,8 +87,12 @@ class TrainConfig:
     """A supervised stage: base (pretraining), mid (chat format) or sft (task rationales)."""
 
     steps: int = _f(-1, "optimizer steps (-1: follow the stage's budget rule)", ge=-1)
-    device_batch_size: int = _f(0, "rows per forward pass on one device (0: pick one that fits)", ge=0)
-    total_batch_tokens: int = _f(0, "tokens per optimizer step, reached by gradient accumulation (0: one pass)", ge=0)
+    device_batch_size: int = _f(
+        0, "the most rows per forward pass on one device (0: 8 on the CPU, what fits on a GPU)", ge=0
+    )
+    total_batch_tokens: int = _f(
+        0, "tokens per optimizer step, whatever the ranks, reached by gradient accumulation (0: one pass a rank)", ge=0
+    )
     lr: float = _f(1.0, "multiplier on the optim section's learning rates", gt=0)
     warmup_ratio: float = _f(0.0, "fraction of steps of linear warmup", ge=0, le=1)
     warmdown_ratio: float = _f(0.2, "fraction of steps of linear decay to final_lr_frac at the end", ge=0, le=1)
@@ -194,9 +198,11 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    base: TrainConfig = _stage()
-    mid: TrainConfig = _stage(warmdown_ratio=0.2)
-    sft: TrainConfig = _stage(lr=0.02, warmdown_ratio=1.0)
+    # tokens a step (nanochat's): 2^19 for pretraining and midtraining, 32 rows of 2,048 for SFT, reached by
+    # gradient accumulation, so the same recipe trains the same model on one GPU or eight (stages.common)
+    base: TrainConfig = _stage(total_batch_tokens=2**19)
+    mid: TrainConfig = _stage(warmdown_ratio=0.2, total_batch_tokens=2**19)
+    sft: TrainConfig = _stage(lr=0.02, warmdown_ratio=1.0, total_batch_tokens=2**16)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -248,6 +254,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # two heads took 622 s; the option copy has formed by base step 1,000, and SFT completes the operand copy
         # on every seed run (bench/copy_probe.py; docs/benchmarks.md)
         "base.steps": 1000,
+        # the stages' steps are one pass of device_batch_size rows (8 x 256 tokens: the budget above was tuned
+        # at that size; the defaults' 2^19-token steps are for GPUs)
+        "base.total_batch_tokens": 0,
+        "mid.total_batch_tokens": 0,
+        "sft.total_batch_tokens": 0,
         "base.device_batch_size": 8,
         "base.eval_every": 100,
         "base.checkpoint_every": 100,

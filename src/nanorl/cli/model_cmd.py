@@ -1,4 +1,5 @@
-"""`nanorl model info`: the model's shape, parameter counts and FLOPs, counted analytically (instant at any depth)."""
+"""`nanorl model info`: the model's shape, parameter counts, FLOPs and training memory, counted analytically (instant
+at any depth)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
+# GPU sizes `model info` reports the rows that fit for (GiB): the common 24, 40 and 80 GB cards
+GPU_GIB = (24, 40, 80)
+
+
 def register(app: typer.Typer) -> None:
     model_app = typer.Typer(help="Inspect the model a config describes.", no_args_is_help=True)
     app.add_typer(model_app, name="model")
@@ -31,9 +36,10 @@ def register(app: typer.Typer) -> None:
         name: str = NameOpt,
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
-        """Print the model's shape, parameter counts (embedding, matrices, unembedding, total) and FLOPs/token."""
+        """Print the model's shape, parameter counts (embedding, matrices, unembedding, total), FLOPs/token, and
+        the estimated GPU memory of a training step with the rows that fit common GPUs."""
         # counted from the config, no tensors: `--depth 26` is as instant as `--preset tiny`
-        from nanorl.model.counts import count_params, flops_per_token
+        from nanorl.model.counts import count_params, flops_per_token, rows_that_fit, train_memory
 
         cfg = build_config(preset, depth, config, task, name, overrides)
         m = cfg.model
@@ -51,8 +57,17 @@ def register(app: typer.Typer) -> None:
             "softcap": m.softcap,
             "attention": m.attention,
         }
+        # a training step on a GPU (bf16 autocast): what stays, what a row of seq_len tokens adds, and the rows a
+        # forward pass takes (device_batch_size 0) on GPUs of 24, 40 and 80 GiB
+        one = train_memory(m, 1)
+        memory = {
+            "weights_and_optimizer_bytes": one["weights"],
+            "loss_chunk_bytes_max": train_memory(m, 1 << 20)["loss"],
+            "per_row_bytes": one["activations"],
+            "rows_that_fit": {f"{g}GiB": rows_that_fit(m, g * 2**30) for g in GPU_GIB},
+        }
         if as_json:
-            print_json({"shape": shape, "params": counts, "flops_per_token": fpt})
+            print_json({"shape": shape, "params": counts, "flops_per_token": fpt, "train_memory": memory})
             return
         from rich.table import Table
 
@@ -67,8 +82,16 @@ def register(app: typer.Typer) -> None:
             table.add_row(f"params: {k}", f"{counts[k]:,} ({_human(counts[k])})", style=style)
         table.add_section()
         table.add_row(f"FLOPs/token (fwd+bwd, T={m.seq_len})", f"{fpt:,} ({_human(fpt)})")
+        table.add_section()
+        gib = 2**30
+        table.add_row("GPU training: weights + optimizer", f"{memory['weights_and_optimizer_bytes'] / gib:.2f} GiB")
+        table.add_row("GPU training: loss chunk (at most)", f"{memory['loss_chunk_bytes_max'] / gib:.2f} GiB")
+        table.add_row(f"GPU training: per row of {m.seq_len} tokens", f"{memory['per_row_bytes'] / gib:.2f} GiB")
+        for g in GPU_GIB:
+            table.add_row(f"GPU training: rows per pass on {g} GiB", str(memory["rows_that_fit"][f"{g}GiB"]))
         console.print(table)
         console.print(
             "[dim]FLOPs/token = 6 x (matrix + unembedding params) + 12 x layers x width x seq; the embedding "
-            "is a lookup, not a matmul.[/]"
+            "is a lookup, not a matmul. GPU memory: an estimate under bf16 autocast (docs/training.md); a stage "
+            "with device_batch_size=0 takes the rows that fit its GPU.[/]"
         )

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanorl.model.attention import attention, eager_attention, resolve_backend, shared_prefix_attention
-from nanorl.model.counts import count_params, flops_per_token
+from nanorl.model.counts import LOSS_CHUNK_ELEMENTS, count_params, flops_per_token
 
 # Rotary base frequency (RoFormer, Su et al. 2021; nanochat uses the same 10000).
 ROPE_BASE = 10000.0
@@ -396,13 +396,6 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return g.mul_(grad_loss[:, None]).to(ctx.in_dtype), None, None  # backward runs once: g is free to reuse
 
 
-# Logits per chunk of the fused loss (rows = this / vocab). Matmul efficiency wins over cache residency on the
-# CPU: on the benchmark shape (2,048 rows, V = 8,192) one 16M chunk ran the loss fwd+bwd 1.3-1.9x faster than
-# 2M chunks and 2.6-4.8x faster than 512K ones (`bench/model_speed.py --loss-chunks`, two runs under load).
-# 16M float32 is 64 MB (CPU) and 256M is 1 GB (GPU): bounded, whatever the batch.
-_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**28}
-
-
 class FusedLinearSoftcapCE(torch.autograd.Function):
     """The cross-entropy of cap·tanh(x·Wᵀ / cap) over the targets != -1, never holding all the logits.
 
@@ -425,7 +418,7 @@ class FusedLinearSoftcapCE(torch.autograd.Function):
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         xm, wm = x.to(mm_dtype), weight.to(mm_dtype)
         N, V = x.size(0), weight.size(0)
-        chunk = max(1, _CHUNK_ELEMENTS.get(dev, 2**28) // V)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS.get(dev, LOSS_CHUNK_ELEMENTS["cuda"]) // V)
         valid = (targets >= 0).float()
         if row_weights is None:
             w, denom = valid, valid.sum().clamp_min(1)

@@ -47,7 +47,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     cfg, tcfg = ctx.cfg, ctx.cfg.base
     tok = ctx.tokenizer()
-    B, accum = micro_batch(ctx, tcfg)
+    B, accum = micro_batch(ctx, "base")
     T = cfg.model.seq_len
     corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad)
     loader = PackedLoader(corpus, tok, B, T, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)

@@ -267,12 +267,64 @@ def render_examples(ctx: Context, examples: list[Example], seq_len: int) -> list
 
 
 # ---- the supervised loop -----------------------------------------------------------------------------------
-def micro_batch(ctx: Context, tcfg) -> tuple[int, int]:
-    """(rows per forward pass, micro-steps per optimizer step) from device_batch_size and total_batch_tokens."""
+# Rows per forward pass when device_batch_size is 0: on the CPU a size that keeps steps short (speed, not
+# memory, is the limit there); on a GPU the most that fit (nanorl.model.counts.rows_that_fit), at most
+# GPU_MAX_ROWS without a token target.
+CPU_ROWS = 8
+GPU_MAX_ROWS = 32
+
+
+def rows_per_pass(ctx: Context, tcfg) -> int:
+    """The most rows one forward pass may take: device_batch_size, or (0) what suits the device."""
+    if tcfg.device_batch_size:
+        return tcfg.device_batch_size
+    if ctx.device.type != "cuda":
+        return CPU_ROWS
+    from nanorl.model.counts import rows_that_fit
+
+    memory = torch.cuda.get_device_properties(ctx.device).total_memory
+    mixed = ctx.dtype != torch.float32
+    fit = rows_that_fit(ctx.cfg.model, memory, mixed=mixed)
+    if fit < 1:
+        raise NanorlError(
+            f"a depth-{ctx.cfg.model.depth} model with rows of {ctx.cfg.model.seq_len} tokens does not fit a"
+            f" training step in this GPU's {memory / 2**30:.0f} GiB (estimated; `nanorl model info` shows it)",
+            hint="lower model.seq_len or model.depth, or use a GPU with more memory",
+        )
+    return fit if tcfg.total_batch_tokens else min(fit, GPU_MAX_ROWS)
+
+
+def split_rows(rows: int, limit: int) -> tuple[int, int]:
+    """(rows per pass, passes) for `rows` rows a step on one rank, at most `limit` a pass: the fewest passes,
+    with all passes the same size when a few more passes allow it (256 rows, at most 28 a pass: 16 x 16, not
+    10 x 26 = 260 rows), else the rows rounded up to a multiple of the passes."""
+    fewest = math.ceil(rows / limit)
+    exact = next((n for n in range(fewest, 2 * fewest + 1) if rows % n == 0), None)
+    passes = exact or fewest
+    return math.ceil(rows / passes), passes
+
+
+def micro_batch(ctx: Context, stage: str) -> tuple[int, int]:
+    """(rows per forward pass, micro-steps per optimizer step) for the supervised stage `stage`, announced on
+    the console.
+
+    With total_batch_tokens, every optimizer step sees that many tokens (rounded up to whole rows) whatever the
+    number of ranks and the rows a device takes: one GPU accumulates what eight take in one pass, so a recipe
+    trains the same model on either. Without it, a step is one pass of rows_per_pass rows per rank."""
+    tcfg = getattr(ctx.cfg, stage)
+    limit = rows_per_pass(ctx, tcfg)
     T = ctx.cfg.model.seq_len
-    B = tcfg.device_batch_size or (8 if ctx.device.type == "cpu" else 32)  # 0: a size that fits the device
-    per_pass = B * T * ctx.world_size
-    accum = max(1, math.ceil(tcfg.total_batch_tokens / per_pass)) if tcfg.total_batch_tokens else 1
+    if tcfg.total_batch_tokens:
+        B, accum = split_rows(math.ceil(tcfg.total_batch_tokens / (T * ctx.world_size)), limit)
+    else:
+        B, accum = limit, 1
+    if ctx.rank == 0:
+        ranks = f" x {ctx.world_size} ranks" if ctx.world_size > 1 else ""
+        passes = f" x {accum} passes" if accum > 1 else ""
+        ctx.bus.console.print(
+            f"[dim]{stage}: {B} rows x {T} tokens{passes}{ranks} = {B * T * accum * ctx.world_size:,} tokens a step[/]",
+            highlight=False,
+        )
     return B, accum
 
 

@@ -44,7 +44,7 @@ def run(ctx: Context) -> dict[str, Any]:
     if cfg.data.chat:
         tok = ctx.tokenizer()
         rendered += [tok.render_conversation(c, max_len=T + 1) for c in chat_conversations(cfg.data.chat)]
-    B, accum = micro_batch(ctx, tcfg)
+    B, accum = micro_batch(ctx, "mid")
     loader = ConversationLoader(
         rendered, B, T, ctx.tokenizer().bos_id, packed=True, assistant_only=False,
         seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,

@@ -20,7 +20,7 @@ def run(ctx: Context) -> dict[str, Any]:
     cfg, tcfg = ctx.cfg, ctx.cfg.sft
     T = cfg.model.seq_len
     rendered = render_examples(ctx, ctx.examples("train"), T)
-    B, accum = micro_batch(ctx, tcfg)
+    B, accum = micro_batch(ctx, "sft")
     bos = ctx.tokenizer().bos_id
     loader = ConversationLoader(
         rendered, B, T, bos, packed=False, assistant_only=True,
