@@ -218,3 +218,34 @@ def test_update_skips_masked_prompts_and_keeps_the_gradient():
     assert sum(x.abs().sum() for x in g_all) > 0
     for a, b in zip(g_skip, g_all, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_update_rows_fit_the_gpu_with_the_reference_model_set_aside(monkeypatch):
+    """The update's rows a pass: 64 on the CPU; on a GPU what the training estimate fits next to the frozen
+    reference model (when the run uses it), and a clear error when not even one group fits."""
+    from types import SimpleNamespace
+
+    from nanorl.api import NanorlError
+    from nanorl.model.counts import count_params, train_memory
+    from nanorl.stages.rl import UPDATE_ROWS, update_rows
+
+    gib = 2**30
+
+    def ctx(device: str, gpu_gib: int, *extra: str):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gpu_gib * gib))
+        return SimpleNamespace(cfg=resolve(overrides=list(extra)), device=torch.device(device))
+
+    assert update_rows(ctx("cpu", 0, "model.depth=20"), 456) == UPDATE_ROWS == 64
+    assert update_rows(ctx("cuda", 80, "model.depth=8"), 456) == 64  # a small model: the cap
+    # depth 20 on 40 GiB, AQuA-like rows (a 200-token prompt and 256 new tokens), the KL telemetry on
+    c = ctx("cuda", 40, "model.depth=20")
+    rows = update_rows(c, 456)
+    m = c.cfg.model
+    reference = 4 * count_params(m)["total"]
+    budget = 0.85 * 40 * gib - reference
+    assert 8 <= rows < 64
+    assert train_memory(m, rows, 456)["total"] <= budget < train_memory(m, rows + 1, 456)["total"]
+    assert update_rows(ctx("cuda", 40, "model.depth=20", "rl.kl_every=0"), 456) > rows  # no reference model
+    with pytest.raises(NanorlError, match="group of 8 completions") as err:
+        update_rows(ctx("cuda", 24, "model.depth=26"), 456)
+    assert "rl.group_size" in err.value.hint

@@ -64,10 +64,13 @@ def train_memory(cfg, rows: int, seq_len: int | None = None, mixed: bool = True,
 GPU_MEMORY_SHARE = 0.85
 
 
-def rows_that_fit(cfg, gpu_bytes: float, seq_len: int | None = None, mixed: bool = True, device: str = "cuda") -> int:
+def rows_that_fit(
+    cfg, gpu_bytes: float, seq_len: int | None = None, mixed: bool = True, device: str = "cuda", reserved: float = 0
+) -> int:
     """The most rows per forward pass whose estimated training step (train_memory) fills at most
-    GPU_MEMORY_SHARE of a GPU's `gpu_bytes`; 0 when not even one row does."""
-    memory_bytes = GPU_MEMORY_SHARE * gpu_bytes
+    GPU_MEMORY_SHARE of a GPU's `gpu_bytes`, less `reserved` bytes that something else holds (RL's frozen
+    reference model); 0 when not even one row does."""
+    memory_bytes = GPU_MEMORY_SHARE * gpu_bytes - reserved
     rows = 1
     while train_memory(cfg, rows * 2, seq_len, mixed, device)["total"] <= memory_bytes:
         rows *= 2

@@ -208,6 +208,35 @@ def policy_gradient(
     return loss.detach(), stats, logp.detach()
 
 
+# Completion rows per forward + backward of the update at most (a GPU takes fewer where they do not fit:
+# update_rows)
+UPDATE_ROWS = 64
+
+
+def update_rows(ctx: Context, longest: int) -> int:
+    """The most completion rows one forward + backward of the update may take, `longest` the step's longest
+    prompt plus rl.max_new_tokens: UPDATE_ROWS, and on a GPU also no more than fit its memory by the training
+    estimate (nanorl.model.counts), the frozen reference model's float32 weights set aside when the run uses
+    it (rl.beta or the KL telemetry). Any chunking gives the same gradient (the loss is a sum over tokens
+    divided by the step's count), so this trades only speed for memory."""
+    if ctx.device.type != "cuda":
+        return UPDATE_ROWS
+    from nanorl.model.counts import count_params, rows_that_fit
+
+    rcfg, mcfg = ctx.cfg.rl, ctx.cfg.model
+    memory = torch.cuda.get_device_properties(ctx.device).total_memory
+    reference = 4 * count_params(mcfg)["total"] if rcfg.beta > 0 or rcfg.kl_every else 0
+    fit = rows_that_fit(mcfg, memory, seq_len=min(longest, mcfg.seq_len), reserved=reference)
+    if fit < rcfg.group_size:  # a prompt's G rows go through together (they share its keys and values)
+        raise NanorlError(
+            f"rl: a group of {rcfg.group_size} completions of {longest} tokens (prompt and rl.max_new_tokens) does"
+            f" not fit a training step in this GPU's {memory / 2**30:.0f} GiB (estimated: {fit} rows fit)",
+            hint="lower rl.group_size or rl.max_new_tokens, or set rl.kl_every=0 (and rl.beta=0) to free the"
+            " reference model's memory",
+        )
+    return min(fit, UPDATE_ROWS)
+
+
 def update_chunks(masks: list[list[float]], G: int, max_rows: int) -> list[list[int]]:
     """The prompts the update runs on, in chunks of at most max_rows completion rows (one forward + backward each).
 
@@ -357,7 +386,8 @@ def run(ctx: Context) -> dict[str, Any]:
         need_ref = rcfg.beta > 0 or (rcfg.kl_every and (step + 1) % rcfg.kl_every == 0)
         old: dict[int, torch.Tensor] = {}
         gnorm = 0.0
-        chunks = update_chunks(masks, G, max_rows=64)
+        longest = max(len(p) for p in prompt_ids) + rcfg.max_new_tokens
+        chunks = update_chunks(masks, G, max_rows=update_rows(ctx, longest))
         for epoch in range(rcfg.ppo_epochs):
             for ci, chunk in enumerate(chunks):
                 rows = [i * G + j for i in chunk for j in range(G)]
