@@ -193,9 +193,11 @@ def test_gradient_accumulation_trains_like_one_pass_of_the_whole_batch():
     assert one.keys() == two.keys() == {1, 2, 3}
     for step in one:
         assert one[step] == pytest.approx(two[step], rel=1e-5)
+    # the weights agree to rounding: ~5e-7 in the matrices; up to ~6e-5 in an embedding row whose gradient is
+    # ~0, where AdamW's update (g / sqrt(v)) turns a rounding difference into a sign (seen in CI)
     a, b = _weights("accum-4x1", "base"), _weights("accum-2x2", "base")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4)
 
 
 def test_split_rows_prefers_equal_passes():
