@@ -283,3 +283,20 @@ def test_missing_shard_is_not_retried(server, tmp_path):
     with pytest.raises(NanorlError, match="404"):
         download_shard(f"{server.url}/nope.parquet", tmp_path / "nope.parquet", retries=3, backoff=0.01)
     assert len(server.requests) == 1
+
+
+def test_corpus_text_bytes_come_from_file_metadata(tmp_path):
+    """The size behind the base stage's passes estimate: a parquet file's `text` column from its metadata, a
+    text or JSONL file's size; unknown (None) for a task's corpus, which only a full pass could measure."""
+    import random
+
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefghij klmnop é") for _ in range(rng.randint(50, 3000))) for _ in range(300)]
+    true = sum(len(t.encode()) for t in texts)
+    _write_parquet(tmp_path / "a.parquet", texts, row_group_size=100)
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    (tmp_path / "c.txt").write_text("\n\n".join(texts))
+    for name in ("a.parquet", "b.jsonl", "c.txt"):
+        assert Corpus([tmp_path / name]).text_bytes() == pytest.approx(true, rel=0.03), name
+    assert Corpus([tmp_path / "a.parquet", tmp_path / "c.txt"]).text_bytes() == pytest.approx(2 * true, rel=0.03)
+    assert Corpus([lambda: iter(texts)]).text_bytes() is None

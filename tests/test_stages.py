@@ -245,3 +245,34 @@ def test_a_token_target_gives_the_same_step_on_one_rank_or_eight(monkeypatch):
     with pytest.raises(NanorlError, match="does not fit") as err:
         micro_batch(_batch_ctx(1, "cuda", "model.depth=26"), "base")
     assert "seq_len" in err.value.hint
+
+
+def test_base_says_how_many_passes_over_its_corpus_a_run_makes(tmp_path):
+    """A budget larger than the text: the base stage estimates the passes before training (the corpus's bytes
+    from its files, the tokenizer's bytes per token on its first documents), warns, and says when the data runs
+    out."""
+    import io
+    import random
+
+    from rich.console import Console
+
+    from nanorl.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "sigma", "omega", "theta", "kappa", "lambda", "zeta"]
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [" ".join(rng.choice(words) for _ in range(150)) for _ in range(4)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = _cfg("passes", f"data.corpus={corpus}", "tokenizer.train_chars=100000", "base.steps=8")
+    out = io.StringIO()
+    console = Console(file=out, width=300)
+    run_pipeline(cfg, only="tokenizer", console=console)
+    run_pipeline(cfg, only="base", console=console)
+    text = out.getvalue()
+
+    tok = Tokenizer.load(run_dir("passes") / "tokenizer")
+    truth = 8 * 2 * 128 / sum(len(ids) + 1 for ids in tok.encode_batch(docs))  # run tokens / corpus tokens
+    passes = float(text.split("bytes a token): ~")[1].split(" passes")[0])
+    assert passes == pytest.approx(truth, rel=0.05)  # JSON's quoting is the only error, ~1% here
+    assert passes > 1.5 and "the run will see the same text" in text
+    assert "the data ran out; pass 2 over it began at step" in text

@@ -55,6 +55,26 @@ class Corpus:
     def __iter__(self) -> Iterator[str]:
         return self.docs()
 
+    def text_bytes(self) -> int | None:
+        """The corpus's size in bytes of text, from the files' metadata without reading them: a parquet file's
+        uncompressed `text` column less its 4-byte length prefixes, another file's size (JSON's quoting included).
+        None when a source is not a file (a task's corpus): only a whole pass would tell."""
+        total = 0
+        for src in self.sources:
+            if not isinstance(src, Path):
+                return None
+            if src.suffix.lower() != ".parquet":
+                total += src.stat().st_size
+                continue
+            import pyarrow.parquet as pq
+
+            meta = pq.read_metadata(src)
+            col = meta.schema.names.index("text") if "text" in meta.schema.names else None
+            for rg in range(meta.num_row_groups if col is not None else 0):
+                group = meta.row_group(rg)
+                total += max(0, group.column(col).total_uncompressed_size - 4 * group.num_rows)
+        return total
+
     def bad(self, what: str, kind: str) -> None:
         """A bad line or file: an error, or (skip_bad) one more in the count."""
         if not self.skip_bad:
@@ -180,7 +200,10 @@ def open_corpus(spec: str, task: Task | None = None, skip_bad: bool = False, spl
 
         shards = fineweb_shards()
         if not shards:
-            raise NanorlError("no FineWeb-EDU shards downloaded", hint="run `nanorl data download fineweb --shards 8`")
+            raise NanorlError(
+                "no FineWeb-EDU shards downloaded",
+                hint="run `nanorl data download fineweb --shards 24` (one pass of depth 8's budget)",
+            )
         return Corpus(list(shards), name="fineweb", skip_bad=skip_bad)
     return Corpus(list(expand_paths(spec)), name=spec, skip_bad=skip_bad)
 

@@ -35,6 +35,42 @@ def budget_steps(ctx: Context, tokens_per_step: int) -> int:
     return max(1, round(tokens / tokens_per_step))
 
 
+# Text the tokenizer's bytes-per-token rate is measured on before a run (the corpus's first documents)
+SAMPLE_BYTES = 2_000_000
+
+
+def announce_passes(ctx: Context, corpus, tok, run_tokens: int) -> float | None:
+    """Say how many passes over the corpus the stage's tokens make, when the corpus's size is known from its
+    files (Corpus.text_bytes) and warn above one pass: a budget larger than the text trains on the same text
+    again, which a user following the depth rule should know before hours of GPU time, not after. Tokens in
+    the corpus = its bytes / the tokenizer's bytes per token on the first SAMPLE_BYTES of it. Returns the passes
+    (None: unknown)."""
+    size = corpus.text_bytes()
+    if not size:
+        return None
+    sample, nbytes = [], 0
+    for doc in corpus.docs():
+        sample.append(doc)
+        nbytes += len(doc.encode("utf-8"))
+        if nbytes >= SAMPLE_BYTES:
+            break
+    per_token = nbytes / max(1, sum(len(ids) + 1 for ids in tok.encode_batch(sample)))  # +1: each doc's BOS
+    corpus_tokens = size / per_token
+    passes = run_tokens / corpus_tokens
+    con = ctx.bus.console
+    con.print(
+        f"[dim]base: {run_tokens:,} tokens; the corpus holds ~{corpus_tokens:,.0f} ({size:,} bytes of text at"
+        f" {per_token:.2f} bytes a token): ~{passes:.2f} passes[/]",
+        highlight=False,
+    )
+    if passes > 1.05:
+        more = f"~{passes:.1f}x the text"
+        if corpus.name == "fineweb":
+            more += f" (`nanorl data download fineweb --shards {math.ceil(len(corpus.sources) * passes)}`)"
+        con.print(f"[yellow]base: the run will see the same text ~{passes:.1f} times; for one pass give it {more}[/]")
+    return passes
+
+
 def token_bytes(tok, vocab_size: int, device) -> torch.Tensor:
     """UTF-8 length of every token id (0 for special tokens and unused ids)."""
     lens = [0 if tok.is_special(i) else len(tok.token_bytes(i)) for i in range(tok.vocab_size)]
@@ -52,6 +88,8 @@ def run(ctx: Context) -> dict[str, Any]:
     corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad)
     loader = PackedLoader(corpus, tok, B, T, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     steps = budget_steps(ctx, B * T * accum * ctx.world_size)
+    if ctx.rank == 0:
+        announce_passes(ctx, corpus, tok, steps * B * T * accum * ctx.world_size)
     val_fn = _val_fn(ctx, B, T)
     model = ctx.previous_model("base")
     return train_supervised(ctx, "base", model, loader, steps, tcfg, val_fn=val_fn, accum=accum)

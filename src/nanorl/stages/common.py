@@ -357,6 +357,7 @@ def train_supervised(
     tokens_per_step = 0
     last: dict[str, Any] = {}
     t_stage = time.time()
+    epoch = getattr(loader, "epoch", 0)
     for step in range(start, total_steps):
         t0 = time.time()
         lrf = lr_schedule(step, total_steps, tcfg.warmup_ratio, tcfg.warmdown_ratio, tcfg.final_lr_frac)
@@ -370,6 +371,14 @@ def train_supervised(
             (loss / accum).backward()
             loss_sum += loss.detach()
             n_tok += int((y >= 0).sum())
+        if getattr(loader, "epoch", 0) > epoch:
+            epoch = loader.epoch
+            if ctx.rank == 0 and step + 1 < total_steps:  # the data ran out: say so (the last step's wrap is noise)
+                ctx.bus.console.print(
+                    f"[yellow]{stage}: the data ran out; pass {epoch + 1} over it began at step {step + 1} of"
+                    f" {total_steps}[/]",
+                    highlight=False,
+                )
         sync_grads(opt.params)
         gnorm = opt.step()
         loss_val = float(all_reduce_mean(loss_sum / accum))
