@@ -89,7 +89,10 @@ def test_interrupted_and_resumed_equals_uninterrupted_then_rerun_skips():
     assert res["modes"]["generative"]["n"] == 4 and set(res["compare"]) == set(res["modes"])
     assert (res["modes"]["sampled"]["n"], len(res["modes"]["sampled"]["records"])) == (4, 16)
     assert (run_dir("full") / "eval" / "arith-dev-sft.json").is_file()
-    assert "## Evaluation" in (run_dir("full") / "report.md").read_text()
+    report = (run_dir("full") / "report.md").read_text()
+    assert "## Evaluation" in report
+    # every accuracy beside its baselines: chance (1 of 5 letters) and always answering the commonest letter
+    assert "| accuracy | 95% CI | chance | majority letter |" in report and "| 0.2 |" in report
 
     # RL logged its metrics, and the telemetry records are well-formed
     rl = [r for r in read_metrics(run_dir("full")) if r["stage"] == "rl" and r.get("kind") is None]

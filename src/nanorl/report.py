@@ -109,9 +109,9 @@ def write_report(run: str | Path) -> Path:
         lines += [
             "## Evaluation",
             "",
-            "| file | model | mode | n | accuracy | 95% CI | format rate | majority |",
+            "| file | model | mode | n | accuracy | 95% CI | chance | majority letter | format rate |",
         ]
-        lines += ["|---|---|---|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|---|---|---|"]
         compares, sampled = [], []
         for path in evals:
             try:
@@ -129,8 +129,8 @@ def write_report(run: str | Path) -> Path:
                     )
                 lines.append(
                     f"| {path.name} | {res.get('stage', '')} | {mode} | {s.get('n')} | {_fmt(s.get('accuracy'))} | "
-                    f"{_fmt(ci[0])}–{_fmt(ci[1])} | {_fmt(s.get('format_rate', ''))} | "
-                    f"{_fmt(s.get('majority_baseline', ''))} |"
+                    f"{_fmt(ci[0])}–{_fmt(ci[1])} | {_fmt(s.get('chance_baseline', ''))} | "
+                    f"{_fmt(s.get('majority_baseline', ''))} | {_fmt(s.get('format_rate', ''))} |"
                 )
             for mode, c in (res.get("compare") or {}).items():
                 test = "McNemar" if c.get("test", "McNemar").startswith("McNemar") else "sign test"
