@@ -61,14 +61,17 @@ def _weights(name: str, stage: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted_then_rerun_skips():
-    full = run_pipeline(_cfg("full"))
+    # base accumulates 2 passes of 2 rows a step (as a GPU run does): resume must land between whole steps
+    accum = "base.total_batch_tokens=512"
+    full = run_pipeline(_cfg("full", accum))
     assert all(full[s] != "skipped" for s in full)
+    assert full["base"]["tokens_per_step"] == 512
 
     # crash after base step 3 (checkpoint at 2), sft step 2 and rl step 2: each resume restarts from a checkpoint
     for stop in ({"base": 3}, {"sft": 2}, {"rl": 2}):
         with pytest.raises(Interrupted):
-            run_pipeline(_cfg("crashy"), stop_after=stop)
-    resumed = run_pipeline(_cfg("crashy"))
+            run_pipeline(_cfg("crashy", accum), stop_after=stop)
+    resumed = run_pipeline(_cfg("crashy", accum))
     assert resumed["tokenizer"] == "skipped" and resumed["base"] == "skipped"
 
     for stage in ("base", "mid", "sft", "rl"):
@@ -79,7 +82,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_then_rerun_skips():
             assert torch.equal(a[k], b[k]), (stage, k)
 
     # a re-run skips every finished stage (report is rebuilt, it is cheap)
-    again = run_pipeline(_cfg("full"))
+    again = run_pipeline(_cfg("full", accum))
     assert [s for s, r in again.items() if r != "skipped"] == ["report"]
 
     # eval wrote the final model's file with both modes and the paired comparison with SFT, and the report
