@@ -47,7 +47,7 @@ def train_memory(cfg, rows: int, seq_len: int | None = None, mixed: bool = True,
     AdamW's two moments for the embedding and the head (8); under autocast a bf16 copy of every matrix and of
     the head, kept for the backward (2); the fused loss's float32 head gradient (4). The loss chunk: its float32
     logits and their gradient, the gradient again in the matmul dtype. The allocator's fragmentation and the
-    backward's transient gradients are not in it: leave headroom (stages.common.micro_batch)."""
+    backward's transient gradients are not in it: rows_that_fit leaves headroom (GPU_MEMORY_SHARE)."""
     n = count_params(cfg)
     T = seq_len or cfg.seq_len
     cast = 2 if mixed else 0

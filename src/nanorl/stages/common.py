@@ -267,8 +267,8 @@ def render_examples(ctx: Context, examples: list[Example], seq_len: int) -> list
 
 
 # ---- the supervised loop -----------------------------------------------------------------------------------
-# Rows per forward pass when device_batch_size is 0: on the CPU a size that keeps steps short (speed, not
-# memory, is the limit there); on a GPU the most that fit (nanorl.model.counts.rows_that_fit), at most
+# Rows per forward pass when device_batch_size is 0: on the CPU and MPS a size that keeps steps short (speed,
+# not memory, is the limit there); on a CUDA GPU the most that fit (nanorl.model.counts.rows_that_fit), at most
 # GPU_MAX_ROWS without a token target.
 CPU_ROWS = 8
 GPU_MAX_ROWS = 32
