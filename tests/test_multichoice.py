@@ -539,7 +539,7 @@ def _nanorl(*args: str) -> int:
 
 
 @pytest.mark.slow
-def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch):
+def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch, capsys):
     import tempfile
 
     scratch = tmp_path / "tmp"
@@ -548,6 +548,8 @@ def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch
     run = two_checkpoints
     sampled = ["--samples", "2", "--sample-temperature", "0.5"]
     assert _nanorl("eval", "--checkpoint", str(run / "base"), *sampled, "--mode", "both", "--max-examples", "5") == 0
+    table = capsys.readouterr().out
+    assert "chance" in table and "0.200" in table and "majority" in table  # every accuracy beside its baselines
     mid_vs_base = ["--checkpoint", str(run / "mid"), "--compare", str(run / "base"), "--shuffle-options", "2"]
     assert _nanorl("eval", *mid_vs_base, *sampled, "--mode", "both", "--max-examples", "5") == 0
     base = json.loads((run / "eval" / "arith-dev-base.json").read_text())

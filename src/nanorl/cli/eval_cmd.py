@@ -199,13 +199,14 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         table = Table(title=f"{ctx.task.name} {split}: {stage_dir}", title_justify="left")
-        for col in ("mode", "n", "accuracy", "95% CI", "format rate", "majority baseline"):
+        for col in ("mode", "n", "accuracy", "95% CI", "chance", "majority letter", "format rate"):
             table.add_column(col)
         for m, s in res["modes"].items():
             ci = s.get("accuracy_ci95", [0, 0])
             table.add_row(
                 m, str(s["n"]), f"{s['accuracy']:.3f}", f"{ci[0]:.3f}-{ci[1]:.3f}",
-                f"{s.get('format_rate', float('nan')):.3f}", f"{s.get('majority_baseline', float('nan')):.3f}",
+                f"{s.get('chance_baseline', float('nan')):.3f}", f"{s.get('majority_baseline', float('nan')):.3f}",
+                f"{s.get('format_rate', float('nan')):.3f}",
             )  # fmt: skip
         console.print(table)
         if "sampled" in res["modes"]:
