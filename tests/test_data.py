@@ -300,3 +300,26 @@ def test_corpus_text_bytes_come_from_file_metadata(tmp_path):
         assert Corpus([tmp_path / name]).text_bytes() == pytest.approx(true, rel=0.03), name
     assert Corpus([tmp_path / "a.parquet", tmp_path / "c.txt"]).text_bytes() == pytest.approx(2 * true, rel=0.03)
     assert Corpus([lambda: iter(texts)]).text_bytes() is None
+
+
+def test_base_names_the_fineweb_shards_for_one_pass(tmp_path):
+    """Two downloaded shards and a budget of ~3 passes over them: the warning names the --shards that make one."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from nanorl.stages.base import announce_passes
+
+    texts = [f"document {i} " + "word " * 400 for i in range(50)]
+    shards = [tmp_path / "shard_00000.parquet", tmp_path / "shard_00001.parquet"]
+    for path in shards:
+        _write_parquet(path, texts, row_group_size=10)
+    corpus = Corpus(shards, name="fineweb")
+    tok = SimpleNamespace(encode_batch=lambda docs: [[0] * (len(d) // 4 - 1) for d in docs])  # 4 bytes a token
+    console = Console(record=True, width=300)
+    ctx = SimpleNamespace(bus=SimpleNamespace(console=console))
+    corpus_tokens = corpus.text_bytes() / 4
+    passes = announce_passes(ctx, corpus, tok, run_tokens=int(3 * corpus_tokens))
+    assert passes == pytest.approx(3, rel=0.02)
+    out = console.export_text()
+    assert "the run will see the same text ~3.0 times" in out and "fineweb --shards 6" in out

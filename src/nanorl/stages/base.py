@@ -66,7 +66,7 @@ def announce_passes(ctx: Context, corpus, tok, run_tokens: int) -> float | None:
     if passes > 1.05:
         more = f"~{passes:.1f}x the text"
         if corpus.name == "fineweb":
-            more += f" (`nanorl data download fineweb --shards {math.ceil(len(corpus.sources) * passes)}`)"
+            more += f" (`nanorl data download fineweb --shards {math.ceil(round(len(corpus.sources) * passes, 1))}`)"
         con.print(f"[yellow]base: the run will see the same text ~{passes:.1f} times; for one pass give it {more}[/]")
     return passes
 
