@@ -69,30 +69,15 @@ def cpu_activations(depth: int, rows: int, seq_len: int) -> dict:
 
     from nanorl.config import resolve
     from nanorl.model import GPT
-    from nanorl.model.counts import train_memory
+    from nanorl.model.counts import saved_bytes, train_memory
 
     cfg = resolve(overrides=[f"model.depth={depth}", "model.n_embd=256", "model.n_head=2", f"model.seq_len={seq_len}",
                              "model.vocab_size=4096", "model.attention=sdpa"])  # fmt: skip
     model = GPT(cfg.model)
     model.init_weights()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def saved(n: int) -> int:
-        kept: dict[int, int] = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                kept[st.data_ptr()] = st.nbytes()
-            return t
-
-        x = torch.randint(0, 4096, (n, seq_len))
-        with (
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            torch.autocast("cpu", dtype=torch.bfloat16),
-        ):
-            model(x, x)
-        return sum(kept.values())
+        return saved_bytes(model, torch.randint(0, 4096, (n, seq_len)))
 
     activations = saved(2 * rows) - saved(rows)
     est = train_memory(cfg.model, rows)["activations"]

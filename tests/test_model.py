@@ -382,31 +382,16 @@ def test_training_memory_estimate_covers_what_autograd_keeps(mixed):
     in float32. Per token and layer from the depth x length interaction (what grows with both), outside the
     layers from the length alone. A model change that keeps more for the backward fails here before it makes
     a GPU run run out of memory."""
-    from nanorl.model.counts import ACTIVATION_BYTES
+    from nanorl.model.counts import ACTIVATION_BYTES, saved_bytes
 
-    def saved_bytes(depth: int, T: int) -> int:
+    def saved(depth: int, T: int) -> int:
         cfg = small_cfg(depth=depth, n_embd=256, n_head=2, seq_len=T, vocab_size=512, attention="sdpa")
         torch.manual_seed(0)
         model = GPT(cfg)
         model.init_weights()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept: dict[int, int] = {}
+        return saved_bytes(model, torch.randint(0, 512, (2, T)), mixed)
 
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                kept[st.data_ptr()] = st.nbytes()
-            return t
-
-        idx = torch.randint(0, 512, (2, T))
-        with (
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed),
-        ):
-            model(idx, idx)
-        return sum(kept.values())
-
-    a, b, c, d = saved_bytes(1, 32), saved_bytes(1, 64), saved_bytes(3, 32), saved_bytes(3, 64)
+    a, b, c, d = saved(1, 32), saved(1, 64), saved(3, 32), saved(3, 64)
     per_layer = ((d - c) - (b - a)) / (2 * 2 * 32 * 256)  # 2 more layers, 2 x 32 more tokens, width 256
     outside = (b - a) / (2 * 32 * 256) - per_layer
     inside_est, outside_est = ACTIVATION_BYTES["mixed" if mixed else "float32"]

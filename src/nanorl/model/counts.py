@@ -38,6 +38,29 @@ LOSS_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**28}
 ACTIVATION_BYTES = {"mixed": (41, 11), "float32": (65, 15)}
 
 
+def saved_bytes(model, idx, mixed: bool = True) -> int:
+    """What ACTIVATION_BYTES were measured from: the bytes of the distinct tensors autograd saves for the
+    backward of one training forward of `model` on idx (the targets = idx), parameters left out, under bf16
+    autocast on the CPU (`mixed`) or in float32. Imports torch here: the module stays free of it."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed),
+    ):
+        model(idx, idx)
+    return sum(kept.values())
+
+
 def train_memory(cfg, rows: int, seq_len: int | None = None, mixed: bool = True, device: str = "cuda") -> dict:
     """Estimated peak bytes of one device's training step with `rows` rows of `seq_len` tokens per forward pass:
     {"weights": parameters, gradients and optimizer state, "activations": what the backward needs, "loss": the
