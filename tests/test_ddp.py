@@ -1,5 +1,6 @@
-"""torchrun --nproc_per_node=2 (gloo on CPU): a few base steps with gradient accumulation, and the two ranks' weights
-stay identical."""
+"""torchrun --nproc_per_node=2 (gloo on CPU): a few base steps with gradient accumulation, then mid, SFT and GRPO with
+dynamic sampling (where the ranks find different numbers of groups with signal), and the two ranks' weights stay
+identical."""
 
 from __future__ import annotations
 
@@ -26,8 +27,18 @@ SCRIPT = textwrap.dedent(
         "name=ddp", "model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=64",
         "tokenizer.train_chars=50000", "base.steps=4", "base.device_batch_size=2", "base.checkpoint_every=2",
         "base.total_batch_tokens=512",
-        "base.eval_every=0", "telemetry.console=false", "device=cpu",
+        "base.eval_every=0", "mid.steps=2", "mid.device_batch_size=2", "sft.steps=2", "sft.device_batch_size=2",
+        "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.checkpoint_every=1",
+        "rl.kl_every=0", "rl.dynamic_sampling=true", "rl.max_sample_batches=3", "rl.mask_truncated=false",
+        "telemetry.console=false", "device=cpu",
     ])
+    from nanorl.stages import rl
+
+    def reward(example, completion, answer):
+        # signal on some prompts only, and not the same number on both ranks: rows differ by completion length
+        return float(len(completion) % 2) if int(example.id.split("-")[-1]) % 3 else 1.0
+
+    rl.resolve_rewards = lambda cfg, task: [(reward, 1.0)]
     seen = {}
     orig = common.Context.save
 
@@ -36,14 +47,16 @@ SCRIPT = textwrap.dedent(
         h = hashlib.sha256()
         for k, v in sorted(model.state_dict().items()):
             h.update(k.encode()); h.update(v.detach().cpu().numpy().tobytes())
-        seen[state["step"]] = h.hexdigest()
+        seen[f"{stage}:{state['step']}"] = h.hexdigest()
         return orig(self, stage, model, optimizers, state)
 
     common.Context.save = save
     run_pipeline(cfg, only="tokenizer")
     res = run_pipeline(cfg, only="base")
+    for stage in ("mid", "sft", "rl"):
+        res.update(run_pipeline(cfg, only=stage))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
-        json.dump({"digests": seen, "loss": res["base"]["loss"]}, fh)
+        json.dump({"digests": seen, "loss": res["base"]["loss"], "rl": res["rl"]}, fh)
     """
 )
 
@@ -64,7 +77,8 @@ def test_two_ranks_stay_in_sync(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
-    assert r0["digests"] == r1["digests"] and set(r0["digests"]) == {"2", "4"}
+    assert r0["digests"] == r1["digests"]
+    assert set(r0["digests"]) == {"base:2", "base:4", "mid:2", "sft:2", "rl:1", "rl:2"}
     assert r0["loss"] == r1["loss"]  # the logged loss is the mean over ranks
     # rank 0 wrote the checkpoint; its metrics say it trained on two ranks' tokens per step
     recs = [json.loads(line) for line in (tmp_path / "home/runs/ddp/metrics.jsonl").read_text().splitlines()]

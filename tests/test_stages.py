@@ -186,6 +186,53 @@ def test_rl_steps_without_signal_leave_the_weights_alone(monkeypatch):
 
 
 @pytest.mark.slow
+def test_dynamic_sampling_fills_the_batch_with_signal_and_resumes_exactly(monkeypatch):
+    """rl.dynamic_sampling: a step samples prompt batches until prompts_per_step groups have rewards that differ,
+    at most rl.max_sample_batches, and learns from those groups only; the prompt stream's position is saved, so
+    an interrupted run resumes on the same prompts."""
+    from nanorl.plugins import get_plugins
+    from nanorl.stages import rl
+
+    P, seed = 2, 42
+    train = get_plugins().task("arith").load("train")
+    batch = [[ex.id for ex in rl.prompts_for_step(train, b, P, seed, 0, 1)] for b in range(8)]
+    # step 1: batch 0 has no signal, batches 1 and 2 one group each -> 3 batches; step 2: batch 3 both -> 1;
+    # step 3: batches 4-7 none -> stops at max_sample_batches=4 with nothing to learn
+    signal = {batch[1][0], batch[2][1], *batch[3]}
+    assert not signal & {i for b in (0, 4, 5, 6, 7) for i in batch[b]}  # the fixed shuffle allows this design
+    seen, calls = [], []
+
+    def reward(example, completion, answer):
+        calls.append(1)
+        seen.append(example.id)
+        # G = 2: the two rows of a signal group get 1 and 0
+        return float(len(calls) % 2) if example.id in signal else 1.0
+
+    monkeypatch.setattr(rl, "resolve_rewards", lambda cfg, task: [(reward, 1.0)])
+    flags = (
+        "rl.dynamic_sampling=true", "rl.max_sample_batches=4", "rl.mask_truncated=false", "rl.kl_every=0",
+        f"seed={seed}", "eval.max_examples=1",
+    )  # fmt: skip
+    run_pipeline(_cfg("dyn", *flags))
+    logs = [r["metrics"] for r in read_metrics(run_dir("dyn")) if r["stage"] == "rl" and r.get("kind") is None]
+    assert [m["sample_batches"] for m in logs] == [3, 1, 4]
+    assert [m["signal_groups"] for m in logs] == [2, 2, 0]
+    assert [m["zero_var_frac"] for m in logs] == pytest.approx([4 / 6, 0.0, 1.0])
+    assert seen[::2] == [i for b in batch for i in b]  # every batch's prompts, in the stream's order
+    assert logs[-1]["grad_norm"] == 0.0 and logs[0]["grad_norm"] > 0
+
+    # interrupted after step 1 (a checkpoint at every step) and resumed: the same prompts, losses and weights
+    with pytest.raises(Interrupted):
+        run_pipeline(_cfg("dyn-crash", *flags), stop_after={"rl": 1})
+    seen.clear()
+    run_pipeline(_cfg("dyn-crash", *flags))
+    assert seen[::2][: 5 * P] == [i for b in batch[3:] for i in b]
+    assert _losses("dyn-crash", "rl") == _losses("dyn", "rl")
+    a, b = _weights("dyn", "rl"), _weights("dyn-crash", "rl")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_gradient_accumulation_trains_like_one_pass_of_the_whole_batch():
     """A 512-token step as 2 passes of 2 rows takes the step that 1 pass of 4 rows takes: the same rows, the
     loss of each pass scaled by 1/passes (the sums differ in rounding only)."""

@@ -128,6 +128,12 @@ class RLConfig:
     ppo_epochs: int = _f(1, "optimisation passes over each batch of rollouts", ge=1)
     std_normalize: bool = _f(True, "divide advantages by the group's reward std")
     drop_zero_variance: bool = _f(False, "drop groups whose rewards are all equal (they carry no signal)")
+    dynamic_sampling: bool = _f(
+        False,
+        "sample further batches of prompts_per_step prompts until the step has prompts_per_step groups whose"
+        " rewards differ, and learn from those only (DAPO's dynamic sampling; at most max_sample_batches)",
+    )
+    max_sample_batches: int = _f(4, "prompt batches a step samples at most with dynamic_sampling", ge=1)
     mask_truncated: bool = _f(
         True, "leave completions cut at max_new_tokens out of the loss (False: train on them with their reward)"
     )

@@ -1,10 +1,14 @@
 """Stage `rl`: GRPO (Shao et al. 2024, DeepSeekMath) on the task's train prompts, rewarded by its reward functions.
 
 One step:
-1. take `rl.prompts_per_step` train prompts (a fixed shuffle per epoch; ranks take disjoint prompts);
+1. take a batch of `rl.prompts_per_step` train prompts (the next in a fixed shuffle per epoch; ranks take
+   disjoint prompts);
 2. sample G = `rl.group_size` completions of each with the engine (each prompt prefilled once, then G rows);
 3. reward each completion: r = sum_k w_k * reward_k(example, completion, answer), with the weights of
    `rl.rewards` (or the task's `default_rewards`), each reward looked up by name in the plugin registry;
+   with `rl.dynamic_sampling` (DAPO, Yu et al. 2025), keep only the groups whose rewards differ and repeat 1-3
+   with the next batch until prompts_per_step such groups (per rank) are found or `rl.max_sample_batches`
+   batches were sampled: near SFT's ceiling most groups are all right and carry no signal;
 4. advantages per group: A_i = r_i - mean(r), divided by (std(r) + 1e-4) when `rl.std_normalize`;
    a group whose rewards are all equal (zero variance) has A = 0: counted, and dropped when `rl.drop_zero_variance`;
 5. the loss over the completion tokens t of every kept row i (token-level normalisation, as DAPO):
@@ -66,7 +70,7 @@ def group_advantages(rewards: torch.Tensor, std_normalize: bool) -> tuple[torch.
     mean = rewards.mean(dim=1, keepdim=True)
     adv = rewards - mean
     zero_var = (rewards.max(dim=1).values - rewards.min(dim=1).values) == 0
-    if std_normalize:
+    if std_normalize and rewards.numel():  # (no group at all: a dynamically sampled step that found none)
         adv = adv / (rewards.std(dim=1, keepdim=True, unbiased=False) + STD_EPS)
     return adv, zero_var
 
@@ -300,6 +304,61 @@ class ModelScorer:
         return [lp[r, : len(c)].tolist() for r, c in enumerate(comps)]
 
 
+# ---- rollouts ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Rollouts:
+    """Sampled and rewarded groups: the completions of prompt i are rows i·G .. i·G + G - 1 of `samples`."""
+
+    examples: list[Example]
+    prompt_ids: list[list[int]]
+    samples: list  # nanorl.engine.Sample, P·G
+    answers: list
+    rewards: torch.Tensor  # (P, G) float32
+    correct: list[bool]
+
+    @property
+    def zero_var(self) -> torch.Tensor:
+        """(P,) bool: the groups whose rewards are all equal (no signal: every advantage is 0)."""
+        return (self.rewards.max(dim=1).values - self.rewards.min(dim=1).values) == 0
+
+    def groups(self, keep: list[bool]) -> Rollouts:
+        """The groups i with keep[i], whole."""
+        G = self.rewards.size(1)
+        rows = [i * G + j for i, k in enumerate(keep) if k for j in range(G)]
+        idx = [i for i, k in enumerate(keep) if k]
+        return Rollouts(
+            [self.examples[i] for i in idx], [self.prompt_ids[i] for i in idx], [self.samples[r] for r in rows],
+            [self.answers[r] for r in rows], self.rewards[idx], [self.correct[r] for r in rows],
+        )  # fmt: skip
+
+    @staticmethod
+    def join(parts: list[Rollouts]) -> Rollouts:
+        return Rollouts(
+            [e for p in parts for e in p.examples], [x for p in parts for x in p.prompt_ids],
+            [x for p in parts for x in p.samples], [x for p in parts for x in p.answers],
+            torch.cat([p.rewards for p in parts]), [x for p in parts for x in p.correct],
+        )  # fmt: skip
+
+
+def sample_groups(engine, tok, task, rewards, examples: list[Example], rcfg, seed: int) -> Rollouts:
+    """G = rl.group_size completions of each example's prompt (each prompt prefilled once), rewarded:
+    r = sum_k w_k * reward_k(example, completion, answer)."""
+    G = rcfg.group_size
+    prompt_ids = [tok.render_for_completion(task.prompt(ex)) for ex in examples]
+    groups = engine.sample(prompt_ids, G, rcfg.max_new_tokens, rcfg.temperature, rcfg.top_k, seed=seed)
+    samples = [s for g in groups for s in g]
+    answers = [task.extract(s.text) for s in samples]
+    ex_rows = [ex for ex in examples for _ in range(G)]
+    r = [sum(w * rw(ex, s.text, a) for rw, w in rewards) for ex, s, a in zip(ex_rows, samples, answers, strict=True)]
+    correct = [bool(task.is_correct(ex, a)) for ex, a in zip(ex_rows, answers, strict=True)]
+    return Rollouts(examples, prompt_ids, samples, answers, torch.tensor(r, dtype=torch.float32).view(-1, G), correct)
+
+
+# Apart from the first batch's sampling seed, a step's further batches (rl.dynamic_sampling) draw from seeds this far
+# off, so that no (step, batch) pair shares another's stream
+ROUND_SEED_STRIDE = 2**40
+
+
 # ---- the stage ------------------------------------------------------------------------------------------------
 def prompts_for_step(
     examples: list[Example], step: int, per_step: int, seed: int, rank: int, world: int
@@ -331,10 +390,11 @@ def run(ctx: Context) -> dict[str, Any]:
     model = ctx.previous_model("rl")
     optim_cfg = dataclasses.replace(cfg.optim, matrix_lr=cfg.optim.matrix_lr * rcfg.matrix_lr_scale)
     opt = Optimizers(model, optim_cfg, lr_mult=rcfg.lr)
-    start = 0
+    start = batches = 0  # batches: prompt batches sampled so far, the position in the prompt stream
     if ckpt.has_checkpoint(sdir):
         state = ckpt.load(sdir, model, opt, config_hash=ctx.model_hash, restore_rng=True)
         start = int(state["step"])
+        batches = int(state.get("batches", start))
     ref_holder: dict[str, Any] = {}
 
     def reference():
@@ -354,30 +414,40 @@ def run(ctx: Context) -> dict[str, Any]:
     t_stage = time.time()
     for step in range(start, steps):
         t0 = time.time()
-        examples = prompts_for_step(train, step, P, cfg.seed, ctx.rank, ctx.world_size)
-        prompt_ids = [tok.render_for_completion(task.prompt(ex)) for ex in examples]
-        groups = engine.sample(
-            prompt_ids, G, rcfg.max_new_tokens, rcfg.temperature, rcfg.top_k,
-            seed=(cfg.seed * 1_000_003 + step) * 64 + ctx.rank,
-        )  # fmt: skip
+        # ---- rollouts: a batch of P prompts; with rl.dynamic_sampling further batches until P groups a rank
+        # carry signal (or rl.max_sample_batches were sampled)
+        sampled: list[Rollouts] = []
+        kept: list[Rollouts] = []
+        n_kept = 0
+        while True:
+            examples = prompts_for_step(train, batches, P, cfg.seed, ctx.rank, ctx.world_size)
+            seed = (cfg.seed * 1_000_003 + step) * 64 + ctx.rank + ROUND_SEED_STRIDE * len(sampled)
+            ro = sample_groups(engine, tok, task, rewards, examples, rcfg, seed)
+            sampled.append(ro)
+            batches += 1
+            if not rcfg.dynamic_sampling:
+                kept.append(ro)
+                break
+            informative = (~ro.zero_var).tolist()
+            room = P - n_kept  # a rank's batch holds at most P groups
+            keep = [ok and sum(informative[: i + 1]) <= room for i, ok in enumerate(informative)]
+            kept.append(ro.groups(keep))
+            n_kept += sum(keep)
+            # the ranks stop together (the same number of batches each), on the step's total
+            total = float(all_reduce_mean(torch.tensor(float(n_kept), device=ctx.device))) * ctx.world_size
+            if total > P * ctx.world_size - 0.5 or len(sampled) >= rcfg.max_sample_batches:
+                break
         t_sample = time.time() - t0
-
-        samples = [s for g in groups for s in g]
-        answers = [task.extract(s.text) for s in samples]
-        ex_rows = [ex for ex in examples for _ in range(G)]
-        r = [
-            sum(w * rw(ex, s.text, a) for rw, w in rewards) for ex, s, a in zip(ex_rows, samples, answers, strict=False)
-        ]
-        correct = [bool(task.is_correct(ex, a)) for ex, a in zip(ex_rows, answers, strict=False)]
-        rewards_t = torch.tensor(r, dtype=torch.float32).view(P, G)
-        adv, zero_var = group_advantages(rewards_t, rcfg.std_normalize)
-        keep_row = torch.ones(P * G, dtype=torch.bool)
-        if rcfg.drop_zero_variance:
-            keep_row = ~zero_var.repeat_interleave(G)
-        finished = torch.tensor([s.finished for s in samples])
+        every = Rollouts.join(sampled)  # what the policy did: the step's statistics
+        batch = Rollouts.join(kept)  # what it learns from
+        prompt_ids, samples = batch.prompt_ids, batch.samples
+        adv, zero_var = group_advantages(batch.rewards, rcfg.std_normalize)
+        keep_row = (
+            ~zero_var.repeat_interleave(G) if rcfg.drop_zero_variance else torch.ones(len(samples), dtype=torch.bool)
+        )
         completions = [s.tokens for s in samples]
         masks = token_masks(samples, keep_row.tolist(), rcfg.mask_truncated)
-        n_tokens = float(all_reduce_mean(torch.tensor(sum(sum(m) for m in masks), device=ctx.device)))
+        n_tokens = float(all_reduce_mean(torch.tensor(float(sum(sum(m) for m in masks)), device=ctx.device)))
 
         # ---- the policy update ----
         t1 = time.time()
@@ -386,7 +456,7 @@ def run(ctx: Context) -> dict[str, Any]:
         need_ref = rcfg.beta > 0 or (rcfg.kl_every and (step + 1) % rcfg.kl_every == 0)
         old: dict[int, torch.Tensor] = {}
         gnorm = 0.0
-        longest = max(len(p) for p in prompt_ids) + rcfg.max_new_tokens
+        longest = max((len(p) for p in prompt_ids), default=0) + rcfg.max_new_tokens
         chunks = update_chunks(masks, G, max_rows=update_rows(ctx, longest))
         for epoch in range(rcfg.ppo_epochs):
             for ci, chunk in enumerate(chunks):
@@ -414,14 +484,19 @@ def run(ctx: Context) -> dict[str, Any]:
         t_train = time.time() - t1
 
         done = step + 1
-        lens = [len(s.tokens) for s in samples]
+        lens = [len(s.tokens) for s in every.samples]
         denom = max(n_tokens, 1.0) * rcfg.ppo_epochs
         last = {
-            "reward": float(rewards_t.mean()),
-            "acc": sum(correct) / len(correct),
+            # over everything sampled this step
+            "reward": float(every.rewards.mean()),
+            "acc": sum(every.correct) / len(every.correct),
             "completion_len": sum(lens) / len(lens),
-            "truncated_frac": float((~finished).float().mean()),
-            "zero_var_frac": float(zero_var.float().mean()),
+            "truncated_frac": sum(not s.finished for s in every.samples) / len(lens),
+            "zero_var_frac": float(every.zero_var.float().mean()),
+            # the groups the update learnt from (whose rewards differ), all ranks
+            "signal_groups": float(all_reduce_mean(torch.tensor(float((~zero_var).sum()), device=ctx.device)))
+            * ctx.world_size,
+            "sample_batches": len(sampled),
             "loss": sums["loss"] / rcfg.ppo_epochs,
             "clip_frac": sums["clipped"] / denom,
             "grad_norm": gnorm,
@@ -431,15 +506,18 @@ def run(ctx: Context) -> dict[str, Any]:
         }
         if need_ref or rcfg.beta > 0:
             last["kl"] = sums["kl"] / denom
-        last["reward"] = float(all_reduce_mean(torch.tensor(last["reward"], device=ctx.device)))
-        last["acc"] = float(all_reduce_mean(torch.tensor(last["acc"], device=ctx.device)))
+        means = ("reward", "acc", "completion_len", "truncated_frac", "zero_var_frac")  # of every rank's rollouts
+        avg = all_reduce_mean(torch.tensor([float(last[k]) for k in means], device=ctx.device)).tolist()
+        last.update(zip(means, avg, strict=True))
         if rcfg.kl_every and done % rcfg.kl_every == 0:
-            batch = RolloutBatch(
-                step=done, examples=examples, group_size=G, prompt_ids=prompt_ids,
-                completions=[s.text for s in samples], completion_ids=completions, answers=answers,
-                rewards=r, correct=correct, scorer=scorer,
+            # the hooks see the step's first batch as sampled: the policy's rollouts, not a selection of them
+            ro = sampled[0]
+            hook_batch = RolloutBatch(
+                step=done, examples=ro.examples, group_size=G, prompt_ids=ro.prompt_ids,
+                completions=[s.text for s in ro.samples], completion_ids=[s.tokens for s in ro.samples],
+                answers=ro.answers, rewards=ro.rewards.view(-1).tolist(), correct=ro.correct, scorer=scorer,
             )  # fmt: skip
-            last.update(ctx.bus.rollouts("rl", batch))
+            last.update(ctx.bus.rollouts("rl", hook_batch))
         if rcfg.eval_every and done % rcfg.eval_every == 0 and done != steps:
             from nanorl.stages.eval import evaluate
 
@@ -448,10 +526,10 @@ def run(ctx: Context) -> dict[str, Any]:
         if done % cfg.telemetry.log_every == 0 or done == steps:
             ctx.bus.log("rl", done, last)
         if rcfg.checkpoint_every and done % rcfg.checkpoint_every == 0 and done != steps:
-            ctx.save("rl", model, opt, {"step": done})
+            ctx.save("rl", model, opt, {"step": done, "batches": batches})
         if ctx.stop_after.get("rl") == done:
             raise Interrupted(f"rl stopped after step {done}")
-    ctx.save("rl", model, None, {"step": steps})
+    ctx.save("rl", model, None, {"step": steps, "batches": batches})
     summary = {**last, "steps": steps, "seconds": time.time() - t_stage}
     ctx.bus.stage_end(info, summary)
     if not math.isfinite(summary.get("loss", 0.0)):
