@@ -65,11 +65,16 @@ def resolve_rewards(cfg, task) -> list[tuple[Reward, float]]:
     return [(plugins.reward(name), float(w)) for name, w in weights.items()]
 
 
+def zero_variance(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards (P, G) -> (P,) bool: the groups whose rewards are all equal (no signal: every advantage is 0)."""
+    return (rewards.max(dim=1).values - rewards.min(dim=1).values) == 0
+
+
 def group_advantages(rewards: torch.Tensor, std_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards (P, G) -> (advantages (P, G), zero_variance (P,) bool)."""
     mean = rewards.mean(dim=1, keepdim=True)
     adv = rewards - mean
-    zero_var = (rewards.max(dim=1).values - rewards.min(dim=1).values) == 0
+    zero_var = zero_variance(rewards)
     if std_normalize and rewards.numel():  # (no group at all: a dynamically sampled step that found none)
         adv = adv / (rewards.std(dim=1, keepdim=True, unbiased=False) + STD_EPS)
     return adv, zero_var
@@ -318,8 +323,7 @@ class Rollouts:
 
     @property
     def zero_var(self) -> torch.Tensor:
-        """(P,) bool: the groups whose rewards are all equal (no signal: every advantage is 0)."""
-        return (self.rewards.max(dim=1).values - self.rewards.min(dim=1).values) == 0
+        return zero_variance(self.rewards)
 
     def groups(self, keep: list[bool]) -> Rollouts:
         """The groups i with keep[i], whole."""
@@ -354,8 +358,8 @@ def sample_groups(engine, tok, task, rewards, examples: list[Example], rcfg, see
     return Rollouts(examples, prompt_ids, samples, answers, torch.tensor(r, dtype=torch.float32).view(-1, G), correct)
 
 
-# Apart from the first batch's sampling seed, a step's further batches (rl.dynamic_sampling) draw from seeds this far
-# off, so that no (step, batch) pair shares another's stream
+# A step's k-th further batch (rl.dynamic_sampling) samples with its first batch's seed + k·ROUND_SEED_STRIDE: far
+# enough apart that no (step, batch) pair shares another's random stream
 ROUND_SEED_STRIDE = 2**40
 
 
