@@ -110,7 +110,12 @@ def _stage(**overrides) -> Any:
 
 @dataclass
 class RLConfig:
-    steps: int = _f(-1, "GRPO steps (-1: one pass over the task's train split)", ge=-1)
+    steps: int = _f(
+        -1,
+        "GRPO steps (-1: as many as the train split has batches of prompts_per_step, one pass over it; with"
+        " dynamic_sampling a step may sample several batches)",
+        ge=-1,
+    )
     prompts_per_step: int = _f(8, "prompts per step", ge=1)
     group_size: int = _f(8, "completions sampled per prompt (G)", ge=2)
     max_new_tokens: int = _f(256, "completion length limit in tokens (longer ones are truncated and masked)", ge=1)
