@@ -1,6 +1,6 @@
 """torchrun --nproc_per_node=2 (gloo on CPU): a few base steps with gradient accumulation, then mid, SFT and GRPO with
 dynamic sampling (where the ranks find different numbers of groups with signal), and the two ranks' weights stay
-identical."""
+identical; then eval, the questions shared between the ranks."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
         "base.eval_every=0", "mid.steps=2", "mid.device_batch_size=2", "sft.steps=2", "sft.device_batch_size=2",
         "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.checkpoint_every=1",
         "rl.kl_every=0", "rl.dynamic_sampling=true", "rl.max_sample_batches=3", "rl.mask_truncated=false",
-        "telemetry.console=false", "device=cpu",
+        "eval.max_examples=5", "eval.max_new_tokens=8", "eval.mode=both", "telemetry.console=false", "device=cpu",
     ])
     from nanorl.stages import rl
 
@@ -51,12 +51,20 @@ SCRIPT = textwrap.dedent(
         return orig(self, stage, model, optimizers, state)
 
     common.Context.save = save
+    from nanorl.stages import eval as ev
+
+    asked = []  # the questions this rank answered
+    for name in ("generative_records", "categorical_records"):
+        def wrapped(ctx, model, examples, *a, _orig=getattr(ev, name), **k):
+            asked.extend(e.id for e in examples)
+            return _orig(ctx, model, examples, *a, **k)
+        setattr(ev, name, wrapped)
     run_pipeline(cfg, only="tokenizer")
     res = run_pipeline(cfg, only="base")
-    for stage in ("mid", "sft", "rl"):
+    for stage in ("mid", "sft", "rl", "eval"):
         res.update(run_pipeline(cfg, only=stage))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
-        json.dump({"digests": seen, "loss": res["base"]["loss"], "rl": res["rl"]}, fh)
+        json.dump({"digests": seen, "loss": res["base"]["loss"], "rl": res["rl"], "asked": asked}, fh)
     """
 )
 
@@ -85,3 +93,15 @@ def test_two_ranks_stay_in_sync(tmp_path):
     end = next(r for r in recs if r["stage"] == "base" and r.get("kind") == "end")
     # 512 tokens a step: 2 ranks x 2 passes x 2 rows x 64 tokens (gradient accumulation within each rank)
     assert end["metrics"]["tokens_per_step"] == 512
+
+    # eval: each rank answered every other question (greedy, sampled and categorical, for RL's model and SFT's),
+    # and rank 0 wrote every question's records, in order
+    ids = [f"arith-dev-{i}" for i in range(5)]
+    assert sorted(r0["asked"] + r1["asked"]) == sorted(ids * 6)
+    assert set(r0["asked"]) == set(ids[0::2]) and set(r1["asked"]) == set(ids[1::2])
+    res = json.loads((tmp_path / "home/runs/ddp/eval/arith-dev.json").read_text())
+    assert [r["id"] for r in res["modes"]["generative"]["records"]] == ids
+    assert [r["id"] for r in res["modes"]["categorical"]["records"]] == ids
+    assert [(r["id"], r["sample"]) for r in res["modes"]["sampled"]["records"]] == [
+        (i, j) for i in ids for j in range(4)
+    ]

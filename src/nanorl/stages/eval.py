@@ -20,6 +20,9 @@ letter distribution, confusion) when the task has choices, else accuracy with it
 The stage evaluates the run's final model (`eval/<task>-<split>.json`) and, when RL ran, the SFT model as well
 (`eval/<task>-<split>-sft.json`); the final file then holds the paired comparison of the two per mode
 (`nanorl.multichoice.compare`: McNemar's test, or the sign test over questions for `sampled`).
+
+Under torchrun every rank answers every world_size-th question and every rank gets all the records
+(`sharded_records`), so N GPUs evaluate in ~1/N of the time; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 
 from nanorl import checkpoint as ckpt
 from nanorl.api import EvalResult, Example
-from nanorl.device import autocast
+from nanorl.device import all_gather_objects, autocast
 from nanorl.stages.common import MODEL_STAGES, Context
 
 ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (nanorl.multichoice)
@@ -163,6 +166,25 @@ def summary(records: list[dict[str, Any]], multiple_choice: bool, sampled: bool 
     return out
 
 
+# Rank r samples its questions with seeds offset by r times this (more than the offsets within a rank), so that
+# no two ranks draw the same random stream
+RANK_SEED_STRIDE = 10_000_019
+
+
+def sharded_records(ctx: Context, examples: list[Example], make) -> list[dict[str, Any]]:
+    """The records of `make(examples, seed_offset)` over all the examples: each rank makes those of every
+    world_size-th question (at its seed offset), and every rank gets all of them back, in the questions' order
+    (a question's records consecutive, as `make` returns them)."""
+    if ctx.world_size == 1:
+        return make(examples, 0)
+    parts = all_gather_objects(make(examples[ctx.rank :: ctx.world_size], RANK_SEED_STRIDE * ctx.rank))
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for part in parts:
+        for r in part:
+            by_id.setdefault(r["id"], []).append(r)
+    return [r for ex in examples for r in by_id.get(ex.id, [])]
+
+
 def evaluate(
     ctx: Context, model, split: str, mode: str, max_examples: int = 0, seed: int = 0, samples: int | None = None,
     progress: Callable[[str], Progress] | None = None,
@@ -188,15 +210,17 @@ def evaluate(
     for m in modes:
         t0 = time.time()
         report = progress(m) if progress is not None else None
-        if m == "generative":
-            records = generative_records(ctx, model, examples, seed=seed, progress=report)
-        elif m == "sampled":
-            # its own seed stream, apart from a generative mode that samples too (eval.temperature > 0)
-            records = generative_records(
-                ctx, model, examples, seed + 1_000_003, samples, ecfg.sample_temperature, progress=report
-            )
-        else:
-            records = categorical_records(ctx, model, examples)
+
+        def make(exs: list[Example], offset: int, m: str = m, report: Progress | None = report):
+            if m == "generative":
+                return generative_records(ctx, model, exs, seed + offset, progress=report)
+            if m == "sampled":  # its own seed stream, apart from a generative mode that samples too (temperature > 0)
+                return generative_records(
+                    ctx, model, exs, seed + 1_000_003 + offset, samples, ecfg.sample_temperature, progress=report
+                )
+            return categorical_records(ctx, model, exs)
+
+        records = sharded_records(ctx, examples, make)
         out["modes"][m] = {**summary(records, mc, m == "sampled"), "seconds": time.time() - t0, "records": records}
         if m == "sampled":
             out["modes"][m]["temperature"] = ecfg.sample_temperature
