@@ -329,3 +329,19 @@ def test_base_says_how_many_passes_over_its_corpus_a_run_makes(tmp_path):
     assert passes == pytest.approx(truth, rel=0.05)  # JSON's quoting is the only error, ~1% here
     assert passes > 1.5 and "the run will see the same text" in text
     assert "the data ran out; pass 2 over it began at step" in text
+
+
+def test_console_progress_line_names_its_metrics_in_order():
+    # what a user reads during a stage: the RL line also says how many groups the step learned from
+    from nanorl.builtin.sinks import _fmt
+
+    metrics = {
+        "tok_per_s": 7000.4,
+        "signal_groups": 5.0,
+        "zero_var_frac": 0.7,
+        "acc": 0.95,
+        "reward": 1.05,
+        "loss": 0.25,
+    }
+    assert _fmt(metrics) == "loss 0.2500  reward 1.050  acc 0.950  groups 5  tok/s 7,000"
+    assert _fmt({"loss": 1.0, "val_bpb": 0.5}) == "loss 1.0000  val_bpb 0.5000"

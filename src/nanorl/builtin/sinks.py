@@ -23,8 +23,10 @@ SHOWN = (
     ("val_bpb", "{:.4f}"),
     ("reward", "{:.3f}"),
     ("acc", "{:.3f}"),
+    ("signal_groups", "{:.0f}"),  # RL: the groups the step learned from (rewards that differ)
     ("tok_per_s", "{:,.0f}"),
 )
+LABELS = {"tok_per_s": "tok/s", "signal_groups": "groups"}
 
 
 def _fmt(metrics: dict[str, Any]) -> str:
@@ -32,8 +34,7 @@ def _fmt(metrics: dict[str, Any]) -> str:
     for key, f in SHOWN:
         v = metrics.get(key)
         if isinstance(v, (int, float)):
-            label = "tok/s" if key == "tok_per_s" else key
-            parts.append(f"{label} {f.format(v)}")
+            parts.append(f"{LABELS.get(key, key)} {f.format(v)}")
     return "  ".join(parts)
 
 
