@@ -497,9 +497,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "completion_len": sum(lens) / len(lens),
             "truncated_frac": sum(not s.finished for s in every.samples) / len(lens),
             "zero_var_frac": float(every.zero_var.float().mean()),
-            # the groups the update learnt from (whose rewards differ), all ranks
-            "signal_groups": float(all_reduce_mean(torch.tensor(float((~zero_var).sum()), device=ctx.device)))
-            * ctx.world_size,
+            "signal_groups": float((~zero_var).sum()),  # the groups the update learnt from (rewards that differ)
             "sample_batches": len(sampled),
             "loss": sums["loss"] / rcfg.ppo_epochs,
             "clip_frac": sums["clipped"] / denom,
@@ -510,9 +508,11 @@ def run(ctx: Context) -> dict[str, Any]:
         }
         if need_ref or rcfg.beta > 0:
             last["kl"] = sums["kl"] / denom
-        means = ("reward", "acc", "completion_len", "truncated_frac", "zero_var_frac")  # of every rank's rollouts
+        # every rank's: one all-reduce for the means over ranks, and the total of signal groups
+        means = ("reward", "acc", "completion_len", "truncated_frac", "zero_var_frac", "signal_groups")
         avg = all_reduce_mean(torch.tensor([float(last[k]) for k in means], device=ctx.device)).tolist()
         last.update(zip(means, avg, strict=True))
+        last["signal_groups"] *= ctx.world_size
         if rcfg.kl_every and done % rcfg.kl_every == 0:
             # the hooks see the step's first batch as sampled: the policy's rollouts, not a selection of them
             ro = sampled[0]
