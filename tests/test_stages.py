@@ -345,3 +345,27 @@ def test_console_progress_line_names_its_metrics_in_order():
     }
     assert _fmt(metrics) == "loss 0.2500  reward 1.050  acc 0.950  groups 5  tok/s 7,000"
     assert _fmt({"loss": 1.0, "val_bpb": 0.5}) == "loss 1.0000  val_bpb 0.5000"
+
+
+def test_console_lines_in_a_log_say_the_time_left_from_the_steps_this_process_ran(monkeypatch, capsys):
+    # stderr is not a terminal under pytest: the sink prints plain lines, as in CI or a log file
+    from nanorl.api import StageInfo
+    from nanorl.builtin import sinks
+
+    clock = [1000.0]
+    monkeypatch.setattr(sinks.time, "time", lambda: clock[0])
+    sink = sinks.ConsoleSink()
+    info = StageInfo(run_name="r", run_dir="/tmp/r", stage="sft", task="arith", config={}, total_steps=100)
+    sink.on_stage_start(info)
+    # a stage resumed at step 41, one second a step: the time left counts only the steps run since
+    for step in range(41, 61):
+        clock[0] += 1.0
+        sink.on_step("sft", step, {"loss": 0.5})
+    clock[0] += 1.0
+    sink.on_step("sft", 100, {"loss": 0.25})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "sft: 100 steps"
+    assert lines[1] == "sft 41/100  loss 0.5000  (1s, ETA 59s)"  # the first step: 1 s a step, 59 to go
+    assert lines[2] == "sft 51/100  loss 0.5000  (11s, ETA 49s)"  # 10 s after the previous line
+    assert lines[3] == "sft 100/100  loss 0.2500  (21s)"  # the last step: no time left to announce
+    assert sinks._duration(185) == "3m05s" and sinks._duration(3725) == "1h02m"

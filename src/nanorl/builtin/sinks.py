@@ -29,6 +29,16 @@ SHOWN = (
 LABELS = {"tok_per_s": "tok/s", "signal_groups": "groups"}
 
 
+def _duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m: what a progress line can say in a few characters."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _fmt(metrics: dict[str, Any]) -> str:
     parts = []
     for key, f in SHOWN:
@@ -51,6 +61,7 @@ class ConsoleSink(TelemetryHook):
         self.total = 0
         self.last_line = 0.0
         self.start = 0.0
+        self.first_step: int | None = None  # the first step this process ran (a resumed stage starts past 1)
         self.console = None
 
     def on_stage_start(self, info: StageInfo) -> None:
@@ -62,6 +73,7 @@ class ConsoleSink(TelemetryHook):
         self.console = Console(stderr=True)
         self.total = max(1, info.total_steps)
         self.start = time.time()
+        self.first_step = None
         self.last_line = 0.0
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -88,12 +100,18 @@ class ConsoleSink(TelemetryHook):
         if self.progress is not None:
             self.progress.update(self.task_id, completed=step, info=_fmt(metrics))
             return None
-        # not a terminal (CI, a log file): a line every ~10 s and at the last step
+        # not a terminal (CI, a log file): a line every ~10 s and at the last step, with the time so far and, from
+        # the steps this process ran (not those a resumed stage had done before), the time left
         now = time.time()
+        if self.first_step is None:
+            self.first_step = step
         if now - self.last_line >= 10 or step >= self.total:
             self.last_line = now
             elapsed = now - self.start
-            self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({elapsed:.0f}s)", highlight=False)
+            when = _duration(elapsed)
+            if step < self.total:
+                when += f", ETA {_duration(elapsed / (step - self.first_step + 1) * (self.total - step))}"
+            self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({when})", highlight=False)
         return None
 
     def on_eval(self, result: EvalResult) -> None:
