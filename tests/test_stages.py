@@ -362,10 +362,13 @@ def test_console_lines_in_a_log_say_the_time_left_from_the_steps_this_process_ra
         clock[0] += 1.0
         sink.on_step("sft", step, {"loss": 0.5})
     clock[0] += 1.0
-    sink.on_step("sft", 100, {"loss": 0.25})
+    rl_like = {"loss": 0.25, "val_bpb": 0.1462, "reward": 1.064, "acc": 0.965, "signal_groups": 7, "tok_per_s": 9208.0}
+    sink.on_step("sft", 100, rl_like)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "sft: 100 steps"
     assert lines[1] == "sft 41/100  loss 0.5000  (1s, ETA 59s)"  # the first step: 1 s a step, 59 to go
     assert lines[2] == "sft 51/100  loss 0.5000  (11s, ETA 49s)"  # 10 s after the previous line
-    assert lines[3] == "sft 100/100  loss 0.2500  (21s)"  # the last step: no time left to announce
+    # the last step: no time left to announce; longer than the 80 columns a log gets, and still one line
+    assert lines[3] == "sft 100/100  loss 0.2500  val_bpb 0.1462  reward 1.064  acc 0.965  groups 7  tok/s 9,208  (21s)"
+    assert len(lines) == 4
     assert sinks._duration(185) == "3m05s" and sinks._duration(3725) == "1h02m"

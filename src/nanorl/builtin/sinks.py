@@ -70,7 +70,7 @@ class ConsoleSink(TelemetryHook):
         self.on = bool(info.config.get("telemetry", {}).get("console", True))
         if not self.on:
             return None
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # a log line stays one line, however long
         self.total = max(1, info.total_steps)
         self.start = time.time()
         self.first_step = None
