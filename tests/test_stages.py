@@ -372,3 +372,20 @@ def test_console_lines_in_a_log_say_the_time_left_from_the_steps_this_process_ra
     assert lines[3] == "sft 100/100  loss 0.2500  val_bpb 0.1462  reward 1.064  acc 0.965  groups 7  tok/s 9,208  (21s)"
     assert len(lines) == 4
     assert sinks._duration(185) == "3m05s" and sinks._duration(3725) == "1h02m"
+
+
+def test_a_free_form_accuracy_comes_with_its_majority_baseline():
+    # GSM8K-like numbers: no chance level, so the floor is always answering the commonest gold answer
+    from nanorl.stages.eval import summary
+
+    golds = ["5", "5", "5", "7", "9", "11", "5", "13", "5", "2"]  # "5": 5 of 10
+    preds = ["5", "5", "5", "7", "9", None, "4", "13", "5", "3"]  # 7 right, 1 unanswered
+    records = [
+        {"gold": g, "pred": p, "correct": g == p, "format_ok": p is not None} for g, p in zip(golds, preds, strict=True)
+    ]
+    out = summary(records, multiple_choice=False)
+    assert (out["n"], out["correct"], out["accuracy"]) == (10, 7, 0.7)
+    assert (out["majority_answer"], out["majority_baseline"], out["answered_rate"]) == ("5", 0.5, 0.9)
+    assert not out["beats_majority"]  # 70% of 10 is not clear of 50%: the interval's lower end is 39.7%
+    many = summary(records * 10, multiple_choice=False)
+    assert many["beats_majority"] and many["accuracy_ci95"][0] > 0.6

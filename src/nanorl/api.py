@@ -121,8 +121,9 @@ class Task:
         """The conversation the model is asked (usually one user message)."""
         raise NotImplementedError
 
-    def target(self, example: Example) -> str:
-        """The assistant text that SFT trains on: the reasoning, then the final answer line."""
+    def target(self, example: Example) -> str | list[dict[str, str]]:
+        """The assistant text that SFT trains on: the reasoning, then the final answer line; a list of content
+        parts (see `Message`) when the reasoning calls a tool (GSM8K's calculator)."""
         raise NotImplementedError
 
     def extract(self, completion: str) -> str | None:
@@ -352,11 +353,17 @@ MULTICHOICE = (
 )
 __all__ += list(MULTICHOICE)
 
+# Reading a task's data from a directory or the hub (nanorl.taskdata, which imports this module: lazily too)
+TASKDATA = ("TaskExamples", "BadRowsWarning", "find_data_file", "read_rows", "hub_rows", "warn_bad_rows")
+__all__ += list(TASKDATA)
+
 
 def __getattr__(name: str) -> Any:
-    if name == "multichoice" or name in MULTICHOICE:
-        import importlib
+    import importlib
 
+    if name == "multichoice" or name in MULTICHOICE:
         module = importlib.import_module("nanorl.multichoice")
         return module if name == "multichoice" else getattr(module, name)
+    if name in TASKDATA:
+        return getattr(importlib.import_module("nanorl.taskdata"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

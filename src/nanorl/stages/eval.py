@@ -13,7 +13,8 @@ answer per question. pass@k and maj@k (majority vote) come with it.
 
 Per completion a record {"id", "sample", "gold", "pred", "format_ok", "correct", ...}; per mode the summary of
 `nanorl.multichoice.summarize` (accuracy with its Wilson interval, chance and majority baselines, format rate,
-letter distribution, confusion) when the task has choices, else accuracy with its Wilson interval; for
+letter distribution, confusion) when the task has choices, else accuracy with its Wilson interval and the
+majority baseline (always giving the commonest gold answer: free-form answers have no chance level); for
 `sampled`, n counts questions and the interval allows for their completions being correlated
 (`nanorl.multichoice.sampled_stats`).
 
@@ -143,7 +144,7 @@ def summary(records: list[dict[str, Any]], multiple_choice: bool, sampled: bool 
     """A mode's summary. Multiple choice: `nanorl.multichoice.summarize` (baselines, format rate, letters) over
     every completion; the accuracy is the task's verdict. `sampled` (several completions per question): the
     accuracy, its interval and n come from `sampled_stats` (pass@1 over questions, with pass@k and maj@k)."""
-    from nanorl.multichoice import sampled_stats, summarize, wilson_interval
+    from nanorl.multichoice import majority_baseline, sampled_stats, summarize, wilson_interval
 
     n, k = len(records), sum(r["correct"] for r in records)
     if multiple_choice:
@@ -151,18 +152,23 @@ def summary(records: list[dict[str, Any]], multiple_choice: bool, sampled: bool 
         # the task decides correctness (summarize compares letters; they agree for letter tasks)
         out.update(correct=k, accuracy=k / n if n else 0.0, accuracy_ci95=list(wilson_interval(k, n)))
     else:
+        # free-form answers (GSM8K's numbers): no chance level, but always giving the commonest gold answer is
+        # a floor every accuracy is read against
+        answer, floor = majority_baseline([r["gold"] for r in records])
         out = {
             "n": n,
             "correct": k,
             "accuracy": k / n if n else 0.0,
             "accuracy_ci95": list(wilson_interval(k, n)),
+            "majority_answer": answer,
+            "majority_baseline": floor,
+            "beats_majority": n > 0 and wilson_interval(k, n)[0] > floor,
             "answered_rate": sum(r["pred"] is not None for r in records) / n if n else 0.0,
         }
     if sampled:
         out.update(sampled_stats(records))  # n: questions now; the completions are counted apart
         out["correct_completions"] = out.pop("correct")
-        if multiple_choice:
-            out["beats_majority"] = out["n"] > 0 and out["accuracy_ci95"][0] > out["majority_baseline"]
+        out["beats_majority"] = out["n"] > 0 and out["accuracy_ci95"][0] > out["majority_baseline"]
     return out
 
 
