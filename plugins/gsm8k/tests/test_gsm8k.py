@@ -173,6 +173,23 @@ def test_registration():
     assert total == pytest.approx(1.1)
 
 
+def test_data_show_prints_the_target_with_its_tool_calls(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _write(tmp_path / "test.jsonl", [ROW])
+    cmd = [sys.executable, "-m", "nanorl", "data", "show", "--task", "gsm8k", "--split", "test", "--data-dir"]
+    env = {**os.environ, "COLUMNS": "200"}
+    r = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "gsm8k test: 1 examples" in r.stdout
+    assert "Natalia sold 48/2 = <|python_start|>48/2<|python_end|><|output_start|>24<|output_end|>24 clips" in r.stdout
+    r = subprocess.run([*cmd, str(tmp_path), "--json"], capture_output=True, text=True, env=env, timeout=60)
+    (shown,) = json.loads(r.stdout)["examples"]
+    assert shown["answer"] == "72" and shown["target"][1] == {"type": "python", "text": "48/2"}
+
+
 @pytest.mark.skipif(not TRAIN.is_file(), reason="../shared/data/gsm8k/train.jsonl is absent")
 def test_real_train_split_every_calculator_note_computes_to_its_result():
     train, dev = load_split("train", TRAIN.parent), load_split("dev", TRAIN.parent)

@@ -119,7 +119,31 @@ def register(app: typer.Typer) -> None:
             # Text, not markup: a question may contain "[" that rich would read as a style
             body = Text(e.question + ("\n" + "  ".join(e.options) if e.options else "") + "\n")
             body.append("---\n", style="dim")
-            body.append(t.target(e) + "\n")
+            _append_target(body, t.target(e))
+            body.append("\n")
             body.append("answer: ", style="dim")
             body.append(e.answer, style="bold")
             console.print(Panel(body, title=e.id, title_align="left"))
+
+
+# how a target's tool parts show: the special tokens the model writes around them, dimmed, and the contents
+_PART_STYLE = {
+    "python": ("<|python_start|>", "<|python_end|>", "cyan"),
+    "python_output": ("<|output_start|>", "<|output_end|>", "green"),
+}
+
+
+def _append_target(body, target) -> None:
+    """The SFT target into a rich Text: a string as it is; content parts (a tool-using target, e.g. GSM8K's
+    calculator calls) as the model sees them, with the tool's tokens dimmed."""
+    if isinstance(target, str):
+        body.append(target)
+        return
+    for part in target:
+        if part["type"] not in _PART_STYLE:
+            body.append(part["text"])
+            continue
+        start, end, style = _PART_STYLE[part["type"]]
+        body.append(start, style="dim")
+        body.append(part["text"], style=style)
+        body.append(end, style="dim")
