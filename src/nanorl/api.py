@@ -267,7 +267,8 @@ class TelemetryHook:
 
 @dataclass
 class LaunchSpec:
-    """What to run where: `command` runs on the new machine (e.g. `nanorl pipeline --task aqua --depth 8`)."""
+    """What to run where: `command` runs on the new machine (e.g. `nanorl pipeline --task aqua --depth 8`), after
+    `setup` (shell, e.g. installing nanorl), with `env` set. `max_hours` is what an estimate prices."""
 
     instance_type: str
     command: str
@@ -277,6 +278,7 @@ class LaunchSpec:
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     max_hours: float | None = None
+    setup: str | None = None
 
 
 @dataclass

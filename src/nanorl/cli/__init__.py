@@ -42,6 +42,7 @@ def _root(
 
 def _add_commands() -> None:
     from nanorl.cli import (
+        cloud_cmd,
         config_cmd,
         data_cmd,
         eval_cmd,
@@ -53,7 +54,9 @@ def _add_commands() -> None:
     )
     from nanorl.plugins import get_plugins
 
-    for module in (plugins_cmd, config_cmd, model_cmd, tokenizer_cmd, data_cmd, pipeline_cmd, train_cmd, eval_cmd):
+    for module in (
+        plugins_cmd, config_cmd, model_cmd, tokenizer_cmd, data_cmd, pipeline_cmd, train_cmd, eval_cmd, cloud_cmd
+    ):  # fmt: skip
         module.register(app)
     get_plugins().add_commands(app)
 

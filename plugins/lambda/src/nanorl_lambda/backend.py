@@ -1,0 +1,208 @@
+"""The `lambda` cloud backend: rent a GPU machine on Lambda Cloud, start a nanorl command on it, follow it, end it.
+
+What `launch` does, in order, so that a mistake fails before anything is billed:
+1. reads the instance types: the type must exist and have capacity in the region asked (or, with no region, in
+   some region, the first of which is taken); otherwise the error names the regions that have it now;
+2. picks the SSH key: the one named, or the account's only key (the API takes exactly one);
+3. launches with a cloud-init script (`user_data`) that writes the run's environment to `~/.nanorl.env` (mode
+   600), writes `~/nanorl-run.sh` (the setup, then the command, all output to `~/nanorl.log`), and starts it in
+   tmux (nohup where tmux is missing);
+4. waits until the API shows the new instance (a just-launched id can be unknown for a few seconds).
+
+`logs` reads the end of `~/nanorl.log` over SSH (the machine's user is `ubuntu`; your key must be in the agent or
+`~/.ssh`). The environment travels in the user data, which Lambda keeps with the instance: pass short-lived
+tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import time
+from typing import Any
+
+from nanorl.api import CloudBackend, Estimate, Instance, LaunchSpec, NanorlError
+from nanorl_lambda.client import LambdaAPIError, LambdaClient
+
+USER = "ubuntu"  # the login of Lambda's default image
+LOG = "~/nanorl.log"
+LOG_LINES = 200
+NAME_MAX = 64  # the API's limit on an instance name
+USER_DATA_MAX = 1_000_000  # the API's limit on user_data, in bytes
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# how long launch waits for a new id to become visible, and between looks
+VISIBLE_TIMEOUT_S, VISIBLE_POLL_S = 60.0, 2.0
+
+
+class LambdaBackend(CloudBackend):
+    name = "lambda"
+
+    def __init__(self, client: LambdaClient | None = None):
+        self._client = client
+
+    @property
+    def client(self) -> LambdaClient:
+        # made on first use: `nanorl plugins list` must not need an API key
+        if self._client is None:
+            self._client = LambdaClient()
+        return self._client
+
+    # ---- the CloudBackend interface --------------------------------------------------------------------------
+    def estimate(self, spec: LaunchSpec) -> Estimate:
+        entry = self._type(spec.instance_type)
+        price = entry["instance_type"]["price_cents_per_hour"] / 100
+        hours = spec.max_hours if spec.max_hours is not None else 1.0
+        regions = [r["name"] for r in entry.get("regions_with_capacity_available", [])]
+        return Estimate(spec.instance_type, price, hours, round(price * hours, 2), regions)
+
+    def launch(self, spec: LaunchSpec) -> Instance:
+        types = self.client.get("/instance-types")
+        entry = self._type(spec.instance_type, types)
+        regions = [r["name"] for r in entry.get("regions_with_capacity_available", [])]
+        if spec.region and spec.region not in regions:
+            where = f"it has capacity in: {', '.join(regions)}" if regions else "it has no capacity anywhere now"
+            raise NanorlError(f"no capacity for {spec.instance_type} in {spec.region}", hint=f"{where} (--region)")
+        if not regions:
+            raise NanorlError(
+                f"no capacity for {spec.instance_type} in any region now",
+                hint=f"types with capacity now: {', '.join(_with_capacity(types)) or 'none'}; or try again later",
+            )
+        if spec.name and len(spec.name) > NAME_MAX:
+            raise NanorlError(f"instance name longer than {NAME_MAX} characters: {spec.name!r}", exit_code=2)
+        user_data = startup_script(spec)
+        if len(user_data.encode()) > USER_DATA_MAX:
+            raise NanorlError("the start-up script is over Lambda's 1 MB limit: pass less through --env", exit_code=2)
+        body: dict[str, Any] = {
+            "region_name": spec.region or regions[0],
+            "instance_type_name": spec.instance_type,
+            "ssh_key_names": [self._ssh_key(spec.ssh_key)],
+            "user_data": user_data,
+        }
+        if spec.name:
+            body["name"] = spec.name
+        if spec.image:
+            body["image"] = {"family": spec.image}
+        (instance_id,) = self.client.post("/instance-operations/launch", body)["instance_ids"]
+        return self._await_visible(instance_id)
+
+    def status(self, instance_id: str) -> Instance:
+        return to_instance(self.client.get(f"/instances/{instance_id}"))
+
+    def list(self) -> list[Instance]:
+        return [to_instance(i) for i in self.client.get("/instances")]
+
+    def logs(self, instance_id: str) -> str:
+        inst = self.status(instance_id)
+        if not inst.ip:
+            raise NanorlError(
+                f"instance {instance_id} has no IP address yet ({inst.status})",
+                hint=f"wait until it is active: nanorl cloud status {instance_id}",
+            )
+        ssh = shlex.split(os.environ.get("NANORL_SSH", "ssh"))
+        opts = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new", "-o", "ConnectTimeout=15"]
+        cmd = [*ssh, *opts, f"{USER}@{inst.ip}", f"tail -n {LOG_LINES} {LOG}"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NanorlError(f"cannot run ssh to read the log: {e}", hint="is an ssh client installed?") from e
+        if out.returncode != 0:
+            raise NanorlError(
+                f"ssh {USER}@{inst.ip} failed ({out.returncode}): {out.stderr.strip()[-300:]}",
+                hint=f"the private half of the instance's key ({', '.join(inst.extra.get('ssh_key_names', []))}) "
+                "must be in your ssh agent or ~/.ssh; a new machine needs a minute before ssh answers",
+            )
+        return out.stdout
+
+    def terminate(self, instance_id: str) -> Instance:
+        body = {"instance_ids": [instance_id]}
+        (inst,) = self.client.post("/instance-operations/terminate", body)["terminated_instances"]
+        return to_instance(inst)
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _type(self, name: str, types: dict[str, Any] | None = None) -> dict[str, Any]:
+        types = types if types is not None else self.client.get("/instance-types")
+        if name not in types:
+            raise NanorlError(
+                f"Lambda has no instance type {name!r}",
+                hint=f"types with capacity now: {', '.join(_with_capacity(types)) or 'none'}",
+                exit_code=2,
+            )
+        return types[name]
+
+    def _ssh_key(self, name: str | None) -> str:
+        keys = [k["name"] for k in self.client.get("/ssh-keys")]
+        if name:
+            if name not in keys:
+                raise NanorlError(f"no SSH key named {name!r} on this account", hint=f"keys: {', '.join(keys)}")
+            return name
+        if len(keys) == 1:
+            return keys[0]
+        if not keys:
+            raise NanorlError("this Lambda account has no SSH key", hint="add one at https://cloud.lambda.ai/ssh-keys")
+        raise NanorlError(f"the account has {len(keys)} SSH keys", hint=f"pick one with --ssh-key: {', '.join(keys)}")
+
+    def _await_visible(self, instance_id: str) -> Instance:
+        deadline = time.monotonic() + VISIBLE_TIMEOUT_S
+        while True:
+            try:
+                return self.status(instance_id)
+            except LambdaAPIError as e:
+                if e.status != 404 or time.monotonic() > deadline:
+                    raise
+            time.sleep(VISIBLE_POLL_S)
+
+
+def _with_capacity(types: dict[str, Any]) -> list[str]:
+    return sorted(t for t, e in types.items() if e.get("regions_with_capacity_available"))
+
+
+def to_instance(d: dict[str, Any]) -> Instance:
+    itype = d.get("instance_type") or {}
+    cents = itype.get("price_cents_per_hour")
+    return Instance(
+        id=d["id"],
+        status=d.get("status", "unknown"),
+        instance_type=itype.get("name", ""),
+        region=(d.get("region") or {}).get("name"),
+        ip=d.get("ip"),
+        name=d.get("name"),
+        price_per_hour=cents / 100 if cents is not None else None,
+        extra={k: d[k] for k in ("ssh_key_names", "hostname", "private_ip") if k in d},
+    )
+
+
+def startup_script(spec: LaunchSpec) -> str:
+    """The cloud-init script (user_data): the environment file, the run script, and tmux (or nohup) starting it.
+
+    The run script sources the environment, runs `spec.setup` then `spec.command` with their output appended to
+    ~/nanorl.log, and ends the log with the exit code, so `nanorl cloud logs` shows how it ended."""
+    for key in spec.env:
+        if not ENV_KEY.match(key):
+            raise NanorlError(f"not an environment variable name: {key!r}", exit_code=2)
+    env = "\n".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
+    steps = " && ".join(s for s in (spec.setup, spec.command) if s)
+    home = f"/home/{USER}"
+    return f"""#!/bin/bash
+# written by `nanorl cloud launch`: the run's environment, then the run, started in tmux as {USER}
+set -eu
+umask 077
+cat > {home}/.nanorl.env <<'NANORL_ENV'
+{env}
+NANORL_ENV
+cat > {home}/nanorl-run.sh <<'NANORL_RUN'
+#!/bin/bash
+set -a; . ~/.nanorl.env; set +a
+cd ~
+( {steps} ) >> {LOG} 2>&1
+echo "nanorl: the run ended with exit code $?" >> {LOG}
+NANORL_RUN
+chmod 700 {home}/nanorl-run.sh
+chown {USER}:{USER} {home}/.nanorl.env {home}/nanorl-run.sh
+if command -v tmux > /dev/null; then
+  su - {USER} -c "tmux new-session -d -s nanorl {home}/nanorl-run.sh"
+else
+  su - {USER} -c "nohup {home}/nanorl-run.sh > /dev/null 2>&1 &"
+fi
+"""

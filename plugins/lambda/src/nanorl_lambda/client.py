@@ -1,0 +1,114 @@
+"""A small client for Lambda Cloud's public API (v1): auth, the `{"data": ...}` envelope, errors, retries.
+
+Standard library only (urllib). The base URL is configurable (`LAMBDA_API_URL`), which is how the tests point it
+at a local fake server. Every failure becomes a `NanorlError` that says what to do:
+
+- 429 (rate limit: about 1 request a second, one launch per 12 s) and 5xx (transient) are retried with
+  exponential backoff, `Retry-After` honoured, up to `attempts` tries;
+- the API's own errors (`{"error": {"code", "message", "suggestion"}}`) keep their message, and the codes a
+  user can act on get a hint (a wrong key, an inactive account, the quota);
+- an unreachable server says which URL it tried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from nanorl.api import NanorlError
+
+DEFAULT_URL = "https://cloud.lambda.ai/api/v1"
+KEY_HINT = "export LAMBDA_API_KEY=<key> (create one at https://cloud.lambda.ai/api-keys)"
+HINTS = {
+    "global/invalid-api-key": f"the key in LAMBDA_API_KEY is wrong or revoked: {KEY_HINT}",
+    "global/account-inactive": "the Lambda account is inactive: check its billing at https://cloud.lambda.ai",
+    "global/quota-exceeded": "terminate instances you no longer need (`nanorl cloud list`), or ask Lambda for more",
+}
+
+
+class LambdaAPIError(NanorlError):
+    """An error answer of the API, with its code (`global/object-does-not-exist`, ...) and HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, hint: str | None = None):
+        super().__init__(f"Lambda API: {message} ({code})", hint=hint)
+        self.status, self.code = status, code
+
+
+class LambdaClient:
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        attempts: int = 5,
+        retry_wait: float = 1.0,
+        timeout: float = 30.0,
+    ):
+        self.api_key = api_key or os.environ.get("LAMBDA_API_KEY", "")
+        if not self.api_key:
+            raise NanorlError("no Lambda API key", hint=KEY_HINT)
+        self.base_url = (base_url or os.environ.get("LAMBDA_API_URL") or DEFAULT_URL).rstrip("/")
+        self.attempts, self.retry_wait, self.timeout = attempts, retry_wait, timeout
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", path, body)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The `data` of a successful answer; retries 429 and 5xx; raises LambdaAPIError or NanorlError."""
+        url = f"{self.base_url}{path}"
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in range(1, self.attempts + 1):
+            req = urllib.request.Request(url, data=data, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return _payload(resp.read())["data"]
+            except urllib.error.HTTPError as e:
+                status, raw, retry_after = e.code, e.read(), e.headers.get("Retry-After")
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                reason = getattr(e, "reason", e)
+                raise NanorlError(
+                    f"cannot reach the Lambda API at {self.base_url}: {reason}",
+                    hint="check the network, or LAMBDA_API_URL if you set it",
+                ) from e
+            if (status == 429 or status >= 500) and attempt < self.attempts:
+                wait = self.retry_wait * 2 ** (attempt - 1)
+                if retry_after and retry_after.isdigit():
+                    wait = max(wait, float(retry_after))
+                time.sleep(wait)
+                continue
+            raise _error(status, raw)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _payload(raw: bytes) -> dict[str, Any]:
+    try:
+        out = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise NanorlError(f"the Lambda API answered something that is not JSON: {raw[:200]!r}") from e
+    if not isinstance(out, dict) or "data" not in out:
+        raise NanorlError(f"the Lambda API answered without `data`: {str(out)[:200]}")
+    return out
+
+
+def _error(status: int, raw: bytes) -> LambdaAPIError:
+    try:
+        err = json.loads(raw).get("error") or {}
+    except (json.JSONDecodeError, AttributeError):
+        err = {}
+    code = err.get("code") or ("rate-limited" if status == 429 else f"http-{status}")
+    message = err.get("message") or (raw.decode(errors="replace")[:200] or f"HTTP {status}")
+    hint = HINTS.get(code) or err.get("suggestion")
+    if status == 429:
+        hint = "Lambda allows about one request a second and one launch per 12 s: wait a moment and run it again"
+    elif status >= 500 and not hint:
+        hint = "Lambda's side failed repeatedly: try again in a few minutes"
+    return LambdaAPIError(status, code, message, hint)

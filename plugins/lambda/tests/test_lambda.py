@@ -1,0 +1,195 @@
+"""The Lambda backend and `nanorl cloud` against a fake Lambda API on 127.0.0.1 (fake_lambda.py): requests as
+the contract wants them, errors a user can act on, retries, the start-up script run for real, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanorl.api import LaunchSpec, NanorlError
+from nanorl_lambda import backend as backend_mod
+from nanorl_lambda.backend import LambdaBackend, startup_script
+from nanorl_lambda.client import LambdaAPIError, LambdaClient
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_lambda import FakeLambda  # noqa: E402
+
+
+@pytest.fixture
+def fake():
+    with FakeLambda() as f:
+        yield f
+
+
+@pytest.fixture
+def lam(fake, monkeypatch):
+    monkeypatch.setattr(backend_mod, "VISIBLE_POLL_S", 0.01)
+    return LambdaBackend(LambdaClient(api_key="test-key", base_url=fake.url, retry_wait=0.01))
+
+
+def _launch_bodies(fake) -> list[dict]:
+    return [body for method, path, body, _ in fake.requests if path.endswith("/instance-operations/launch")]
+
+
+def test_estimate_prices_the_hours_and_names_free_regions(lam):
+    est = lam.estimate(LaunchSpec("gpu_1x_a10", command="", max_hours=3))
+    assert (est.price_per_hour, est.hours, est.total) == (0.75, 3, 2.25)
+    assert est.regions_available == ["us-east-1", "us-west-1"]
+    with pytest.raises(NanorlError, match="no instance type 'gpu_9x_b900'") as e:
+        lam.estimate(LaunchSpec("gpu_9x_b900", command=""))
+    assert "gpu_1x_a10, gpu_1x_h100_pcie" in e.value.hint  # the types that have capacity now
+
+
+def test_launch_sends_what_the_api_wants_and_waits_until_the_id_is_visible(lam, fake):
+    fake.not_found_polls = 2  # a just-launched id is unknown for a moment
+    spec = LaunchSpec("gpu_1x_a10", command="nanorl pipeline --task aqua --depth 8", name="run-1",
+                      env={"WANDB_API_KEY": "s3cr3t 'quoted'"}, setup="pip install nanorl")  # fmt: skip
+    inst = lam.launch(spec)
+    assert (inst.id, inst.status, inst.instance_type, inst.region) == (
+        "inst-0001",
+        "booting",
+        "gpu_1x_a10",
+        "us-east-1",
+    )
+    (body,) = _launch_bodies(fake)
+    # the first region with capacity; the account's only key, as a list of exactly one; the name
+    assert (body["region_name"], body["ssh_key_names"], body["name"]) == ("us-east-1", ["laptop"], "run-1")
+    assert body["user_data"] == startup_script(spec)
+    auth = {h.lower(): v for h, v in fake.requests[0][3].items()}["authorization"]
+    assert auth == "Bearer test-key"
+
+
+def test_launch_refuses_before_anything_is_billed(lam, fake):
+    with pytest.raises(NanorlError, match="no capacity for gpu_1x_a10 in us-west-3") as e:
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x", region="us-west-3"))
+    assert "us-east-1, us-west-1" in e.value.hint
+    with pytest.raises(NanorlError, match="no capacity for gpu_8x_h100_sxm5 in any region") as e:
+        lam.launch(LaunchSpec("gpu_8x_h100_sxm5", command="x"))
+    assert "gpu_1x_a10" in e.value.hint
+    with pytest.raises(NanorlError, match="no SSH key named 'desktop'"):
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x", ssh_key="desktop"))
+    with pytest.raises(NanorlError, match="not an environment variable name"):
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x", env={"BAD-NAME": "1"}))
+    with pytest.raises(NanorlError, match="longer than 64"):
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x", name="n" * 65))
+    fake.ssh_keys.append({"id": "key-2", "name": "desktop", "public_key": "ssh-ed25519 BBBB"})
+    with pytest.raises(NanorlError, match="has 2 SSH keys") as e:  # the API takes exactly one: we never guess
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert "laptop, desktop" in e.value.hint
+    assert _launch_bodies(fake) == [] and fake.instances == {}
+
+
+def test_an_api_error_keeps_its_message_and_gets_a_hint(lam, fake):
+    bad = LambdaBackend(LambdaClient(api_key="wrong", base_url=fake.url))
+    with pytest.raises(LambdaAPIError) as e:
+        bad.list()
+    assert (e.value.status, e.value.code) == (401, "global/invalid-api-key") and "LAMBDA_API_KEY" in e.value.hint
+    with pytest.raises(LambdaAPIError, match="does not exist") as e:
+        lam.status("inst-9999")
+    assert e.value.status == 404
+    fake.fail_next = [(400, {"code": "global/quota-exceeded", "message": "Quota exceeded for gpu_1x_a10"})]
+    with pytest.raises(LambdaAPIError, match="Quota exceeded for gpu_1x_a10") as e:
+        lam.list()
+    assert "nanorl cloud list" in e.value.hint  # what to do about it
+
+
+def test_rate_limits_and_server_errors_are_retried_then_reported(fake):
+    client = LambdaClient(api_key="test-key", base_url=fake.url, attempts=3, retry_wait=0.01)
+    fake.fail_next = [(429, {"code": "global/rate-limited", "message": "slow down"}), (502, None)]
+    assert "gpu_1x_a10" in client.get("/instance-types")  # the third try answers
+    fake.fail_next = [(503, None)] * 3
+    with pytest.raises(LambdaAPIError, match="503") as e:
+        client.get("/instance-types")
+    assert e.value.status == 503 and "try again in a few minutes" in e.value.hint
+    unreachable = LambdaClient(api_key="k", base_url="http://127.0.0.1:9/api/v1")
+    with pytest.raises(NanorlError, match="cannot reach the Lambda API at http://127.0.0.1:9"):
+        unreachable.get("/instances")
+    monkey_env = {k: v for k, v in os.environ.items() if k != "LAMBDA_API_KEY"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "environ", monkey_env)
+        with pytest.raises(NanorlError, match="no Lambda API key"):
+            LambdaClient()
+
+
+def test_status_list_terminate(lam, fake):
+    fake.boot_polls = 2  # launch's own look is the first
+    inst = lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert lam.status(inst.id).status == "booting"
+    up = lam.status(inst.id)
+    assert (up.status, up.ip, up.price_per_hour) == ("active", "192.0.2.11", 0.75)
+    assert [i.id for i in lam.list()] == [inst.id]
+    assert lam.terminate(inst.id).status == "terminated"
+    assert fake.instances[inst.id]["status"] == "terminated"
+
+
+def test_logs_read_the_run_log_over_ssh(lam, fake, tmp_path, monkeypatch):
+    fake.boot_polls = 2  # launch's own look is the first
+    inst = lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    with pytest.raises(NanorlError, match="has no IP address yet"):
+        lam.logs(inst.id)
+    ssh = tmp_path / "fake-ssh"
+    ssh.write_text('#!/bin/sh\necho "args: $*"\necho "base 10/100 loss 3.2"\n')
+    ssh.chmod(0o755)
+    monkeypatch.setenv("NANORL_SSH", str(ssh))
+    out = lam.logs(inst.id)  # the second look finds it active
+    assert "ubuntu@192.0.2.11 tail -n 200 ~/nanorl.log" in out and "base 10/100 loss 3.2" in out
+    ssh.write_text("#!/bin/sh\necho 'Permission denied (publickey)' >&2\nexit 255\n")
+    with pytest.raises(NanorlError, match="Permission denied") as e:
+        lam.logs(inst.id)
+    assert "laptop" in e.value.hint
+
+
+def test_the_startup_script_runs_setup_then_command_with_the_environment(tmp_path):
+    # the run script and the environment file, written where the real script writes them, run by bash
+    spec = LaunchSpec("t", command='echo "cmd sees $TOKEN" && exit 3', setup="echo setting up",
+                      env={"TOKEN": "a b'c$d"})  # fmt: skip
+    script = startup_script(spec)
+    env_text = re.search(r"<<'NANORL_ENV'\n(.*?)\nNANORL_ENV\n", script, re.S).group(1)
+    run_text = re.search(r"<<'NANORL_RUN'\n(.*?)\nNANORL_RUN\n", script, re.S).group(1)
+    (tmp_path / ".nanorl.env").write_text(env_text + "\n")
+    (tmp_path / "run.sh").write_text(run_text + "\n")
+    subprocess.run(["bash", str(tmp_path / "run.sh")], env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]},
+                   check=True, timeout=30)  # fmt: skip
+    log = (tmp_path / "nanorl.log").read_text().splitlines()
+    assert log == ["setting up", "cmd sees a b'c$d", "nanorl: the run ended with exit code 3"]
+    assert "umask 077" in script and "tmux new-session -d -s nanorl" in script
+
+
+def _cli(fake, *args, stdin=None):
+    env = {**os.environ, "LAMBDA_API_KEY": "test-key", "LAMBDA_API_URL": fake.url, "NANORL_CLOUD_POLL_S": "0.01",
+           "COLUMNS": "200", "FOO": "from-shell"}  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "nanorl", "cloud", *args], capture_output=True, text=True,
+                          env=env, timeout=60, stdin=stdin)  # fmt: skip
+
+
+def test_cli_launch_waits_until_up_then_list_and_terminate(fake):
+    r = _cli(fake, "estimate", "gpu_1x_h100_pcie", "--hours", "4")
+    assert r.returncode == 0 and "$2.49/h x 4 h = $9.96" in r.stdout and "us-west-3" in r.stdout
+    r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "-c", "echo hi", "--env", "FOO", "--env", "BAR=2", "--json")
+    assert r.returncode == 0, r.stderr
+    inst = json.loads(r.stdout)
+    assert (inst["status"], inst["ip"]) == ("active", "192.0.2.11")
+    user_data = fake.instances[inst["id"]]["_user_data"]
+    assert "FOO=from-shell\nBAR=2" in user_data and "echo hi" in user_data
+    r = _cli(fake, "list")
+    assert r.returncode == 0 and "inst-0001" in r.stdout and "active" in r.stdout
+    r = _cli(fake, "terminate", inst["id"], "--yes", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "terminated"
+
+
+def test_cli_asks_before_billing_and_explains_failures(fake):
+    r = _cli(fake, "launch", "gpu_1x_a10", stdin=subprocess.DEVNULL)  # no terminal, no --yes
+    assert r.returncode == 2 and "confirm with --yes" in r.stderr and "Traceback" not in r.stderr
+    assert _launch_bodies(fake) == []
+    r = _cli(fake, "launch", "gpu_8x_h100_sxm5", "--yes")
+    assert r.returncode == 1 and "no capacity for gpu_8x_h100_sxm5" in r.stderr
+    r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "--env", "NOT_IN_THIS_SHELL_XYZ")
+    assert r.returncode == 1 and "no such variable in this shell" in r.stderr
+    r = _cli(fake, "terminate", "inst-0404", stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "confirm with --yes" in r.stderr

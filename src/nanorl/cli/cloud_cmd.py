@@ -1,0 +1,218 @@
+"""`nanorl cloud ...`: run nanorl on rented GPUs through a cloud backend plugin (`lambda` ships with nanorl).
+
+    nanorl cloud estimate gpu_1x_h100_pcie --hours 4
+    nanorl cloud launch gpu_1x_h100_pcie --env WANDB_API_KEY     # the default command: AQuA at depth 8
+    nanorl cloud list | status ID | logs ID | terminate ID
+
+The commands are the same for every backend (`CloudBackend` in nanorl.api); `--backend` picks one when several
+are installed. Launching shows the price first and asks before anything is billed (`--yes` skips the question;
+without a terminal it is required). `--wait` follows the machine until it is up and prints how to reach it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import typer
+
+from nanorl.api import NanorlError
+from nanorl.cli.ui import console, print_json
+
+# depth 8's token budget is ~1.2 B tokens, about 24 FineWeb-EDU shards (README, "Using it")
+DEFAULT_COMMAND = (
+    "nanorl data download fineweb --shards 24 && nanorl pipeline --task aqua --depth 8 data.corpus=fineweb"
+)
+DEFAULT_SETUP = "pip install nanorl nanorl-plugin-aqua nanorl-plugin-gsm8k"
+# statuses after which a machine will not come up
+DEAD = ("unhealthy", "terminating", "terminated", "preempted")
+
+BackendOpt = typer.Option(None, "--backend", help="The cloud backend (default: the only one installed).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _backend(name: str | None):
+    from nanorl.plugins import get_plugins
+
+    plugins = get_plugins()
+    if name:
+        return plugins.backend(name)
+    names = sorted(plugins.registry["backend"])
+    if len(names) == 1:
+        return plugins.backend(names[0])
+    if not names:
+        raise NanorlError("no cloud backend is installed", hint="pip install nanorl-plugin-lambda")
+    raise NanorlError(f"several cloud backends are installed: {', '.join(names)}", hint="pick one with --backend")
+
+
+def _as_dict(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def _instances_table(instances, title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("id", "name", "status", "type", "region", "ip", "$/h"):
+        table.add_column(col, justify="right" if col == "$/h" else "left")
+    for i in instances:
+        color = "green" if i.status == "active" else "yellow" if i.status == "booting" else "red"
+        price = f"{i.price_per_hour:.2f}" if i.price_per_hour is not None else "-"
+        table.add_row(
+            i.id, i.name or "-", f"[{color}]{i.status}[/]", i.instance_type, i.region or "-", i.ip or "-", price
+        )
+    return table
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    """--env KEY=VALUE, or --env KEY to pass on the variable of this shell."""
+    env = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            if key not in os.environ:
+                raise NanorlError(f"--env {key}: no such variable in this shell", hint=f"--env {key}=VALUE")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def _wait_active(backend, instance_id: str, timeout_min: float):
+    """Poll until the machine is active (returned) or dead or the timeout passes (NanorlError)."""
+    poll_s = float(os.environ.get("NANORL_CLOUD_POLL_S", "10"))
+    deadline = time.monotonic() + timeout_min * 60
+    with console.status(f"waiting for {instance_id} to boot...") as spinner:
+        while True:
+            inst = backend.status(instance_id)
+            if inst.status == "active" and inst.ip:
+                return inst
+            if inst.status in DEAD:
+                raise NanorlError(
+                    f"instance {instance_id} is {inst.status} before it came up",
+                    hint=f"nanorl cloud terminate {instance_id} if it still shows, then launch again",
+                )
+            if time.monotonic() > deadline:
+                raise NanorlError(
+                    f"instance {instance_id} is still {inst.status} after {timeout_min:g} minutes",
+                    hint=f"it is billed meanwhile: nanorl cloud status {instance_id}, or nanorl cloud terminate",
+                )
+            spinner.update(f"waiting for {instance_id} to boot ({inst.status})...")
+            time.sleep(poll_s)
+
+
+def register(app: typer.Typer) -> None:
+    cloud = typer.Typer(help="Run nanorl on rented GPUs (a cloud backend plugin: lambda).", no_args_is_help=True)
+    app.add_typer(cloud, name="cloud")
+
+    @cloud.command("estimate")
+    def estimate(
+        instance_type: str = typer.Argument(..., help="The instance type, e.g. gpu_1x_h100_pcie."),
+        hours: float = typer.Option(1.0, "--hours", help="How long it would run.", min=0),
+        backend: str = BackendOpt,
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """What a machine costs for so many hours, and the regions that have one free now."""
+        from nanorl.api import LaunchSpec
+
+        est = _backend(backend).estimate(LaunchSpec(instance_type, command="", max_hours=hours))
+        if as_json:
+            print_json(_as_dict(est))
+            return
+        regions = ", ".join(est.regions_available) or "[red]none now[/]"
+        console.print(
+            f"{est.instance_type}: ${est.price_per_hour:.2f}/h x {est.hours:g} h = [bold]${est.total:.2f}[/]"
+            f"; free in: {regions}",
+            highlight=False,
+        )
+
+    @cloud.command("launch")
+    def launch(
+        instance_type: str = typer.Argument(..., help="The instance type, e.g. gpu_1x_h100_pcie."),
+        command: str = typer.Option(DEFAULT_COMMAND, "--command", "-c", help="What to run on the machine."),
+        setup: str = typer.Option(DEFAULT_SETUP, "--setup", help="Shell run first (installing nanorl)."),
+        env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, or KEY to pass this shell's value."),
+        region: str = typer.Option(None, "--region", help="Default: the first region with capacity."),
+        ssh_key: str = typer.Option(None, "--ssh-key", help="Default: the account's only key."),
+        name: str = typer.Option(None, "--name", help="A name for the machine."),
+        image: str = typer.Option(None, "--image", help="An image family (default: the backend's)."),
+        hours: float = typer.Option(1.0, "--hours", help="Hours to price in the confirmation.", min=0),
+        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before launching."),
+        wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the machine until it is up."),
+        timeout_min: float = typer.Option(25.0, "--timeout-min", help="How long --wait waits."),
+        backend: str = BackendOpt,
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Rent a machine and start a nanorl command on it (its output goes to ~/nanorl.log there)."""
+        from nanorl.api import LaunchSpec
+
+        b = _backend(backend)
+        spec = LaunchSpec(
+            instance_type, command, region=region, name=name, ssh_key=ssh_key, image=image, env=_env(env),
+            max_hours=hours, setup=setup or None,
+        )  # fmt: skip
+        est = b.estimate(spec)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise NanorlError("launching rents a paid machine: confirm with --yes", exit_code=2)
+            typer.confirm(
+                f"Launch {instance_type} at ${est.price_per_hour:.2f}/h (${est.total:.2f} for {hours:g} h) "
+                f"to run `{command}`?",
+                abort=True,
+            )
+        inst = b.launch(spec)
+        if wait:
+            inst = _wait_active(b, inst.id, timeout_min)
+        if as_json:
+            print_json(_as_dict(inst))
+            return
+        console.print(_instances_table([inst], f"launched on {b.name}"))
+        if inst.ip:
+            console.print(f"ssh ubuntu@{inst.ip}   (the run: tmux attach -t nanorl)", highlight=False)
+        console.print(
+            f"follow: nanorl cloud logs {inst.id}    end (billing stops): nanorl cloud terminate {inst.id}",
+            highlight=False,
+        )
+
+    @cloud.command("list")
+    def list_(backend: str = BackendOpt, as_json: bool = JsonOpt) -> None:
+        """Your machines on the backend, with their status and address."""
+        instances = _backend(backend).list()
+        if as_json:
+            print_json([_as_dict(i) for i in instances])
+            return
+        console.print(_instances_table(instances, f"{len(instances)} instance(s)"))
+
+    @cloud.command("status")
+    def status(instance_id: str, backend: str = BackendOpt, as_json: bool = JsonOpt) -> None:
+        """One machine's status and address."""
+        inst = _backend(backend).status(instance_id)
+        if as_json:
+            print_json(_as_dict(inst))
+            return
+        console.print(_instances_table([inst], inst.id))
+
+    @cloud.command("logs")
+    def logs(instance_id: str, backend: str = BackendOpt) -> None:
+        """The end of the run's log on the machine (~/nanorl.log, over ssh)."""
+        sys.stdout.write(_backend(backend).logs(instance_id))
+
+    @cloud.command("terminate")
+    def terminate(
+        instance_id: str,
+        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+        backend: str = BackendOpt,
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """End a machine: billing stops, and its disk (the run's checkpoints, unless mirrored to S3) is gone."""
+        if not yes:
+            if not sys.stdin.isatty():
+                raise NanorlError("terminating deletes the machine and its disk: confirm with --yes", exit_code=2)
+            typer.confirm(f"Terminate {instance_id}? Its disk is deleted.", abort=True)
+        inst = _backend(backend).terminate(instance_id)
+        if as_json:
+            print_json(_as_dict(inst))
+            return
+        console.print(f"{inst.id}: {inst.status}", highlight=False)
