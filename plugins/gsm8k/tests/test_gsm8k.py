@@ -173,6 +173,21 @@ def test_registration():
     assert total == pytest.approx(1.1)
 
 
+def test_categorical_evaluation_of_free_form_answers_is_refused_with_a_hint():
+    from types import SimpleNamespace
+
+    from nanorl.stages.eval import evaluate
+
+    ctx = SimpleNamespace(
+        cfg=SimpleNamespace(eval=SimpleNamespace(samples=0)),
+        task=GSM8KTask(),
+        examples=lambda split: [load_split_free(ROW)],
+    )
+    with pytest.raises(NanorlError, match="gsm8k answers are free-form") as e:
+        evaluate(ctx, model=None, split="dev", mode="categorical")
+    assert e.value.hint == "use --mode generative" and e.value.exit_code == 2
+
+
 def test_data_show_prints_the_target_with_its_tool_calls(tmp_path):
     import os
     import subprocess

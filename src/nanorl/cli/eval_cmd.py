@@ -199,14 +199,18 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         table = Table(title=f"{ctx.task.name} {split}: {stage_dir}", title_justify="left")
-        for col in ("mode", "n", "accuracy", "95% CI", "chance", "majority letter", "format rate"):
+        # a free-form task (GSM8K) has no chance level and no letter format: those cells show "-"
+        for col in ("mode", "n", "accuracy", "95% CI", "chance", "majority", "format rate", "answered"):
             table.add_column(col)
+
+        def cell(s: dict, key: str) -> str:
+            return f"{s[key]:.3f}" if isinstance(s.get(key), (int, float)) else "-"
+
         for m, s in res["modes"].items():
             ci = s.get("accuracy_ci95", [0, 0])
             table.add_row(
-                m, str(s["n"]), f"{s['accuracy']:.3f}", f"{ci[0]:.3f}-{ci[1]:.3f}",
-                f"{s.get('chance_baseline', float('nan')):.3f}", f"{s.get('majority_baseline', float('nan')):.3f}",
-                f"{s.get('format_rate', float('nan')):.3f}",
+                m, str(s["n"]), f"{s['accuracy']:.3f}", f"{ci[0]:.3f}-{ci[1]:.3f}", cell(s, "chance_baseline"),
+                cell(s, "majority_baseline"), cell(s, "format_rate"), cell(s, "answered_rate"),
             )  # fmt: skip
         console.print(table)
         if "sampled" in res["modes"]:

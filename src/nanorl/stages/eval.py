@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from nanorl import checkpoint as ckpt
-from nanorl.api import EvalResult, Example
+from nanorl.api import EvalResult, Example, NanorlError
 from nanorl.device import all_gather_objects, autocast
 from nanorl.stages.common import MODEL_STAGES, Context
 
@@ -207,9 +207,15 @@ def evaluate(
     if max_examples:
         examples = examples[:max_examples]
     mc = bool(examples) and ctx.task.choices(examples[0]) is not None
+    if mode == "categorical" and examples and not mc:
+        raise NanorlError(
+            f"{ctx.task.name} answers are free-form: categorical evaluation compares the answer options' logits",
+            hint="use --mode generative",
+            exit_code=2,
+        )
     modes = ["generative", "categorical"] if mode == "both" else [mode]
-    if not mc:
-        modes = [m for m in modes if m == "generative"] or ["generative"]
+    if not mc:  # "both" on a free-form task: the generative mode is all there is
+        modes = ["generative"]
     if samples and "generative" in modes:
         modes.append("sampled")
     out: dict[str, Any] = {"task": ctx.task.name, "split": split, "n": len(examples), "modes": {}}
