@@ -109,7 +109,7 @@ def write_report(run: str | Path) -> Path:
         lines += [
             "## Evaluation",
             "",
-            "| file | model | mode | n | accuracy | 95% CI | chance | majority letter | format rate |",
+            "| file | model | mode | n | accuracy | 95% CI | chance | majority | format rate |",
         ]
         lines += ["|---|---|---|---|---|---|---|---|---|"]
         compares, sampled = [], []
