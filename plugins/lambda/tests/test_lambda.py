@@ -3,6 +3,7 @@ the contract wants them, errors a user can act on, retries, the start-up script 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -146,19 +147,24 @@ def test_logs_read_the_run_log_over_ssh(lam, fake, tmp_path, monkeypatch):
 
 
 def test_the_startup_script_runs_setup_then_command_with_the_environment(tmp_path):
-    # the run script and the environment file, written where the real script writes them, run by bash
-    spec = LaunchSpec("t", command='echo "cmd sees $TOKEN" && exit 3', setup="echo setting up",
-                      env={"TOKEN": "a b'c$d"})  # fmt: skip
+    # the environment file and the run script as the start-up script writes them, then the run script run by bash;
+    # a value with quotes, a dollar, a newline and the old here-document marker stays one inert value
+    value = "a b'c$d\nNANORL_ENV\ntouch pwned"
+    spec = LaunchSpec("t", command='echo "cmd sees $TOKEN" && exit 3', setup="echo setting up", env={"TOKEN": value})
     script = startup_script(spec)
-    env_text = re.search(r"<<'NANORL_ENV'\n(.*?)\nNANORL_ENV\n", script, re.S).group(1)
-    run_text = re.search(r"<<'NANORL_RUN'\n(.*?)\nNANORL_RUN\n", script, re.S).group(1)
-    (tmp_path / ".nanorl.env").write_text(env_text + "\n")
-    (tmp_path / "run.sh").write_text(run_text + "\n")
-    subprocess.run(["bash", str(tmp_path / "run.sh")], env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]},
-                   check=True, timeout=30)  # fmt: skip
-    log = (tmp_path / "nanorl.log").read_text().splitlines()
-    assert log == ["setting up", "cmd sees a b'c$d", "nanorl: the run ended with exit code 3"]
+    # the lines that write the two files, run by bash as they are, into tmp_path instead of /home/ubuntu
+    writes = [line.replace("/home/ubuntu", str(tmp_path)) for line in script.splitlines() if line.startswith("echo '")]
+    assert len(writes) == 2
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    subprocess.run(["bash", "-c", "\n".join(writes)], env=env, check=True, cwd=tmp_path, timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".nanorl.env", "nanorl-run.sh"]
+    subprocess.run(["bash", str(tmp_path / "nanorl-run.sh")], env=env, check=True, cwd=tmp_path, timeout=30)
+    log = (tmp_path / "nanorl.log").read_text()
+    assert log == f"setting up\ncmd sees {value}\nnanorl: the run ended with exit code 3\n"
+    assert not (tmp_path / "pwned").exists()
     assert "umask 077" in script and "tmux new-session -d -s nanorl" in script
+    with pytest.raises(NanorlError, match="nothing to run"):
+        startup_script(LaunchSpec("t", command="  "))
 
 
 def _cli(fake, *args, stdin=None):
@@ -175,8 +181,9 @@ def test_cli_launch_waits_until_up_then_list_and_terminate(fake):
     assert r.returncode == 0, r.stderr
     inst = json.loads(r.stdout)
     assert (inst["status"], inst["ip"]) == ("active", "192.0.2.11")
-    user_data = fake.instances[inst["id"]]["_user_data"]
-    assert "FOO=from-shell\nBAR=2" in user_data and "echo hi" in user_data
+    blobs = re.findall(r"echo '([A-Za-z0-9+/=]+)' \| base64 -d", fake.instances[inst["id"]]["_user_data"])
+    env_file, run_script = (base64.b64decode(b).decode() for b in blobs)
+    assert env_file == "FOO=from-shell\nBAR=2\n" and "echo hi" in run_script
     r = _cli(fake, "list")
     assert r.returncode == 0 and "inst-0001" in r.stdout and "active" in r.stdout
     r = _cli(fake, "terminate", inst["id"], "--yes", "--json")

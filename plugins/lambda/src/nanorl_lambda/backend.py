@@ -16,6 +16,7 @@ tokens.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shlex
@@ -173,31 +174,43 @@ def to_instance(d: dict[str, Any]) -> Instance:
     )
 
 
-def startup_script(spec: LaunchSpec) -> str:
-    """The cloud-init script (user_data): the environment file, the run script, and tmux (or nohup) starting it.
-
-    The run script sources the environment, runs `spec.setup` then `spec.command` with their output appended to
-    ~/nanorl.log, and ends the log with the exit code, so `nanorl cloud logs` shows how it ended."""
+def env_file(spec: LaunchSpec) -> str:
+    """~/.nanorl.env: one `KEY='value'` line per variable, shell-quoted, sourced by the run script."""
     for key in spec.env:
         if not ENV_KEY.match(key):
             raise NanorlError(f"not an environment variable name: {key!r}", exit_code=2)
-    env = "\n".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
-    steps = " && ".join(s for s in (spec.setup, spec.command) if s)
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in spec.env.items())
+
+
+def run_script(spec: LaunchSpec) -> str:
+    """~/nanorl-run.sh: the environment, then `spec.setup` and `spec.command` with their output appended to
+    ~/nanorl.log, which ends with the exit code, so `nanorl cloud logs` shows how the run ended."""
+    steps = " && ".join(s for s in (spec.setup, spec.command) if s and s.strip())
+    if not steps:
+        raise NanorlError("nothing to run: give a command", exit_code=2)
+    return f"""#!/bin/bash
+set -a; . ~/.nanorl.env; set +a
+cd ~
+(
+{steps}
+) >> {LOG} 2>&1
+echo "nanorl: the run ended with exit code $?" >> {LOG}
+"""
+
+
+def startup_script(spec: LaunchSpec) -> str:
+    """The cloud-init script (user_data): it writes the environment file and the run script, then starts the
+    run in tmux (or nohup) as the image's user. Both files travel base64-encoded, so no value or command can end
+    a here-document early or be read by the root shell that writes them."""
     home = f"/home/{USER}"
+    env64 = base64.b64encode(env_file(spec).encode()).decode()
+    run64 = base64.b64encode(run_script(spec).encode()).decode()
     return f"""#!/bin/bash
 # written by `nanorl cloud launch`: the run's environment, then the run, started in tmux as {USER}
 set -eu
 umask 077
-cat > {home}/.nanorl.env <<'NANORL_ENV'
-{env}
-NANORL_ENV
-cat > {home}/nanorl-run.sh <<'NANORL_RUN'
-#!/bin/bash
-set -a; . ~/.nanorl.env; set +a
-cd ~
-( {steps} ) >> {LOG} 2>&1
-echo "nanorl: the run ended with exit code $?" >> {LOG}
-NANORL_RUN
+echo '{env64}' | base64 -d > {home}/.nanorl.env
+echo '{run64}' | base64 -d > {home}/nanorl-run.sh
 chmod 700 {home}/nanorl-run.sh
 chown {USER}:{USER} {home}/.nanorl.env {home}/nanorl-run.sh
 if command -v tmux > /dev/null; then
