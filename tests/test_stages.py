@@ -357,19 +357,20 @@ def test_console_lines_in_a_log_say_the_time_left_from_the_steps_this_process_ra
     sink = sinks.ConsoleSink()
     info = StageInfo(run_name="r", run_dir="/tmp/r", stage="sft", task="arith", config={}, total_steps=100)
     sink.on_stage_start(info)
-    # a stage resumed at step 41, one second a step: the time left counts only the steps run since
+    # a stage resumed at step 41 whose first step took 5 s (a warm-up), then one second a step: the time left
+    # counts neither the steps done before the resume nor the warm-up
+    clock[0] += 5.0
     for step in range(41, 61):
-        clock[0] += 1.0
         sink.on_step("sft", step, {"loss": 0.5})
-    clock[0] += 1.0
+        clock[0] += 1.0
     rl_like = {"loss": 0.25, "val_bpb": 0.1462, "reward": 1.064, "acc": 0.965, "signal_groups": 7, "tok_per_s": 9208.0}
     sink.on_step("sft", 100, rl_like)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "sft: 100 steps"
-    assert lines[1] == "sft 41/100  loss 0.5000  (1s, ETA 59s)"  # the first step: 1 s a step, 59 to go
-    assert lines[2] == "sft 51/100  loss 0.5000  (11s, ETA 49s)"  # 10 s after the previous line
+    assert lines[1] == "sft 41/100  loss 0.5000  (5s)"  # the first step: no rate yet
+    assert lines[2] == "sft 51/100  loss 0.5000  (15s, ETA 49s)"  # 10 s after it: 1 s a step, 49 to go
     # the last step: no time left to announce; longer than the 80 columns a log gets, and still one line
-    assert lines[3] == "sft 100/100  loss 0.2500  val_bpb 0.1462  reward 1.064  acc 0.965  groups 7  tok/s 9,208  (21s)"
+    assert lines[3] == "sft 100/100  loss 0.2500  val_bpb 0.1462  reward 1.064  acc 0.965  groups 7  tok/s 9,208  (25s)"
     assert len(lines) == 4
     assert sinks._duration(185) == "3m05s" and sinks._duration(3725) == "1h02m"
 

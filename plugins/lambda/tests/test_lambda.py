@@ -15,7 +15,7 @@ import pytest
 
 from nanorl.api import LaunchSpec, NanorlError
 from nanorl_lambda import backend as backend_mod
-from nanorl_lambda.backend import LambdaBackend, startup_script
+from nanorl_lambda.backend import LambdaBackend, run_script, startup_script
 from nanorl_lambda.client import LambdaAPIError, LambdaClient
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -61,7 +61,10 @@ def test_launch_sends_what_the_api_wants_and_waits_until_the_id_is_visible(lam, 
     (body,) = _launch_bodies(fake)
     # the first region with capacity; the account's only key, as a list of exactly one; the name
     assert (body["region_name"], body["ssh_key_names"], body["name"]) == ("us-east-1", ["laptop"], "run-1")
-    assert body["user_data"] == startup_script(spec)
+    blobs = re.findall(r"echo '([A-Za-z0-9+/=]+)' \| base64 -d", body["user_data"])
+    env_file, run_script = (base64.b64decode(b).decode() for b in blobs)
+    assert env_file == "WANDB_API_KEY='s3cr3t '\"'\"'quoted'\"'\"''\n"  # shell-quoted, sourced by the run
+    assert "pip install nanorl\nnanorl pipeline --task aqua --depth 8\n" in run_script
     auth = {h.lower(): v for h, v in fake.requests[0][3].items()}["authorization"]
     assert auth == "Bearer test-key"
 
@@ -84,6 +87,16 @@ def test_launch_refuses_before_anything_is_billed(lam, fake):
         lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
     assert "laptop, desktop" in e.value.hint
     assert _launch_bodies(fake) == [] and fake.instances == {}
+
+
+def test_a_type_sold_out_between_the_look_and_the_launch_names_where_it_is_free(lam, fake, monkeypatch):
+    def sold_out(path, body, once=False):
+        raise LambdaAPIError(400, "instance-operations/launch/insufficient-capacity", "Not enough capacity")
+
+    monkeypatch.setattr(lam.client, "post", sold_out)
+    with pytest.raises(NanorlError, match="Not enough capacity") as e:
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert e.value.hint == "gpu_1x_a10 is free in: us-east-1, us-west-1"
 
 
 def test_an_api_error_keeps_its_message_and_gets_a_hint(lam, fake):
@@ -118,6 +131,51 @@ def test_rate_limits_and_server_errors_are_retried_then_reported(fake):
             LambdaClient()
 
 
+def test_a_launch_is_never_sent_twice(fake):
+    # a 5xx or a timeout can come after Lambda created the machine: a retry could rent a second one
+    client = LambdaClient(api_key="test-key", base_url=fake.url, retry_wait=0.01)
+    body = {"region_name": "us-east-1", "instance_type_name": "gpu_1x_a10", "ssh_key_names": ["laptop"]}
+    fake.fail_next = [(502, None)]
+    with pytest.raises(LambdaAPIError) as e:
+        client.post("/instance-operations/launch", body, once=True)
+    assert e.value.status == 502 and "nanorl cloud list" in e.value.hint
+    assert len(_launch_bodies(fake)) == 1 and fake.instances == {}
+    fake.fail_next = [(429, {"code": "global/rate-limited", "message": "slow down"})]  # refused before acting: retried
+    assert client.post("/instance-operations/launch", body, once=True)["instance_ids"] == ["inst-0001"]
+    sent = []
+    lam = LambdaBackend(client)
+    original = client.request
+    client.request = lambda *a, **k: sent.append((a[:2], k.get("once", False))) or original(*a, **k)
+    lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert (("POST", "/instance-operations/launch"), True) in sent  # the backend asks for it
+
+
+def test_odd_answers_and_settings_are_clear_errors(fake):
+    import http.server
+    import threading
+
+    class Proxy(http.server.BaseHTTPRequestHandler):  # an error body from something in front of the API
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b'{"error": "Unauthorized"}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = LambdaClient(api_key="k", base_url=f"http://127.0.0.1:{server.server_address[1]}/api/v1")
+        with pytest.raises(LambdaAPIError, match="Unauthorized") as e:
+            client.get("/instances")
+        assert e.value.status == 401
+    finally:
+        server.shutdown()
+    with pytest.raises(NanorlError, match="LAMBDA_API_URL is not an http"):
+        LambdaClient(api_key="k", base_url="cloud.lambda.ai/api/v1").get("/instances")
+
+
 def test_status_list_terminate(lam, fake):
     fake.boot_polls = 2  # launch's own look is the first
     inst = lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
@@ -150,7 +208,9 @@ def test_the_startup_script_runs_setup_then_command_with_the_environment(tmp_pat
     # the environment file and the run script as the start-up script writes them, then the run script run by bash;
     # a value with quotes, a dollar, a newline and the old here-document marker stays one inert value
     value = "a b'c$d\nNANORL_ENV\ntouch pwned"
-    spec = LaunchSpec("t", command='echo "cmd sees $TOKEN" && exit 3', setup="echo setting up", env={"TOKEN": value})
+    spec = LaunchSpec(
+        "t", command='echo "cmd sees $TOKEN" && exit 3', setup="echo setting up  # a comment", env={"TOKEN": value}
+    )
     script = startup_script(spec)
     # the lines that write the two files, run by bash as they are, into tmp_path instead of /home/ubuntu
     writes = [line.replace("/home/ubuntu", str(tmp_path)) for line in script.splitlines() if line.startswith("echo '")]
@@ -163,6 +223,11 @@ def test_the_startup_script_runs_setup_then_command_with_the_environment(tmp_pat
     assert log == f"setting up\ncmd sees {value}\nnanorl: the run ended with exit code 3\n"
     assert not (tmp_path / "pwned").exists()
     assert "umask 077" in script and "tmux new-session -d -s nanorl" in script
+    failing = run_script(LaunchSpec("t", command="echo never", setup="false"))
+    (tmp_path / "nanorl.log").unlink()
+    (tmp_path / "nanorl-run.sh").write_text(failing)
+    subprocess.run(["bash", str(tmp_path / "nanorl-run.sh")], env=env, check=True, cwd=tmp_path, timeout=30)
+    assert (tmp_path / "nanorl.log").read_text() == "nanorl: the run ended with exit code 1\n"
     with pytest.raises(NanorlError, match="nothing to run"):
         startup_script(LaunchSpec("t", command="  "))
 
@@ -177,7 +242,8 @@ def _cli(fake, *args, stdin=None):
 def test_cli_launch_waits_until_up_then_list_and_terminate(fake):
     r = _cli(fake, "estimate", "gpu_1x_h100_pcie", "--hours", "4")
     assert r.returncode == 0 and "$2.49/h x 4 h = $9.96" in r.stdout and "us-west-3" in r.stdout
-    r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "-c", "echo hi", "--env", "FOO", "--env", "BAR=2", "--json")
+    r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "-c", "echo hi", "--env", "FOO", "--env", "BAR=2", "--json",
+             "--setup", "pip install ./nanorl")  # fmt: skip
     assert r.returncode == 0, r.stderr
     inst = json.loads(r.stdout)
     assert (inst["status"], inst["ip"]) == ("active", "192.0.2.11")
@@ -191,12 +257,14 @@ def test_cli_launch_waits_until_up_then_list_and_terminate(fake):
 
 
 def test_cli_asks_before_billing_and_explains_failures(fake):
-    r = _cli(fake, "launch", "gpu_1x_a10", stdin=subprocess.DEVNULL)  # no terminal, no --yes
+    r = _cli(fake, "launch", "gpu_1x_a10", "--yes")
+    assert r.returncode == 2 and "say how to install nanorl on the machine" in r.stderr
+    r = _cli(fake, "launch", "gpu_1x_a10", "--setup", "true", stdin=subprocess.DEVNULL)  # no terminal, no --yes
     assert r.returncode == 2 and "confirm with --yes" in r.stderr and "Traceback" not in r.stderr
     assert _launch_bodies(fake) == []
-    r = _cli(fake, "launch", "gpu_8x_h100_sxm5", "--yes")
+    r = _cli(fake, "launch", "gpu_8x_h100_sxm5", "--yes", "--setup", "true")
     assert r.returncode == 1 and "no capacity for gpu_8x_h100_sxm5" in r.stderr
-    r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "--env", "NOT_IN_THIS_SHELL_XYZ")
+    r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "--setup", "true", "--env", "NOT_IN_THIS_SHELL_XYZ")
     assert r.returncode == 1 and "no such variable in this shell" in r.stderr
     r = _cli(fake, "terminate", "inst-0404", stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "confirm with --yes" in r.stderr

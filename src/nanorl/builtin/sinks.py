@@ -61,7 +61,10 @@ class ConsoleSink(TelemetryHook):
         self.total = 0
         self.last_line = 0.0
         self.start = 0.0
-        self.first_step: int | None = None  # the first step this process ran (a resumed stage starts past 1)
+        # the first step this process ran (a resumed stage starts past 1) and when it ended: the time left is
+        # measured from there, so neither the steps done before a resume nor the first step's warm-up count
+        self.first_step: int | None = None
+        self.first_end = 0.0
         self.console = None
 
     def on_stage_start(self, info: StageInfo) -> None:
@@ -100,17 +103,17 @@ class ConsoleSink(TelemetryHook):
         if self.progress is not None:
             self.progress.update(self.task_id, completed=step, info=_fmt(metrics))
             return None
-        # not a terminal (CI, a log file): a line every ~10 s and at the last step, with the time so far and, from
-        # the steps this process ran (not those a resumed stage had done before), the time left
+        # not a terminal (CI, a log file): a line every ~10 s and at the last step, with the time so far and the
+        # time left
         now = time.time()
         if self.first_step is None:
-            self.first_step = step
+            self.first_step, self.first_end = step, now
         if now - self.last_line >= 10 or step >= self.total:
             self.last_line = now
-            elapsed = now - self.start
-            when = _duration(elapsed)
-            if step < self.total:
-                when += f", ETA {_duration(elapsed / (step - self.first_step + 1) * (self.total - step))}"
+            when = _duration(now - self.start)
+            if self.first_step < step < self.total:
+                per_step = (now - self.first_end) / (step - self.first_step)
+                when += f", ETA {_duration(per_step * (self.total - step))}"
             self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({when})", highlight=False)
         return None
 

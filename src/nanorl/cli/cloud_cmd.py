@@ -1,12 +1,13 @@
 """`nanorl cloud ...`: run nanorl on rented GPUs through a cloud backend plugin (`lambda` ships with nanorl).
 
     nanorl cloud estimate gpu_1x_h100_pcie --hours 4
-    nanorl cloud launch gpu_1x_h100_pcie --env WANDB_API_KEY     # the default command: AQuA at depth 8
+    nanorl cloud launch gpu_1x_h100_pcie --setup "pip install git+https://github.com/YOU/nanorl@COMMIT"
     nanorl cloud list | status ID | logs ID | terminate ID
 
 The commands are the same for every backend (`CloudBackend` in nanorl.api); `--backend` picks one when several
-are installed. Launching shows the price first and asks before anything is billed (`--yes` skips the question;
-without a terminal it is required). `--wait` follows the machine until it is up and prints how to reach it.
+are installed. Launching shows the price and asks before anything is billed (`--yes` skips the question;
+without a terminal it is required). `--setup` (or NANORL_CLOUD_SETUP) says how to install nanorl on the machine;
+the default command then trains AQuA at depth 8. `--wait` follows the machine until it is up.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from nanorl.cli.ui import console, print_json
 DEFAULT_COMMAND = (
     "nanorl data download fineweb --shards 24 && nanorl pipeline --task aqua --depth 8 data.corpus=fineweb"
 )
-DEFAULT_SETUP = "pip install nanorl nanorl-plugin-aqua nanorl-plugin-gsm8k"
 # statuses after which a machine will not come up
 DEAD = ("unhealthy", "terminating", "terminated", "preempted")
 
@@ -132,7 +132,9 @@ def register(app: typer.Typer) -> None:
     def launch(
         instance_type: str = typer.Argument(..., help="The instance type, e.g. gpu_1x_h100_pcie."),
         command: str = typer.Option(DEFAULT_COMMAND, "--command", "-c", help="What to run on the machine."),
-        setup: str = typer.Option(DEFAULT_SETUP, "--setup", help="Shell run first (installing nanorl)."),
+        setup: str = typer.Option(
+            None, "--setup", help="Shell run first: how to install nanorl there (default: $NANORL_CLOUD_SETUP)."
+        ),
         env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, or KEY to pass this shell's value."),
         region: str = typer.Option(None, "--region", help="Default: the first region with capacity."),
         ssh_key: str = typer.Option(None, "--ssh-key", help="Default: the account's only key."),
@@ -148,20 +150,27 @@ def register(app: typer.Typer) -> None:
         """Rent a machine and start a nanorl command on it (its output goes to ~/nanorl.log there)."""
         from nanorl.api import LaunchSpec
 
+        setup = setup or os.environ.get("NANORL_CLOUD_SETUP")
+        if not setup:
+            # no default: an install by bare package name would run whatever owns that name next to your secrets
+            raise NanorlError(
+                "say how to install nanorl on the machine: --setup (or NANORL_CLOUD_SETUP)",
+                hint='e.g. --setup "pip install git+https://github.com/YOU/nanorl@COMMIT"',
+                exit_code=2,
+            )
         b = _backend(backend)
         spec = LaunchSpec(
             instance_type, command, region=region, name=name, ssh_key=ssh_key, image=image, env=_env(env),
             max_hours=hours, setup=setup or None,
         )  # fmt: skip
         est = b.estimate(spec)
+        price = f"{instance_type} at ${est.price_per_hour:.2f}/h (${est.total:.2f} for {hours:g} h)"
         if not yes:
             if not sys.stdin.isatty():
                 raise NanorlError("launching rents a paid machine: confirm with --yes", exit_code=2)
-            typer.confirm(
-                f"Launch {instance_type} at ${est.price_per_hour:.2f}/h (${est.total:.2f} for {hours:g} h) "
-                f"to run `{command}`?",
-                abort=True,
-            )
+            typer.confirm(f"Launch {price} to run `{command}`?", abort=True)
+        elif not as_json:
+            console.print(f"launching {price}", highlight=False)
         inst = b.launch(spec)
         if wait:
             inst = _wait_active(b, inst.id, timeout_min)

@@ -14,7 +14,7 @@ import re
 
 MAX_CHARS = 200  # GSM8K's longest calculator note is under 100 characters
 MAX_EXPONENT = 64  # a grade-school power is small; 2**64 already exceeds every GSM8K number
-MAX_MAGNITUDE = 1e18  # beyond any GSM8K quantity; also keeps floats exact to the cent in the output
+MAX_MAGNITUDE = 1e18  # beyond any GSM8K quantity, and small enough that no intermediate grows huge
 DECIMALS = 6  # places a non-integral result is rounded to (GSM8K's notes round to 2 at most)
 
 _BINARY = {
@@ -53,7 +53,8 @@ def calculate(expression: str) -> str:
 def format_number(x: float | int) -> str:
     if isinstance(x, int) or float(x).is_integer():
         return str(int(x))
-    return f"{x:.{DECIMALS}f}".rstrip("0").rstrip(".")
+    text = f"{x:.{DECIMALS}f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text  # a tiny negative rounds to zero, not "-0"
 
 
 def _value(node: ast.AST) -> float | int:

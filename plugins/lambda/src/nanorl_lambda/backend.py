@@ -85,7 +85,15 @@ class LambdaBackend(CloudBackend):
             body["name"] = spec.name
         if spec.image:
             body["image"] = {"family": spec.image}
-        (instance_id,) = self.client.post("/instance-operations/launch", body)["instance_ids"]
+        try:
+            (instance_id,) = self.client.post("/instance-operations/launch", body, once=True)["instance_ids"]
+        except LambdaAPIError as e:
+            if e.code != "instance-operations/launch/insufficient-capacity":
+                raise
+            # sold out between our look and the launch: say where it is free now
+            free = self._type(spec.instance_type).get("regions_with_capacity_available", [])
+            where = ", ".join(r["name"] for r in free) or "nowhere right now"
+            raise NanorlError(f"{e.detail} ({e.code})", hint=f"{spec.instance_type} is free in: {where}") from e
         return self._await_visible(instance_id)
 
     def status(self, instance_id: str) -> Instance:
@@ -185,13 +193,16 @@ def env_file(spec: LaunchSpec) -> str:
 def run_script(spec: LaunchSpec) -> str:
     """~/nanorl-run.sh: the environment, then `spec.setup` and `spec.command` with their output appended to
     ~/nanorl.log, which ends with the exit code, so `nanorl cloud logs` shows how the run ended."""
-    steps = " && ".join(s for s in (spec.setup, spec.command) if s and s.strip())
+    # each on its own lines under `set -e`: a comment or a line continuation in one cannot swallow the other, and
+    # a failed setup stops the run with its exit code
+    steps = "\n".join(s for s in (spec.setup, spec.command) if s and s.strip())
     if not steps:
         raise NanorlError("nothing to run: give a command", exit_code=2)
     return f"""#!/bin/bash
 set -a; . ~/.nanorl.env; set +a
 cd ~
 (
+set -e
 {steps}
 ) >> {LOG} 2>&1
 echo "nanorl: the run ended with exit code $?" >> {LOG}

@@ -35,7 +35,7 @@ class LambdaAPIError(NanorlError):
 
     def __init__(self, status: int, code: str, message: str, hint: str | None = None):
         super().__init__(f"Lambda API: {message} ({code})", hint=hint)
-        self.status, self.code = status, code
+        self.status, self.code, self.detail = status, code, message
 
 
 class LambdaClient:
@@ -56,12 +56,19 @@ class LambdaClient:
     def get(self, path: str) -> Any:
         return self.request("GET", path)
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        return self.request("POST", path, body)
+    def post(self, path: str, body: dict[str, Any], once: bool = False) -> Any:
+        return self.request("POST", path, body, once=once)
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """The `data` of a successful answer; retries 429 and 5xx; raises LambdaAPIError or NanorlError."""
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None, once: bool = False) -> Any:
+        """The `data` of a successful answer; retries 429 and 5xx; raises LambdaAPIError or NanorlError.
+
+        `once`: a request that must not run twice (a launch rents a machine). Only 429 is retried, which Lambda
+        answers before doing anything; a 5xx or a timeout may come after the machine exists, so it is reported
+        with that warning instead of sent again."""
+        if not self.base_url.startswith(("http://", "https://")):
+            raise NanorlError(f"LAMBDA_API_URL is not an http(s) URL: {self.base_url!r}", hint=f"e.g. {DEFAULT_URL}")
         url = f"{self.base_url}{path}"
+        maybe_done = "it may have gone through all the same: check `nanorl cloud list` before launching again"
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json"}
         if data is not None:
@@ -77,8 +84,11 @@ class LambdaClient:
                 reason = getattr(e, "reason", e)
                 raise NanorlError(
                     f"cannot reach the Lambda API at {self.base_url}: {reason}",
-                    hint="check the network, or LAMBDA_API_URL if you set it",
+                    hint=maybe_done if once else "check the network, or LAMBDA_API_URL if you set it",
                 ) from e
+            if status >= 500 and once:
+                err = _error(status, raw)
+                raise LambdaAPIError(status, err.code, err.detail, maybe_done)
             if (status == 429 or status >= 500) and attempt < self.attempts:
                 wait = self.retry_wait * 2 ** (attempt - 1)
                 if retry_after and retry_after.isdigit():
@@ -101,9 +111,11 @@ def _payload(raw: bytes) -> dict[str, Any]:
 
 def _error(status: int, raw: bytes) -> LambdaAPIError:
     try:
-        err = json.loads(raw).get("error") or {}
+        err = json.loads(raw).get("error")
     except (json.JSONDecodeError, AttributeError):
-        err = {}
+        err = None
+    if not isinstance(err, dict):  # a proxy's or an older API's error body: keep what it says as the message
+        err = {"message": err} if isinstance(err, str) else {}
     code = err.get("code") or ("rate-limited" if status == 429 else f"http-{status}")
     message = err.get("message") or (raw.decode(errors="replace")[:200] or f"HTTP {status}")
     hint = HINTS.get(code) or err.get("suggestion")
