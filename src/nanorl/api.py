@@ -40,6 +40,7 @@ __all__ = [
     "LaunchSpec",
     "Instance",
     "Estimate",
+    "InstanceType",
     "LETTERS",
 ]
 
@@ -302,10 +303,24 @@ class Estimate:
     regions_available: list[str] = field(default_factory=list)
 
 
+@dataclass
+class InstanceType:
+    """A machine a backend rents: its name (what `LaunchSpec.instance_type` takes), what it is, and where it is free."""
+
+    name: str
+    description: str
+    price_per_hour: float
+    gpus: int
+    regions_available: list[str] = field(default_factory=list)
+
+
 class CloudBackend:
     """A place to rent GPUs. Errors (credentials, capacity, quota) are raised as `NanorlError` with a hint."""
 
     name: str = ""
+
+    def types(self) -> list[InstanceType]:
+        raise NotImplementedError
 
     def estimate(self, spec: LaunchSpec) -> Estimate:
         raise NotImplementedError

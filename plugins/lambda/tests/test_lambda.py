@@ -240,6 +240,13 @@ def _cli(fake, *args, stdin=None):
 
 
 def test_cli_launch_waits_until_up_then_list_and_terminate(fake):
+    r = _cli(fake, "types", "--json")
+    assert r.returncode == 0, r.stderr
+    found = [(t["name"], t["gpus"], t["price_per_hour"], t["regions_available"]) for t in json.loads(r.stdout)]
+    assert found == [("gpu_1x_a10", 1, 0.75, ["us-east-1", "us-west-1"]), ("gpu_1x_h100_pcie", 1, 2.49, ["us-west-3"]),
+                     ("gpu_8x_h100_sxm5", 8, 23.92, [])]  # fmt: skip
+    r = _cli(fake, "types")
+    assert r.returncode == 0 and "none now" in r.stdout and "1x H100" in r.stdout
     r = _cli(fake, "estimate", "gpu_1x_h100_pcie", "--hours", "4")
     assert r.returncode == 0 and "$2.49/h x 4 h = $9.96" in r.stdout and "us-west-3" in r.stdout
     r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "-c", "echo hi", "--env", "FOO", "--env", "BAR=2", "--json",

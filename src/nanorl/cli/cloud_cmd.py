@@ -1,5 +1,6 @@
 """`nanorl cloud ...`: run nanorl on rented GPUs through a cloud backend plugin (`lambda` ships with nanorl).
 
+    nanorl cloud types                                   # what is free now, and its price
     nanorl cloud estimate gpu_1x_h100_pcie --hours 4
     nanorl cloud launch gpu_1x_h100_pcie --setup "pip install git+https://github.com/YOU/nanorl@COMMIT"
     nanorl cloud list | status ID | logs ID | terminate ID
@@ -106,6 +107,23 @@ def _wait_active(backend, instance_id: str, timeout_min: float):
 def register(app: typer.Typer) -> None:
     cloud = typer.Typer(help="Run nanorl on rented GPUs (a cloud backend plugin: lambda).", no_args_is_help=True)
     app.add_typer(cloud, name="cloud")
+
+    @cloud.command("types")
+    def types(backend: str = BackendOpt, as_json: bool = JsonOpt) -> None:
+        """The machines the backend rents: price, GPUs, and the regions where one is free now."""
+        found = _backend(backend).types()
+        if as_json:
+            print_json([_as_dict(t) for t in found])
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{len(found)} instance types (free ones first, then by price)", title_justify="left")
+        for col in ("type", "what", "GPUs", "$/h", "free in"):
+            table.add_column(col, justify="right" if col in ("GPUs", "$/h") else "left")
+        for t in found:
+            free = ", ".join(t.regions_available) or "[dim]none now[/]"
+            table.add_row(t.name, t.description, str(t.gpus), f"{t.price_per_hour:.2f}", free)
+        console.print(table)
 
     @cloud.command("estimate")
     def estimate(

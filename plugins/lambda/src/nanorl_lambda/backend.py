@@ -24,7 +24,7 @@ import subprocess
 import time
 from typing import Any
 
-from nanorl.api import CloudBackend, Estimate, Instance, LaunchSpec, NanorlError
+from nanorl.api import CloudBackend, Estimate, Instance, InstanceType, LaunchSpec, NanorlError
 from nanorl_lambda.client import LambdaAPIError, LambdaClient
 
 USER = "ubuntu"  # the login of Lambda's default image
@@ -51,6 +51,16 @@ class LambdaBackend(CloudBackend):
         return self._client
 
     # ---- the CloudBackend interface --------------------------------------------------------------------------
+    def types(self) -> list[InstanceType]:
+        out = []
+        for name, entry in self.client.get("/instance-types").items():
+            t = entry["instance_type"]
+            regions = [r["name"] for r in entry.get("regions_with_capacity_available", [])]
+            gpus = int((t.get("specs") or {}).get("gpus", 0))
+            description = t.get("description") or t.get("gpu_description") or name
+            out.append(InstanceType(name, description, t["price_cents_per_hour"] / 100, gpus, regions))
+        return sorted(out, key=lambda t: (not t.regions_available, t.price_per_hour))
+
     def estimate(self, spec: LaunchSpec) -> Estimate:
         entry = self._type(spec.instance_type)
         price = entry["instance_type"]["price_cents_per_hour"] / 100
@@ -68,7 +78,7 @@ class LambdaBackend(CloudBackend):
         if not regions:
             raise NanorlError(
                 f"no capacity for {spec.instance_type} in any region now",
-                hint=f"types with capacity now: {', '.join(_with_capacity(types)) or 'none'}; or try again later",
+                hint=f"types with capacity now: {', '.join(_with_capacity(types)) or 'none'} (`nanorl cloud types`)",
             )
         if spec.name and len(spec.name) > NAME_MAX:
             raise NanorlError(f"instance name longer than {NAME_MAX} characters: {spec.name!r}", exit_code=2)
@@ -135,7 +145,7 @@ class LambdaBackend(CloudBackend):
         if name not in types:
             raise NanorlError(
                 f"Lambda has no instance type {name!r}",
-                hint=f"types with capacity now: {', '.join(_with_capacity(types)) or 'none'}",
+                hint=f"types with capacity now: {', '.join(_with_capacity(types)) or 'none'} (`nanorl cloud types`)",
                 exit_code=2,
             )
         return types[name]
