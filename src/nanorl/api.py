@@ -371,7 +371,15 @@ MULTICHOICE = (
 __all__ += list(MULTICHOICE)
 
 # Reading a task's data from a directory or the hub (nanorl.taskdata, which imports this module: lazily too)
-TASKDATA = ("TaskExamples", "BadRowsWarning", "find_data_file", "read_rows", "hub_rows", "warn_bad_rows")
+TASKDATA = (
+    "TaskExamples",
+    "BadRowsWarning",
+    "find_data_file",
+    "read_rows",
+    "hub_rows",
+    "collect_examples",
+    "warn_bad_rows",
+)
 __all__ += list(TASKDATA)
 
 

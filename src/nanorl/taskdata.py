@@ -3,7 +3,8 @@
 A task's split comes from a local directory the user names (`data.data_dir`) or from the Hugging Face hub.
 The directory holds one file per split, named by one of its stems (`train`, `dev`, `test`, ...), as JSON lines,
 a JSON array, or parquet. Rows are read as they are; the task validates them. `TaskExamples` carries what
-was skipped, and `warn_bad_rows` reports it. No heavy import happens here at import time: `datasets` and
+was skipped; `collect_examples` checks rows and makes the examples, and `warn_bad_rows` reports
+the rest. No heavy import happens here at import time: `datasets` and
 `pyarrow` load inside the functions that read with them.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,27 @@ def hub_rows(name: str, config: str | None, split: str, hint: str) -> list[tuple
         why = "offline and not cached" if offline else f"{type(e).__name__}: {e}"
         raise NanorlError(f"cannot load {name} ({split}) from the Hugging Face hub: {why}", hint=hint) from e
     return list(enumerate(ds.to_list(), start=1))
+
+
+def collect_examples(
+    rows: list[tuple[int, Any]],
+    check: Callable[[Any], str | None],
+    make: Callable[[int, Any], Example],
+    source: str,
+    what: str,
+    hint: str,
+) -> TaskExamples:
+    """The examples of the rows that pass `check` (None: valid; else the reason), made by `make(line, row)`; the
+    others are skipped and reported (`warn_bad_rows`)."""
+    examples, bad = [], []
+    for lineno, row in rows:
+        reason = check(row)
+        if reason:
+            bad.append((lineno, reason))
+        else:
+            examples.append(make(lineno, row))
+    warn_bad_rows(source, bad, len(rows), what, hint)
+    return TaskExamples(examples, source, bad, len(rows))
 
 
 def warn_bad_rows(source: str, bad: list[tuple[int, str]], total: int, what: str, hint: str) -> None:

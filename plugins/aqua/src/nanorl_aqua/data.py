@@ -20,11 +20,11 @@ from nanorl.api import (
     Example,
     NanorlError,
     TaskExamples,
+    collect_examples,
     find_data_file,
     hub_rows,
     option_label,
     read_rows,
-    warn_bad_rows,
 )
 
 __all__ = ["BadRowsWarning", "load_split", "check_row", "validate_rows"]
@@ -81,21 +81,14 @@ def check_row(row: Any) -> str | None:
 
 
 def validate_rows(rows: list[tuple[int, Any]], split: str, source: str) -> TaskExamples:
-    examples, bad = [], []
-    for lineno, row in rows:
-        reason = check_row(row)
-        if reason:
-            bad.append((lineno, reason))
-            continue
-        examples.append(
-            Example(
-                id=f"aqua-{split}-{lineno}",
-                question=row["question"].strip(),
-                answer=row["correct"],
-                options=list(row["options"]),
-                rationale=row.get("rationale") or "",
-                meta={"source": source, "line": lineno},
-            )
+    def make(lineno: int, row: dict[str, Any]) -> Example:
+        return Example(
+            id=f"aqua-{split}-{lineno}",
+            question=row["question"].strip(),
+            answer=row["correct"],
+            options=list(row["options"]),
+            rationale=row.get("rationale") or "",
+            meta={"source": source, "line": lineno},
         )
-    warn_bad_rows(source, bad, len(rows), "AQuA", HOW_TO_GET)
-    return TaskExamples(examples, source, bad, len(rows))
+
+    return collect_examples(rows, check_row, make, source, "AQuA", HOW_TO_GET)

@@ -23,10 +23,10 @@ from nanorl.api import (
     Example,
     NanorlError,
     TaskExamples,
+    collect_examples,
     find_data_file,
     hub_rows,
     read_rows,
-    warn_bad_rows,
 )
 
 HF_NAME, HF_CONFIG = "openai/gsm8k", "main"
@@ -110,22 +110,14 @@ def check_row(row: Any) -> str | None:
 
 
 def validate_rows(rows: list[tuple[int, Any]], split: str, source: str) -> TaskExamples:
-    examples, bad = [], []
-    for lineno, row in rows:
-        reason = check_row(row)
-        if reason:
-            bad.append((lineno, reason))
-            continue
+    def make(lineno: int, row: dict[str, Any]) -> Example:
         lines = row["answer"].strip().splitlines()
-        final = normalize_number(ANSWER_LINE.match(lines[-1]).group(1))
-        examples.append(
-            Example(
-                id=f"gsm8k-{split}-{lineno}",
-                question=row["question"].strip(),
-                answer=final,
-                rationale="\n".join(lines[:-1]).strip(),  # the worked solution, calculator notes included
-                meta={"source": source, "line": lineno},
-            )
+        return Example(
+            id=f"gsm8k-{split}-{lineno}",
+            question=row["question"].strip(),
+            answer=normalize_number(ANSWER_LINE.match(lines[-1]).group(1)),
+            rationale="\n".join(lines[:-1]).strip(),  # the worked solution, calculator notes included
+            meta={"source": source, "line": lineno},
         )
-    warn_bad_rows(source, bad, len(rows), "GSM8K", HOW_TO_GET)
-    return TaskExamples(examples, source, bad, len(rows))
+
+    return collect_examples(rows, check_row, make, source, "GSM8K", HOW_TO_GET)
