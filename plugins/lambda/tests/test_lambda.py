@@ -275,3 +275,20 @@ def test_cli_asks_before_billing_and_explains_failures(fake):
     assert r.returncode == 1 and "no such variable in this shell" in r.stderr
     r = _cli(fake, "terminate", "inst-0404", stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "confirm with --yes" in r.stderr
+
+
+def test_waiting_for_a_machine_stops_when_it_dies_or_takes_too_long(lam, fake, monkeypatch):
+    from nanorl.cli.cloud_cmd import _wait_active
+
+    monkeypatch.setenv("NANORL_CLOUD_POLL_S", "0.01")
+    fake.boot_polls = 10**6  # it never comes up
+    inst = lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    with pytest.raises(NanorlError, match=f"instance {inst.id} is still booting after") as e:
+        _wait_active(lam, inst.id, timeout_min=0.002)
+    assert "nanorl cloud terminate" in e.value.hint  # it is billed meanwhile
+    fake.instances[inst.id]["status"] = "unhealthy"
+    with pytest.raises(NanorlError, match=f"instance {inst.id} is unhealthy before it came up"):
+        _wait_active(lam, inst.id, timeout_min=1)
+    fake.boot_polls = 0
+    fake.instances[inst.id]["status"] = "booting"
+    assert _wait_active(lam, inst.id, timeout_min=1).status == "active"
