@@ -81,6 +81,13 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _confirm(question: str, why: str) -> None:
+    """Ask before an action that costs money or data; without a terminal to ask on, refuse (the user passes --yes)."""
+    if not sys.stdin.isatty():
+        raise NanorlError(f"{why}: confirm with --yes", exit_code=2)
+    typer.confirm(question, abort=True)
+
+
 def _wait_active(backend, instance_id: str, timeout_min: float):
     """Poll until the machine is active (returned) or dead or the timeout passes (NanorlError)."""
     poll_s = float(os.environ.get("NANORL_CLOUD_POLL_S", "10"))
@@ -184,9 +191,7 @@ def register(app: typer.Typer) -> None:
         est = b.estimate(spec)
         price = f"{instance_type} at ${est.price_per_hour:.2f}/h (${est.total:.2f} for {hours:g} h)"
         if not yes:
-            if not sys.stdin.isatty():
-                raise NanorlError("launching rents a paid machine: confirm with --yes", exit_code=2)
-            typer.confirm(f"Launch {price} to run `{command}`?", abort=True)
+            _confirm(f"Launch {price} to run `{command}`?", "launching rents a paid machine")
         elif not as_json:
             console.print(f"launching {price}", highlight=False)
         inst = b.launch(spec)
@@ -235,9 +240,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """End a machine: billing stops, and its disk (the run's checkpoints, unless mirrored to S3) is gone."""
         if not yes:
-            if not sys.stdin.isatty():
-                raise NanorlError("terminating deletes the machine and its disk: confirm with --yes", exit_code=2)
-            typer.confirm(f"Terminate {instance_id}? Its disk is deleted.", abort=True)
+            _confirm(f"Terminate {instance_id}? Its disk is deleted.", "terminating deletes the machine and its disk")
         inst = _backend(backend).terminate(instance_id)
         if as_json:
             print_json(_as_dict(inst))
