@@ -390,3 +390,58 @@ def test_a_free_form_accuracy_comes_with_its_majority_baseline():
     assert not out["beats_majority"]  # 70% of 10 is not clear of 50%: the interval's lower end is 39.7%
     many = summary(records * 10, multiple_choice=False)
     assert many["beats_majority"] and many["accuracy_ci95"][0] > 0.6
+
+
+def _cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "nanorl", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.slow
+def test_a_run_mirrored_to_a_store_outlives_its_folder(moto_server, tmp_path):
+    """checkpoint.store=s3://... mirrors the whole run as it goes: with the local folder gone (the rented machine
+    terminated), `runs pull` brings back every file, and `eval --checkpoint s3://...` scores the same model."""
+    import shutil
+
+    import boto3
+
+    from nanorl.store import open_store
+    from nanorl.store.runs import run_files
+
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket="runs")
+    run_pipeline(_cfg("away", "checkpoint.store=s3://runs/team", "eval.samples=0", "rl.kl_every=0"))
+    local = run_dir("away")
+    store = open_store("s3://runs/team")
+    # the store holds exactly the run folder: tokenizer, checkpoints (no stale optimizer state), DONE markers,
+    # metrics, eval files, the report
+    assert store.list("away/") == sorted(f"away/{f}" for f in run_files(local))
+    assert {"away/tokenizer/tokenizer.json", "away/report.md", "away/eval/arith-dev.json"} <= set(store.list(""))
+    before = {f: (local / f).read_bytes() for f in run_files(local)}
+    want = json.loads((local / "eval" / "arith-dev.json").read_text())["modes"]["generative"]["accuracy"]
+    shutil.rmtree(local)
+
+    r = _cli("eval", "--checkpoint", "s3://runs/team/away", "--mode", "generative", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["stage"] == "rl" and res["modes"]["generative"]["accuracy"] == want
+
+    r = _cli("runs", "pull", "s3://runs/team/away")
+    assert r.returncode == 0, r.stderr
+    assert {f: (local / f).read_bytes() for f in run_files(local)} == before
+    r = _cli("runs", "pull", "s3://runs/team/away")  # a second pull would overwrite the run: refused
+    assert r.returncode == 2 and "--force" in r.stderr
+    r = _cli("runs", "pull", "s3://runs/team/nope")
+    assert r.returncode == 1 and "runs there: away" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("runs", "list", "--json")
+    (row,) = json.loads(r.stdout)
+    assert row["name"] == "away" and row["done"][-1] == "eval" and row["evals"]["arith-dev"]["stage"] == "rl"
+
+    # pushing a run elsewhere (a folder store) sends every file under the run's name
+    r = _cli("runs", "push", "away", str(tmp_path / "backup"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert sorted(json.loads(r.stdout)["files"]) == sorted(before)
+    assert (tmp_path / "backup" / "away" / "rl" / "model.safetensors").read_bytes() == before["rl/model.safetensors"]

@@ -12,7 +12,8 @@ truncated copy or a flipped bit is found at load time and reported as a `NanorlE
 A checkpoint from another architecture (the config hash, or a tensor's shape) is refused the same way.
 
 Only rank 0 writes (`save(..., rank=...)`); every rank loads. `checkpoint.store` mirrors the files to a store
-(`nanorl.store`: a folder or s3://bucket/prefix) after each local save.
+(`nanorl.store`: a folder or s3://bucket/prefix) after each local save; the rest of the run folder follows
+after each stage (`nanorl.store.runs`).
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ def save(
     files = {MODEL_FILE: _write_tensors(d / MODEL_FILE, _unwrap(model).state_dict(), meta)}
     if optimizers is not None:
         files[OPTIM_FILE] = _write_tensors(d / OPTIM_FILE, optimizers.state_tensors(), meta)
-    elif (d / OPTIM_FILE).exists():
-        (d / OPTIM_FILE).unlink()  # a stale optimizer state must not pair with these weights
+    else:
+        # a stale optimizer state must not pair with these weights, here or in the mirror
+        (d / OPTIM_FILE).unlink(missing_ok=True)
+        if store is not None:
+            store.delete(f"{store_prefix}/{OPTIM_FILE}" if store_prefix else OPTIM_FILE)
     record = {"format": FORMAT, "config_hash": config_hash, "files": files, "rng": rng_state(), **state}
     record["step"] = step
     tmp = d / (STATE_FILE + ".tmp")
@@ -226,18 +230,3 @@ def mark_done(directory: str | Path, rank: int = 0, info: dict[str, Any] | None 
 
 def is_done(directory: str | Path) -> bool:
     return (Path(directory) / DONE_FILE).is_file()
-
-
-def fetch(url: str, directory: str | Path) -> Path:
-    """Download a checkpoint folder from a store URL (s3://bucket/prefix/stage) into `directory`."""
-    from nanorl.store import open_store
-
-    store = open_store(url)
-    d = Path(directory)
-    found = store.list("")
-    if STATE_FILE not in found:
-        raise NanorlError(f"no checkpoint at {url} (no {STATE_FILE})")
-    for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
-        if name in found:
-            store.get(name, d / name)
-    return d

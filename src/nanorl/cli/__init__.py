@@ -49,13 +49,15 @@ def _add_commands() -> None:
         model_cmd,
         pipeline_cmd,
         plugins_cmd,
+        runs_cmd,
         tokenizer_cmd,
         train_cmd,
     )
     from nanorl.plugins import get_plugins
 
     for module in (
-        plugins_cmd, config_cmd, model_cmd, tokenizer_cmd, data_cmd, pipeline_cmd, train_cmd, eval_cmd, cloud_cmd
+        plugins_cmd, config_cmd, model_cmd, tokenizer_cmd, data_cmd, pipeline_cmd, train_cmd, eval_cmd, runs_cmd,
+        cloud_cmd,
     ):  # fmt: skip
         module.register(app)
     get_plugins().add_commands(app)

@@ -83,8 +83,7 @@ def load_for_eval(
         if value is not None:
             setattr(cfg.eval, key, value)
     cfg.telemetry.console = False
-    ctx = make_context(cfg)
-    ctx.run_dir = run
+    ctx = make_context(cfg, folder=run)
     model = ctx.new_model()
     from nanorl import checkpoint as ckpt
 
@@ -132,7 +131,9 @@ def register(app: typer.Typer) -> None:
         task: str = typer.Option(None, "--task", help="The task (default: the run's)."),
         split: str = SplitOpt,
         checkpoint: str = typer.Option(
-            ..., "--checkpoint", help="A run name (its final model), RUN/STAGE, a stage folder or an s3:// URL."
+            ...,
+            "--checkpoint",
+            help="A run name (its final model), RUN/STAGE, a stage folder, or s3://bucket/prefix/RUN[/STAGE].",
         ),
         mode: str = ModeOpt,
         max_examples: int = typer.Option(0, "--max-examples", help="Evaluate at most this many (0: all)."),
@@ -154,7 +155,8 @@ def register(app: typer.Typer) -> None:
         compile_: bool = CompileOpt,
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
-        """Evaluate a checkpoint and write eval/<task>-<split>-<stage>.json in its run folder."""
+        """Evaluate a checkpoint and write eval/<task>-<split>-<stage>.json in its run folder (not for a run in a
+        store: pull it first to keep the file)."""
         from nanorl.api import NanorlError
 
         if mode not in ("generative", "categorical", "both"):
@@ -191,8 +193,11 @@ def register(app: typer.Typer) -> None:
                     res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir, compile_,
                     sampling, progress,
                 )  # fmt: skip
+        # a run pulled from a store for this command lives in a temporary folder: its file would not be kept
+        kept = not checkpoint.startswith("s3://")
         out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split}-{stage_dir.name}.json"
-        write_json(out, res)
+        if kept:
+            write_json(out, res)
         if as_json:
             print_json(res)
             return
@@ -246,4 +251,10 @@ def register(app: typer.Typer) -> None:
                     f"{sh['content_consistency']:.3f}", f"{sh['same_letter_rate']:.3f}",
                 )  # fmt: skip
             console.print(t)
-        console.print(f"[dim]written: {out}[/]")
+        if kept:
+            console.print(f"[dim]written: {out}[/]")
+        else:
+            from nanorl.store.runs import split_url
+
+            store_url, name, _ = split_url(checkpoint)
+            console.print(f"[dim]no file written (the run is in a store): nanorl runs pull {store_url}/{name}[/]")

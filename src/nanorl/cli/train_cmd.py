@@ -12,13 +12,14 @@ from nanorl.cli.ui import print_json
 
 def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
     """A checkpoint folder, a run name's final model, RUN/STAGE (that stage of a run under $NANORL_HOME/runs), or
-    an s3:// URL (downloaded into `workdir`, which an s3:// spec needs)."""
+    a run in a store, s3://bucket/prefix/RUN[/STAGE] (its run.toml, tokenizer and that stage, by default its last
+    finished model, downloaded into `workdir`/RUN, which an s3:// spec needs)."""
     from nanorl import checkpoint as ckpt
     from nanorl.api import NanorlError
     from nanorl.config import run_dir
 
     if spec.startswith("s3://"):
-        return ckpt.fetch(spec, workdir)
+        return pull_stage(spec, workdir)
     p = Path(spec).expanduser()
     if p.is_dir() and ckpt.has_checkpoint(p):
         return p
@@ -34,6 +35,24 @@ def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
         f"no checkpoint at {spec!r}",
         hint="give a run name, RUN/STAGE (e.g. arith-tiny/sft), a stage folder, or s3://bucket/prefix",
     )
+
+
+def pull_stage(url: str, workdir: Path) -> Path:
+    """Download s3://bucket/prefix/RUN[/STAGE] (without STAGE: the run's last finished model stage) as a run
+    folder `workdir`/RUN holding run.toml, the tokenizer and that stage; returns the stage's folder."""
+    from nanorl.api import NanorlError
+    from nanorl.store import open_store
+    from nanorl.store.runs import pull_run, split_url
+
+    store_url, name, stage = split_url(url)
+    store = open_store(store_url)
+    if stage is None:
+        keys = set(store.list(f"{name}/"))
+        stage = next((s for s in ("rl", "sft", "mid", "base") if f"{name}/{s}/DONE" in keys), None)
+        if stage is None:
+            raise NanorlError(f"run {name!r} in {store_url} has no finished model stage", hint=f"name one: {url}/sft")
+    pull_run(store, name, workdir / name, stage=stage, where=store_url)
+    return workdir / name / stage
 
 
 def register(app: typer.Typer) -> None:

@@ -54,6 +54,7 @@ class Context:
     init_from: dict[str, Path] = field(default_factory=dict)  # stage -> checkpoint to start from (nanorl train)
     _tokenizer: Any = None
     _data_cache: dict[str, list[Example]] = field(default_factory=dict)
+    _mirrored: dict[str, tuple] = field(default_factory=dict)  # run files sent to checkpoint.store (push_run)
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -129,6 +130,17 @@ class Context:
         from nanorl.store import open_store
 
         return open_store(self.cfg.checkpoint.store)
+
+    def mirror_run(self) -> None:
+        """With `checkpoint.store`, send the run folder's new and changed files (run.toml, the tokenizer, DONE
+        markers, metrics, eval results, the report) to the store beside the checkpoints `save` mirrors, so the
+        run outlives its machine (`nanorl runs pull`). Rank 0 only."""
+        store = self.store()
+        if store is None or self.rank != 0:
+            return
+        from nanorl.store.runs import push_run
+
+        push_run(self.run_dir, store, self.cfg.name, skip_checkpoints=True, seen=self._mirrored)
 
     def save(self, stage: str, model, optimizers, state: dict[str, Any]) -> None:
         ckpt.save(

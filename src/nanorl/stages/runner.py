@@ -8,6 +8,9 @@
 - The resolved config is written to run.toml. A re-run whose model section differs from the run.toml on disk is
   refused (its checkpoints would not fit); anything else may change between runs (more steps, other eval).
 
+With `checkpoint.store` the run folder is mirrored to the store at the start and after every stage
+(`Context.mirror_run`; checkpoints go as they are saved), so a run survives the loss of its machine.
+
 Distributed: under torchrun every rank runs the same stages (the data is sharded per rank); rank 0 writes files.
 The tokenizer stage runs on rank 0 while the other ranks wait at a barrier.
 """
@@ -69,7 +72,8 @@ def _stage_fn(stage: str):
     return importlib.import_module(f"nanorl.stages.{stage}").run
 
 
-def make_context(cfg: RunConfig, stop_after=None, init_from=None, console=None) -> Context:
+def make_context(cfg: RunConfig, stop_after=None, init_from=None, console=None, folder: Path | None = None) -> Context:
+    """The context of run `cfg.name`, in $NANORL_HOME/runs/<name> or `folder` (a run folder elsewhere: eval)."""
     import torch
 
     from nanorl.device import compute_dtype, dist_setup, keep_freed_memory, resolve_device
@@ -81,7 +85,7 @@ def make_context(cfg: RunConfig, stop_after=None, init_from=None, console=None) 
     if device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same on every rank: the model's init must agree across ranks
-    d = run_dir(cfg.name)
+    d = folder or run_dir(cfg.name)
     bus = Telemetry(d, cfg, rank=rank, console=console)
     return Context(
         cfg=cfg, run_dir=d, device=device, dtype=compute_dtype(device, cfg.dtype), bus=bus,
@@ -138,6 +142,7 @@ def run_pipeline(
     ctx = make_context(cfg, stop_after, init_from, console)
     if ctx.rank == 0:
         write_run_config(cfg)
+        ctx.mirror_run()
     barrier()
     if only:
         todo = [only]
@@ -168,6 +173,7 @@ def run_pipeline(
             results[stage] = summary
             if stage != "report":
                 ckpt.mark_done(sdir, ctx.rank, {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            ctx.mirror_run()
             barrier()
     finally:
         ctx.bus.close()

@@ -3,7 +3,7 @@
     store = open_store("s3://bucket/prefix")      # or "/some/dir", "file:///some/dir"
     store.put(local_file, "runs/x/base/model.safetensors")
     store.get("runs/x/base/model.safetensors", local_file)
-    store.exists(key); store.list(prefix)
+    store.exists(key); store.list(prefix); store.delete(key)
 
 The S3 endpoint comes from `NANORL_S3_ENDPOINT` (else boto3's own `AWS_ENDPOINT_URL`, else AWS), credentials
 from boto3's usual chain (environment, ~/.aws). Every failure is a `NanorlError` saying what to check.

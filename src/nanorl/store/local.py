@@ -36,6 +36,9 @@ class LocalStore:
         shutil.copyfile(src, tmp)
         os.replace(tmp, local)
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

@@ -53,6 +53,12 @@ class S3Store:
             raise self._fail(f"download of {key}", e) from None
         os.replace(tmp, local)
 
+    def delete(self, key: str) -> None:
+        try:  # (S3 answers a missing key with success too)
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:
+            raise self._fail(f"deletion of {key}", e) from None
+
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
