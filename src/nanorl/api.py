@@ -269,7 +269,10 @@ class TelemetryHook:
 @dataclass
 class LaunchSpec:
     """What to run where: `command` runs on the new machine (e.g. `nanorl pipeline --task aqua --depth 8`), after
-    `setup` (shell, e.g. installing nanorl), with `env` set. `max_hours` is what an estimate prices."""
+    `setup` (shell, e.g. installing nanorl), with `env` set. `max_hours` is what an estimate prices.
+
+    `end_when_done` (the machine ends itself when the command has ended, whatever its exit code) and
+    `end_after_hours` (it ends itself after so many hours, done or not) need a backend with `can_end_itself`."""
 
     instance_type: str
     command: str
@@ -280,6 +283,8 @@ class LaunchSpec:
     env: dict[str, str] = field(default_factory=dict)
     max_hours: float | None = None
     setup: str | None = None
+    end_when_done: bool = False
+    end_after_hours: float | None = None
 
 
 @dataclass
@@ -315,9 +320,12 @@ class InstanceType:
 
 
 class CloudBackend:
-    """A place to rent GPUs. Errors (credentials, capacity, quota) are raised as `NanorlError` with a hint."""
+    """A place to rent GPUs. Errors (credentials, capacity, quota) are raised as `NanorlError` with a hint.
+
+    `can_end_itself`: a launched machine can terminate itself (`LaunchSpec.end_when_done`, `end_after_hours`)."""
 
     name: str = ""
+    can_end_itself: bool = False
 
     def types(self) -> list[InstanceType]:
         raise NotImplementedError

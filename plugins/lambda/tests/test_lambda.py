@@ -292,3 +292,70 @@ def test_waiting_for_a_machine_stops_when_it_dies_or_takes_too_long(lam, fake, m
     fake.boot_polls = 0
     fake.instances[inst.id]["status"] = "booting"
     assert _wait_active(lam, inst.id, timeout_min=1).status == "active"
+
+
+def _files(user_data: str, home: Path) -> dict[str, str]:
+    """The files the start-up script writes, decoded, and those write lines run by bash into `home`."""
+    writes = [ln.replace("/home/ubuntu", str(home)) for ln in user_data.splitlines() if ln.startswith("echo '")]
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    subprocess.run(["bash", "-c", "\n".join(writes)], env=env, check=True, cwd=home, timeout=30)
+    return {p.name: p.read_text() for p in home.iterdir()}
+
+
+def test_a_machine_ends_itself_when_the_run_ends_or_time_is_up(lam, fake, tmp_path, monkeypatch):
+    import shlex
+
+    monkeypatch.setenv("NANORL_END_RETRY_S", "0.01")
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    # the time limit: cloud-init starts a detached watchdog that sleeps, then runs ~/nanorl-end.py
+    inst = lam.launch(LaunchSpec("gpu_1x_a10", command="echo trained", setup="true", end_after_hours=0.5))
+    (body,) = _launch_bodies(fake)
+    ((tag,),) = [[t["value"] for t in body["tags"] if t["key"] == "nanorl-run"]]
+    assert re.fullmatch(r"[0-9a-f]{16}", tag)
+    files = _files(body["user_data"], tmp_path)
+    assert sorted(files) == [".nanorl.env", "nanorl-end.py", "nanorl-run.sh"]
+    assert "nanorl-end.py" not in files["nanorl-run.sh"]  # no end when done: only the limit
+    assert "test-key" not in files[".nanorl.env"]  # the key is in the end script only, not in the run's env
+    (line,) = [ln for ln in body["user_data"].splitlines() if "setsid" in ln]
+    su, inner = shlex.split(line)[:4], shlex.split(line)[4]
+    assert su == ["su", "-", "ubuntu", "-c"]
+    payload = shlex.split(inner)[4]  # setsid nohup bash -c PAYLOAD > /dev/null 2>&1 &
+    assert payload.startswith("sleep 1800; ")
+    subprocess.run(["bash", "-c", payload.replace("sleep 1800", "true")], env=env, check=True, cwd=tmp_path)
+    assert fake.instances[inst.id]["status"] == "terminated"
+    log = (tmp_path / "nanorl.log").read_text()
+    assert log == f"nanorl: ending this machine (the time limit of 0.5 h): {inst.id}\n"
+
+    # when the run ends (whatever its exit code): the run script's last step; another machine's tag is not ours
+    other = lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    done = lam.launch(LaunchSpec("gpu_1x_a10", command="echo trained; exit 4", setup="true", end_when_done=True))
+    (tmp_path / "nanorl.log").unlink()
+    for f in tmp_path.iterdir():
+        f.unlink()
+    body = _launch_bodies(fake)[-1]
+    assert "setsid" not in body["user_data"]  # no time limit: no watchdog
+    _files(body["user_data"], tmp_path)
+    subprocess.run(["bash", str(tmp_path / "nanorl-run.sh")], env=env, check=True, cwd=tmp_path, timeout=30)
+    assert (tmp_path / "nanorl.log").read_text() == (
+        f"trained\nnanorl: the run ended with exit code 4\nnanorl: ending this machine (the run ended): {done.id}\n"
+    )
+    assert fake.instances[done.id]["status"] == "terminated" and fake.instances[other.id]["status"] != "terminated"
+
+    # an API that keeps failing: it retries, then says in the log that the user must end it
+    fake.stop()
+    r = subprocess.run(["python3", str(tmp_path / "nanorl-end.py"), "why"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stdout.count("could not end this machine yet") == 10
+    assert "gave up ending this machine: end it yourself (nanorl cloud terminate)" in r.stderr
+
+
+def test_cli_end_flags_price_the_limit_and_warn_when_nothing_is_kept(fake):
+    r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "--setup", "true", "-c", "echo hi", "--end-after", "2",
+             "--end-when-done", "--no-wait")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "$1.50 for 2 h), ending itself after 2 h, ending itself when the command ends" in r.stdout
+    assert "the machine's disk is deleted when it ends" in r.stderr
+    (body,) = _launch_bodies(fake)
+    assert body["tags"][0]["key"] == "nanorl-run" and "sleep 7200; " in body["user_data"]
+    r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "--setup", "true", "--json", "--end-when-done", "--no-wait",
+             "-c", "nanorl pipeline --task aqua --depth 8 checkpoint.store=s3://b/p")  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] and "warning" not in r.stderr

@@ -9,6 +9,7 @@ The commands are the same for every backend (`CloudBackend` in nanorl.api); `--b
 are installed. Launching shows the price and asks before anything is billed (`--yes` skips the question;
 without a terminal it is required). `--setup` (or NANORL_CLOUD_SETUP) says how to install nanorl on the machine;
 the default command then trains AQuA at depth 8. `--wait` follows the machine until it is up.
+`--end-when-done` and `--end-after HOURS` make the machine end itself (billing stops), where the backend can.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import typer
 
 from nanorl.api import NanorlError
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import console, err_console, print_json
 
 # depth 8's token budget is ~1.2 B tokens, about 24 FineWeb-EDU shards (README, "Using it")
 DEFAULT_COMMAND = (
@@ -165,7 +166,15 @@ def register(app: typer.Typer) -> None:
         ssh_key: str = typer.Option(None, "--ssh-key", help="Default: the account's only key."),
         name: str = typer.Option(None, "--name", help="A name for the machine."),
         image: str = typer.Option(None, "--image", help="An image family (default: the backend's)."),
-        hours: float = typer.Option(1.0, "--hours", help="Hours to price in the confirmation.", min=0),
+        hours: float = typer.Option(
+            None, "--hours", help="Hours to price in the confirmation (default: --end-after, else 1).", min=0
+        ),
+        end_when_done: bool = typer.Option(
+            False, "--end-when-done", help="The machine ends itself when the command has ended (billing stops)."
+        ),
+        end_after: float = typer.Option(
+            None, "--end-after", help="HOURS: the machine ends itself after this long, done or not.", min=0
+        ),
         yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before launching."),
         wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the machine until it is up."),
         timeout_min: float = typer.Option(25.0, "--timeout-min", help="How long --wait waits."),
@@ -184,12 +193,32 @@ def register(app: typer.Typer) -> None:
                 exit_code=2,
             )
         b = _backend(backend)
+        ends = end_when_done or end_after is not None
+        if ends and not b.can_end_itself:
+            raise NanorlError(
+                f"the {b.name} backend cannot end a machine from inside it",
+                hint="drop --end-when-done/--end-after, and end it with nanorl cloud terminate",
+                exit_code=2,
+            )
+        if ends and "checkpoint.store=" not in command:
+            # the disk goes with the machine: say so before it is too late
+            err_console.print(
+                "[yellow]warning:[/] the machine's disk is deleted when it ends, and the command mirrors nothing: "
+                "add checkpoint.store=s3://BUCKET/PREFIX to it (with -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY) "
+                "to keep the run",
+                highlight=False,
+            )
+        hours = hours if hours is not None else end_after if end_after is not None else 1.0
         spec = LaunchSpec(
             instance_type, command, region=region, name=name, ssh_key=ssh_key, image=image, env=_env(env),
-            max_hours=hours, setup=setup or None,
+            max_hours=hours, setup=setup or None, end_when_done=end_when_done, end_after_hours=end_after,
         )  # fmt: skip
         est = b.estimate(spec)
         price = f"{instance_type} at ${est.price_per_hour:.2f}/h (${est.total:.2f} for {hours:g} h)"
+        if end_after is not None:
+            price += f", ending itself after {end_after:g} h"
+        if end_when_done:
+            price += ", ending itself when the command ends"
         if not yes:
             _confirm(f"Launch {price} to run `{command}`?", "launching rents a paid machine")
         elif not as_json:
@@ -203,8 +232,9 @@ def register(app: typer.Typer) -> None:
         console.print(_instances_table([inst], f"launched on {b.name}"))
         if inst.ip:
             console.print(f"ssh ubuntu@{inst.ip}   (the run: tmux attach -t nanorl)", highlight=False)
+        ending = " (it also ends itself)" if ends else ""
         console.print(
-            f"follow: nanorl cloud logs {inst.id}    end (billing stops): nanorl cloud terminate {inst.id}",
+            f"follow: nanorl cloud logs {inst.id}    end (billing stops): nanorl cloud terminate {inst.id}{ending}",
             highlight=False,
         )
 

@@ -9,6 +9,12 @@ What `launch` does, in order, so that a mistake fails before anything is billed:
    tmux (nohup where tmux is missing);
 4. waits until the API shows the new instance (a just-launched id can be unknown for a few seconds).
 
+A machine can end itself (`--end-when-done`, `--end-after HOURS`): the launch tags it with a random run tag, and
+`~/nanorl-end.py` (standard-library Python, with the API's URL, the key and the tag in it, mode 700) terminates
+the instance that carries the tag: from the run script once the command has ended, or from a watchdog that
+cloud-init starts, after the time limit. Lambda bills a machine until it is terminated, shut down or not, which
+is why this goes through the API, and why the key must travel to the machine for it.
+
 `logs` reads the end of `~/nanorl.log` over SSH (the machine's user is `ubuntu`; your key must be in the agent or
 `~/.ssh`). The environment travels in the user data, which Lambda keeps with the instance: pass short-lived
 tokens.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import secrets
 import shlex
 import subprocess
 import time
@@ -35,10 +42,44 @@ USER_DATA_MAX = 1_000_000  # the API's limit on user_data, in bytes
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # how long launch waits for a new id to become visible, and between looks
 VISIBLE_TIMEOUT_S, VISIBLE_POLL_S = 60.0, 2.0
+RUN_TAG = "nanorl-run"  # the tag by which a machine that ends itself finds its own instance id
+END_CALL = f"python3 ~/nanorl-end.py '{{why}}' >> {LOG} 2>&1"  # (why: a fixed text of ours, no quotes)
+# ~/nanorl-end.py: standard-library Python 3 that terminates the instance carrying this run's tag. It retries for
+# ten minutes (rate limits, a network blip) and says in the log what it did, or that the user must.
+END_SCRIPT = """#!/usr/bin/env python3
+# written by `nanorl cloud launch`: ends this machine through Lambda's API (why: argv[1])
+import json, sys, time, urllib.request
+
+URL, KEY, TAG, RETRY_S = {url!r}, {key!r}, {tag!r}, {retry_s!r}
+
+
+def call(method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {{"Authorization": "Bearer " + KEY, "Content-Type": "application/json"}}
+    with urllib.request.urlopen(urllib.request.Request(URL + path, data, headers, method=method), timeout=30) as r:
+        return json.load(r)["data"]
+
+
+why = sys.argv[1] if len(sys.argv) > 1 else "asked"
+for attempt in range(10):
+    try:
+        tagged = {{"key": "{run_tag}", "value": TAG}}
+        mine = [i["id"] for i in call("GET", "/instances") if tagged in (i.get("tags") or [])]
+        if not mine:
+            sys.exit("nanorl: no instance carries this run's tag: end this machine yourself (nanorl cloud terminate)")
+        call("POST", "/instance-operations/terminate", {{"instance_ids": mine}})
+        print("nanorl: ending this machine (" + why + "): " + ", ".join(mine), flush=True)
+        sys.exit(0)
+    except Exception as e:
+        print("nanorl: could not end this machine yet (" + repr(e) + "), trying again", flush=True)
+        time.sleep(RETRY_S)
+sys.exit("nanorl: gave up ending this machine: end it yourself (nanorl cloud terminate)")
+"""
 
 
 class LambdaBackend(CloudBackend):
     name = "lambda"
+    can_end_itself = True
 
     def __init__(self, client: LambdaClient | None = None):
         self._client = client
@@ -82,7 +123,12 @@ class LambdaBackend(CloudBackend):
             )
         if spec.name and len(spec.name) > NAME_MAX:
             raise NanorlError(f"instance name longer than {NAME_MAX} characters: {spec.name!r}", exit_code=2)
-        user_data = startup_script(spec)
+        if spec.end_after_hours is not None and spec.end_after_hours <= 0:
+            raise NanorlError(f"end after {spec.end_after_hours} hours: give a positive number", exit_code=2)
+        ends = spec.end_when_done or spec.end_after_hours is not None
+        tag = secrets.token_hex(8) if ends else None
+        end = end_script(self.client.base_url, self.client.api_key, tag) if tag else None
+        user_data = startup_script(spec, end)
         if len(user_data.encode()) > USER_DATA_MAX:
             raise NanorlError("the start-up script is over Lambda's 1 MB limit: pass less through --env", exit_code=2)
         body: dict[str, Any] = {
@@ -93,6 +139,8 @@ class LambdaBackend(CloudBackend):
         }
         if spec.name:
             body["name"] = spec.name
+        if tag:
+            body["tags"] = [{"key": RUN_TAG, "value": tag}]
         if spec.image:
             body["image"] = {"family": spec.image}
         try:
@@ -192,6 +240,12 @@ def to_instance(d: dict[str, Any]) -> Instance:
     )
 
 
+def end_script(url: str, key: str, tag: str) -> str:
+    """~/nanorl-end.py for a machine tagged `tag`, calling the API at `url` with `key`."""
+    retry_s = float(os.environ.get("NANORL_END_RETRY_S", "60"))  # (tests make it short)
+    return END_SCRIPT.format(url=url, key=key, tag=tag, retry_s=retry_s, run_tag=RUN_TAG)
+
+
 def env_file(spec: LaunchSpec) -> str:
     """~/.nanorl.env: one `KEY='value'` line per variable, shell-quoted, sourced by the run script."""
     for key in spec.env:
@@ -202,7 +256,8 @@ def env_file(spec: LaunchSpec) -> str:
 
 def run_script(spec: LaunchSpec) -> str:
     """~/nanorl-run.sh: the environment, then `spec.setup` and `spec.command` with their output appended to
-    ~/nanorl.log, which ends with the exit code, so `nanorl cloud logs` shows how the run ended."""
+    ~/nanorl.log, which ends with the exit code, so `nanorl cloud logs` shows how the run ended; then, with
+    `end_when_done`, ~/nanorl-end.py ends the machine."""
     # each on its own lines under `set -e`: a comment or a line continuation in one cannot swallow the other, and
     # a failed setup stops the run with its exit code
     steps = "\n".join(s for s in (spec.setup, spec.command) if s and s.strip())
@@ -216,25 +271,38 @@ set -e
 {steps}
 ) >> {LOG} 2>&1
 echo "nanorl: the run ended with exit code $?" >> {LOG}
-"""
+{END_CALL.format(why="the run ended") if spec.end_when_done else ""}"""
 
 
-def startup_script(spec: LaunchSpec) -> str:
-    """The cloud-init script (user_data): it writes the environment file and the run script, then starts the
-    run in tmux (or nohup) as the image's user. Both files travel base64-encoded, so no value or command can end
+def startup_script(spec: LaunchSpec, end: str | None = None) -> str:
+    """The cloud-init script (user_data): it writes the environment file and the run script (and `end`, the
+    machine's way to end itself, as ~/nanorl-end.py, with its watchdog for `end_after_hours`), then starts the
+    run in tmux (or nohup) as the image's user. The files travel base64-encoded, so no value or command can end
     a here-document early or be read by the root shell that writes them."""
     home = f"/home/{USER}"
-    env64 = base64.b64encode(env_file(spec).encode()).decode()
-    run64 = base64.b64encode(run_script(spec).encode()).decode()
+    if (spec.end_when_done or spec.end_after_hours is not None) and end is None:
+        raise NanorlError("ending the machine from inside needs the end script", exit_code=2)
+    files = {".nanorl.env": env_file(spec), "nanorl-run.sh": run_script(spec)}
+    if end is not None:
+        files["nanorl-end.py"] = end
+    writes = "\n".join(
+        f"echo '{base64.b64encode(text.encode()).decode()}' | base64 -d > {home}/{name}" for name, text in files.items()
+    )
+    paths = " ".join(f"{home}/{name}" for name in files)
+    watchdog = ""
+    if spec.end_after_hours is not None:
+        # detached from cloud-init's session, so it outlives it; it dies with a reboot (the docs say so)
+        why = END_CALL.format(why=f"the time limit of {spec.end_after_hours:g} h")
+        sleep = round(spec.end_after_hours * 3600)
+        watchdog = f'su - {USER} -c "setsid nohup bash -c \\"sleep {sleep}; {why}\\" > /dev/null 2>&1 &"\n'
     return f"""#!/bin/bash
 # written by `nanorl cloud launch`: the run's environment, then the run, started in tmux as {USER}
 set -eu
 umask 077
-echo '{env64}' | base64 -d > {home}/.nanorl.env
-echo '{run64}' | base64 -d > {home}/nanorl-run.sh
+{writes}
 chmod 700 {home}/nanorl-run.sh
-chown {USER}:{USER} {home}/.nanorl.env {home}/nanorl-run.sh
-if command -v tmux > /dev/null; then
+chown {USER}:{USER} {paths}
+{watchdog}if command -v tmux > /dev/null; then
   su - {USER} -c "tmux new-session -d -s nanorl {home}/nanorl-run.sh"
 else
   su - {USER} -c "nohup {home}/nanorl-run.sh > /dev/null 2>&1 &"
