@@ -34,11 +34,13 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from nanorl.model.gpt import NORM_EPS
+
 log = logging.getLogger(__name__)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)  # the model's epsilon, whatever the dtype
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

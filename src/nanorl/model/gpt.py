@@ -25,6 +25,15 @@ from nanorl.model.counts import LOSS_CHUNK_ELEMENTS, count_params, flops_per_tok
 # Rotary base frequency (RoFormer, Su et al. 2021; nanochat uses the same 10000).
 ROPE_BASE = 10000.0
 
+# The epsilon of every RMSNorm (the residual norms and QK-norm, here and in nanorl.compiled_decode), one value
+# whatever the dtype, passed explicitly. The hand-written norms used to add the input dtype's machine epsilon:
+# 1.2e-7 for float32 but 2^-7 = 0.0078 for the bf16 q and k of a GPU run under autocast (_RopeNorm), which at a
+# pre-norm RMS of 0.1 (mean square 0.01) shrank the normed q and k by 25%: the GPU trained a different model
+# from the CPU. (F.rms_norm's default is float32's epsilon for bf16 and float32, float64's for float64.)
+# float32's epsilon is what every float32 run (every CPU run, every checkpoint trained on one) has used, so
+# those keep their numbers exactly; the mean of squares is always taken in >= float32, where it is representable.
+NORM_EPS = torch.finfo(torch.float32).eps
+
 
 class _RMSNorm(torch.autograd.Function):
     """y = x / sqrt(mean(x²) + eps) over the last dim, with a hand-written backward that keeps only y and the
@@ -35,7 +44,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # the mean of squares in >= float32
-        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(torch.finfo(x.dtype).eps)).to(x.dtype)
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(NORM_EPS)).to(x.dtype)
         y = x * r
         ctx.save_for_backward(y, r)  # y is also the next matmul's saved input: no extra memory
         return y
@@ -47,12 +56,12 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm over the last dim, without learned weights (eps: the dtype's machine epsilon, as F.rms_norm).
+    """RMSNorm over the last dim, without learned weights (eps: NORM_EPS, whatever the dtype).
     The hand-written autograd node only where a backward can follow: without one, F.rms_norm is the faster
     (48 vs 21 us a call at a 16-row decode step)."""
     if x.device.type == "cpu" and torch.is_grad_enabled():
         return _RMSNorm.apply(x)
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
@@ -142,7 +151,7 @@ class _RopeNorm(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # the mean of squares in >= float32
-        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(torch.finfo(x.dtype).eps)).to(x.dtype)
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(NORM_EPS)).to(x.dtype)
         y = rotate(x, cos, sin).mul_(r)
         ctx.save_for_backward(y, r, cos, sin)
         return y
@@ -160,7 +169,7 @@ def rope_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     16-row decode step are most of its cost (the model's decode step 6.25 -> ~6.1 ms). Elsewhere the node,
     which also keeps q and k in the input's dtype under autocast."""
     if _cpu_inference(x):
-        return rotate(F.rms_norm(x, (x.size(-1),)), cos.to(x.dtype), sin.to(x.dtype))
+        return rotate(F.rms_norm(x, (x.size(-1),), eps=NORM_EPS), cos.to(x.dtype), sin.to(x.dtype))
     return _RopeNorm.apply(x, cos, sin)
 
 
