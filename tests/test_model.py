@@ -243,6 +243,28 @@ def test_positions_beyond_the_rotary_table_still_work():
     assert out.shape == (1, 24, cfg.vocab_size) and torch.isfinite(out).all()
 
 
+def test_rotary_tables_grown_in_inference_mode_still_train():
+    """The engine samples under torch.inference_mode; a sample past the tables' 2·seq_len positions grows them
+    there. Grown as inference tensors they broke every later training forward ("Inference tensors cannot be
+    saved for backward")."""
+    cfg = small_cfg(seq_len=8)  # the table holds 2 × 8 positions
+    model = make_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.inference_mode():
+        cache = KVCache(2, cfg, max_len=24)
+        model(idx[:, :14], kv_cache=cache)
+        for t in range(14, 24):  # decoding past position 16
+            model(idx[:, t : t + 1], kv_cache=cache)
+    assert model.rope_cos.size(0) >= 24 and not model.rope_cos.is_inference() and not model.rope_sin.is_inference()
+    loss = model(idx, idx.roll(-1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():  # and the grown tables are the tables: the same logits as a fresh model's
+        fresh = make_model(cfg)
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(idx), fresh(idx))
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------
 
 

@@ -533,7 +533,11 @@ class GPT(nn.Module):
 
     def _rotary(self, t0: int, t1: int):
         if t1 > self.rope_cos.size(0):
-            cos, sin = rotary_tables(2 * t1, self.head_dim, device=self.rope_cos.device)
+            # Outside inference mode whatever the caller runs under: the engine samples inside
+            # torch.inference_mode, and tables grown there would be inference tensors, which a later training
+            # forward cannot save for its backward ("Inference tensors cannot be saved for backward").
+            with torch.inference_mode(False):
+                cos, sin = rotary_tables(2 * t1, self.head_dim, device=self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos, sin
         # (T, 1, D/2): broadcast over batch and heads of the (B, T, H, D) q/k
         return self.rope_cos[t0:t1, None, :], self.rope_sin[t0:t1, None, :]
