@@ -125,6 +125,54 @@ def test_strided_inputs_need_no_copy():
     torch.testing.assert_close(flash_attention(qt, kt, vt), flash_attention(q, k, v))
 
 
+def test_output_is_laid_out_as_the_model_reads_it():
+    """out (B, H, T, D) lives in (B, T, H, D) memory, so the model's y.transpose(1, 2).reshape(B, T, C) is a
+    view: before, the (B, H, T, D)-contiguous output made it a copy that c_proj kept for its backward. Forward
+    and backward against float64 with the gradient coming back through that reshape (dO in the same strided
+    layout, as the model's backward hands it over), and with a contiguous dO."""
+    B, H, H_kv, T, D = 2, 4, 2, 33, 16
+    q, k, v, do = make(B, H, H_kv, T, D, seed=11)
+    for grad_layout in ("model", "contiguous"):
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        out, ent = flash_attention(qg, kg, vg, causal=True, return_entropy=True)
+        assert out.shape == (B, H, T, D) and out.transpose(1, 2).is_contiguous()
+        y = out.transpose(1, 2).reshape(B, T, H * D)
+        assert y.data_ptr() == out.data_ptr() and y._base is not None  # a view: nothing copied
+        if grad_layout == "model":
+            y.backward(do.transpose(1, 2).reshape(B, T, H * D))
+        else:
+            out.backward(do)
+        qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+        ref, ref_ent = reference(qr, kr, vr, True)
+        ref.backward(do.double())
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+        torch.testing.assert_close(ent.double(), ref_ent, atol=2e-5, rtol=0)
+        for name, got, want in (("dq", qg.grad, qr.grad), ("dk", kg.grad, kr.grad), ("dv", vg.grad, vr.grad)):
+            torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_model_on_the_triton_backend_keeps_no_more_than_on_sdpa():
+    """What autograd keeps for the backward on the triton backend (what a GPU runs) equals what it keeps on sdpa
+    (what counts.ACTIVATION_BYTES, the GPU batch-size estimate, was measured on): the kernel's output layout
+    used to cost a kept copy of it per layer, 2 more bytes a token and width per layer under autocast."""
+    from nanorl.config import resolve
+    from nanorl.model import GPT
+    from nanorl.model.counts import saved_bytes
+
+    idx = torch.randint(0, 256, (2, 32))
+    saved = {}
+    for backend in ("triton", "sdpa"):
+        cfg = resolve(
+            overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=256"]
+            + ["model.seq_len=32", f"model.attention={backend}"]
+        ).model
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        model.init_weights()
+        saved[backend] = saved_bytes(model, idx, mixed=True)
+    assert saved["triton"] <= saved["sdpa"], saved
+
+
 def test_bad_inputs_are_refused_clearly():
     q = torch.randn(1, 2, 8, 320)
     with pytest.raises(ValueError, match="head dim 320"):

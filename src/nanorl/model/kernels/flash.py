@@ -413,7 +413,11 @@ class _FlashAttention(torch.autograd.Function):
         n_rep = H // k.size(1)
         D, d_pad, dot_prec = _meta(q)
         sm_scale = 1.0 / math.sqrt(D)
-        o = torch.empty_like(q, memory_format=torch.contiguous_format)
+        # out (B, H, T, D) as a view of (B, T, H, D) memory, the layout the model wants next: its
+        # y.transpose(1, 2).reshape(B, T, C) is then a view, not a copy that c_proj would keep for its backward
+        # (2 bytes a token and width per layer under autocast, beyond the memory estimate). The kernels read
+        # and write o through its strides (the last dim stays contiguous), the backward's delta kernel too.
+        o = torch.empty((B, T, H, q.size(-1)), device=q.device, dtype=q.dtype).transpose(1, 2)
         lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
         ent = torch.empty((B, H, T), device=q.device, dtype=torch.float32) if return_entropy else lse
 
