@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanorl.api import NanorlError
 from nanorl.config import resolve
@@ -135,6 +136,145 @@ def test_softcap_cross_entropy_gradient_matches_autograd_in_float64(reduction_we
     ref = torch.nn.functional.cross_entropy(s, y, ignore_index=-1, reduction="none")
     (ref * w.double()).sum().backward()
     torch.testing.assert_close(z.grad.double(), zd.grad, atol=1e-6, rtol=1e-5)
+
+
+class _LogitRows(TorchDispatchMode):
+    """The most rows of any (rows, V) tensor an op allocates (views and in-place results, which allocate
+    nothing, left out), forward and backward: the logits, their softmax temporaries and gradients."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows, self.op = vocab, 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):  # a view, an in-place or out= op
+            return out
+        for t in torch.utils._pytree.tree_leaves(out):
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dim()
+                and t.size(-1) == self.vocab
+                and t.numel() // self.vocab > self.rows
+            ):
+                self.rows, self.op = t.numel() // self.vocab, f"{func} {tuple(t.shape)}"
+        return out
+
+
+# every way the model computes a loss: (loss_reduction, loss_weights?, gradient?); B x T = 2 x 12 rows
+LOSS_PATHS = [
+    (r, w, g) for r in ("mean", "none") for w in (False, True) for g in (True, False) if not (w and r == "none")
+]
+
+
+def _incoming(per_pos):
+    """A per-position incoming gradient that is not uniform, as GRPO's clipped surrogate's is."""
+    return torch.linspace(1.5, 0.5, per_pos.numel(), dtype=per_pos.dtype).view(per_pos.shape)
+
+
+def _loss_run(model, idx, targets, reduction, weighted, grad):
+    """(per-position loss or the loss, the summed/weighted loss, {param: grad}) of one of LOSS_PATHS."""
+    model.zero_grad(set_to_none=True)
+    w = torch.linspace(-1.0, 2.0, targets.numel()).view(targets.shape) if weighted else None
+    with torch.set_grad_enabled(grad):
+        out = model(idx, targets, loss_reduction=reduction, loss_weights=w)
+        total, value = (out[0], out[1]) if weighted else (out.sum() if reduction == "none" else out, out)
+        if grad:
+            (total if reduction == "mean" or weighted else (out * _incoming(out)).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return value.detach(), grads
+
+
+@pytest.mark.parametrize("softcap", [15, 0, 100])  # the hand-written losses' range (0, 80] and either side
+@pytest.mark.parametrize("reduction, weighted, grad", LOSS_PATHS)
+def test_losses_in_chunks_match_one_chunk_and_float64(monkeypatch, reduction, weighted, grad, softcap):
+    """The loss goes through the lm_head LOSS_CHUNK_ELEMENTS logits at a time on every path (base/SFT
+    validation under no_grad, RL's reference and old log-probs, GRPO's later passes with gradient, the mean
+    training loss): a depth-8 validation batch's logits in one piece were 64 GiB. Chunks of 5 rows (24 rows:
+    four chunks and a ragged one) give what one chunk gives, and what float64 gives, values and gradients,
+    ignored targets (-1) included."""
+    from nanorl.model import counts
+
+    cfg = small_cfg(softcap=softcap)
+    model = make_model(cfg)
+    torch.manual_seed(1)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 12)), torch.randint(0, cfg.vocab_size, (2, 12))
+    targets[0, :5] = -1
+    targets[1, -1] = -1
+    one_chunk = _loss_run(model, idx, targets, reduction, weighted, grad)
+    monkeypatch.setitem(counts.LOSS_CHUNK_ELEMENTS, "cpu", 5 * cfg.vocab_size)
+    chunked = _loss_run(model, idx, targets, reduction, weighted, grad)
+    torch.testing.assert_close(chunked[0], one_chunk[0], atol=1e-6, rtol=1e-6)
+    assert chunked[1].keys() == one_chunk[1].keys()
+    for name, g in one_chunk[1].items():
+        # float32 sums over chunks in another order: float32 rounding apart
+        torch.testing.assert_close(chunked[1][name], g, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    if reduction == "none" or weighted:
+        assert (chunked[0][targets < 0] == 0).all()
+    # float64: the same weights, plain autograd over all the logits at once (the lm_head's float64 output: the
+    # model hands out float32 logits)
+    ref_model = make_model(cfg).double()
+    z = []
+    ref_model.lm_head.register_forward_hook(lambda _m, _i, out: z.append(out))
+    ref_model(idx)
+    s = softcap * torch.tanh(z[0] / softcap) if softcap else z[0]
+    per_pos = torch.nn.functional.cross_entropy(
+        s.view(-1, cfg.vocab_size), targets.view(-1), ignore_index=-1, reduction="none"
+    ).view(2, 12)
+    if True:
+        if weighted:
+            w = torch.linspace(-1.0, 2.0, targets.numel(), dtype=torch.float64).view(targets.shape)
+            value, total = per_pos, (per_pos * w).sum()
+        elif reduction == "none":
+            value, total = per_pos, (per_pos * _incoming(per_pos)).sum()
+        else:
+            value = total = per_pos.sum() / (targets >= 0).sum()
+        if grad:
+            total.backward()
+    torch.testing.assert_close(chunked[0].double(), value.detach(), atol=1e-5, rtol=1e-5)
+    for name, p in ref_model.named_parameters():
+        if grad:
+            torch.testing.assert_close(chunked[1][name].double(), p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("reduction, weighted, grad", LOSS_PATHS)
+def test_loss_chunk_bounds_the_largest_logits_tensor(monkeypatch, reduction, weighted, grad):
+    """No op, forward or backward, allocates logits (or their softmax, or their gradient) for more rows than a
+    chunk holds. V = 384 so that no other activation of this model is V wide."""
+    from nanorl.model import counts
+
+    cfg = small_cfg(vocab_size=384)
+    model = make_model(cfg)
+    idx, targets = torch.randint(0, 384, (2, 12)), torch.randint(0, 384, (2, 12))
+    targets[0, :5] = -1
+    monkeypatch.setitem(counts.LOSS_CHUNK_ELEMENTS, "cpu", 5 * 384)
+    with _LogitRows(384) as seen:
+        _loss_run(model, idx, targets, reduction, weighted, grad)
+    assert 0 < seen.rows <= 5, seen.op
+    with _LogitRows(384) as seen, torch.inference_mode():  # the engine's scoring runs in inference mode
+        model(idx, targets, loss_reduction=reduction)
+    assert 0 < seen.rows <= 5, seen.op
+
+
+def test_validation_loss_at_depth_8_stays_within_the_loss_chunk():
+    """The reviewer's case, on the meta device (no memory): base validation at depth 8 on an 80 GB GPU,
+    128 rows x 2,048 tokens x 65,536 vocab under no_grad, and GRPO's per-position log-probs with gradient (64
+    completion rows of 256 tokens): no logits tensor beyond the GPU's chunk (256M float32 logits, 1 GiB)."""
+    from nanorl.model import counts
+
+    cfg = resolve(overrides=["model.depth=8", "model.attention=eager"]).model
+    with torch.device("meta"):
+        model = GPT(cfg)
+    V = cfg.vocab_size
+    rows = counts.LOSS_CHUNK_ELEMENTS["cuda"] // V
+    x = torch.zeros(128, 2048, dtype=torch.long, device="meta")
+    with torch.no_grad(), _LogitRows(V) as seen:
+        model(x, x, loss_reduction="none")
+    assert seen.rows == rows, seen.op
+    x = torch.zeros(64, 256, dtype=torch.long, device="meta")
+    with _LogitRows(V) as seen:
+        model(x, x, loss_reduction="none").sum().backward()
+    assert seen.rows == rows, seen.op
 
 
 def test_softcap_is_cap_tanh_of_the_raw_logits():

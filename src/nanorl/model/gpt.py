@@ -13,6 +13,7 @@ Shapes follow the depth rule in `nanorl.config` (width 64·depth, heads of 128);
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -392,7 +393,8 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of soft-capped logits s = cap·tanh(z/cap), z (N, V) -> (N,), keeping one (N, V)
     tensor for backward: forward computes the per-row gradient dloss_i/dz_i along with the loss (the logits are
     in cache then), backward scales its rows by the incoming gradient. Plain autograd would keep tanh's and
-    log_softmax's outputs (two N×V tensors) and make a dozen passes over them."""
+    log_softmax's outputs (two N×V tensors) and make a dozen passes over them. The model uses it only when all N
+    rows fit one loss chunk (GPT._loss); beyond, LinearSoftcapCE, which keeps no N×V tensor."""
 
     @staticmethod
     def forward(ctx, z, targets, cap):
@@ -406,6 +408,22 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (g,) = ctx.saved_tensors
         return g.mul_(grad_loss[:, None]).to(ctx.in_dtype), None, None  # backward runs once: g is free to reuse
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the lm_head's matmuls run in: autocast's when it is on for x's device, else x's. A device
+    without autocast (meta, where tests trace the real GPU shapes) counts as off."""
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _autocast_off(device_type: str):
+    """A context with autocast off (the loss's matmuls cast by hand), nothing on a device without autocast."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class FusedLinearSoftcapCE(torch.autograd.Function):
@@ -427,10 +445,10 @@ class FusedLinearSoftcapCE(torch.autograd.Function):
     def forward(ctx, x, weight, targets, cap, row_weights):
         # under autocast the matmuls run in the autocast dtype; the softmax math always runs in float32
         dev = x.device.type
-        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        mm_dtype = _matmul_dtype(x)
         xm, wm = x.to(mm_dtype), weight.to(mm_dtype)
         N, V = x.size(0), weight.size(0)
-        chunk = max(1, LOSS_CHUNK_ELEMENTS.get(dev, LOSS_CHUNK_ELEMENTS["cuda"]) // V)
+        chunk = _loss_chunk_rows(dev, V)
         valid = (targets >= 0).float()
         if row_weights is None:
             w, denom = valid, valid.sum().clamp_min(1)
@@ -439,7 +457,7 @@ class FusedLinearSoftcapCE(torch.autograd.Function):
         losses = torch.empty(N, device=x.device, dtype=torch.float32)
         dx = torch.empty(x.shape, device=x.device, dtype=mm_dtype)
         dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        with torch.autocast(dev, enabled=False):
+        with _autocast_off(dev):
             for i in range(0, N, chunk):
                 xc = xm[i : i + chunk]
                 losses[i : i + chunk], g = _softcap_loss_and_grad_(
@@ -464,11 +482,87 @@ class FusedLinearSoftcapCE(torch.autograd.Function):
 
 
 def _softcap_ce(z, targets, cap):
-    """Per-position loss through plain autograd ops (inference, and softcap outside (0, 80])."""
+    """Per-position loss through plain autograd ops: the reference, and the gradient of a chunk whose softcap is
+    outside (0, 80] (`_logits_grad`)."""
     s = z.float()
     if cap > 0:
         s = torch.tanh(s / cap) * cap
     return F.cross_entropy(s, targets, ignore_index=-1, reduction="none")
+
+
+def _loss_chunk_rows(device_type: str, vocab: int) -> int:
+    """Rows per chunk of every loss over the lm_head: LOSS_CHUNK_ELEMENTS[device] logits at most (read at each
+    call: tests and bench/model_speed.py change it)."""
+    return max(1, LOSS_CHUNK_ELEMENTS.get(device_type, LOSS_CHUNK_ELEMENTS["cuda"]) // vocab)
+
+
+def _softcap_nll_(z, targets, cap):
+    """Per-row loss (rows,) of raw float32 logits z (rows, V), which it overwrites (no autograd): _softcap_ce's
+    arithmetic, op for op, in place."""
+    s = z.div_(cap).tanh_().mul_(cap) if cap > 0 else z
+    return F.cross_entropy(s, targets, ignore_index=-1, reduction="none")
+
+
+def _logits_grad(z, targets, cap, row_weights):
+    """dL/dz (rows, V) for L = sum_i w_i·loss_i of raw float32 logits z (overwritten), w 0 where the target is
+    -1: the hand-written pass for a softcap in (0, 80], autograd of _softcap_ce otherwise."""
+    if 0 < cap <= 80:
+        return _softcap_loss_and_grad_(z, targets, cap, row_weights)[1]
+    with torch.enable_grad():
+        z = z.detach().requires_grad_()
+        return torch.autograd.grad(_softcap_ce(z, targets, cap), z, row_weights)[0]
+
+
+class LinearSoftcapCE(torch.autograd.Function):
+    """Per-row cross-entropy of cap·tanh(x·Wᵀ / cap), (N,) (0 where the target is -1), with any gradient flowing
+    back into it, never holding more than one chunk of logits (LOSS_CHUNK_ELEMENTS).
+
+    For per-position losses whose use is not known at forward: GRPO's later passes (rl.ppo_epochs > 1) and its
+    β > 0 passes take log-probs with gradient and build the clipped surrogate and the KL from them.
+    FusedLinearSoftcapCE cannot serve them (it makes the lm_head's gradient in forward, for a scalar backward),
+    and SoftcapCrossEntropy keeps an N×V gradient for backward: 17 GiB of float32 for 64 completions of 1,024
+    tokens at V = 65,536, far beyond the loss chunk the GPU memory estimate budgets. Here forward makes the loss
+    chunk by chunk and keeps only x (in the matmul dtype) and W; backward makes each chunk's logits again (one
+    more lm_head matmul, the price of the bound), turns them into dL/dlogits with the incoming per-row gradient
+    as row weights, and pushes that through the lm_head's backward (dx = g·W, dW += gᵀ·x)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, cap):
+        dev = x.device.type
+        mm_dtype = _matmul_dtype(x)
+        N, V = x.size(0), weight.size(0)
+        chunk = _loss_chunk_rows(dev, V)
+        losses = torch.empty(N, device=x.device, dtype=torch.float32)
+        with _autocast_off(dev):
+            xm, wm = x.to(mm_dtype), weight.to(mm_dtype)
+            for i in range(0, N, chunk):
+                losses[i : i + chunk] = _softcap_nll_((xm[i : i + chunk] @ wm.t()).float(), targets[i : i + chunk], cap)
+        ctx.save_for_backward(xm, weight, targets)
+        ctx.cap, ctx.dtypes = cap, (x.dtype, mm_dtype)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad):
+        xm, weight, targets = ctx.saved_tensors
+        x_dtype, mm_dtype = ctx.dtypes
+        dev = xm.device.type
+        N, V = xm.size(0), weight.size(0)
+        chunk = _loss_chunk_rows(dev, V)
+        row_w = grad.float() * (targets >= 0)
+        dx = torch.empty(xm.shape, device=xm.device, dtype=mm_dtype)
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        with _autocast_off(dev):
+            wm = weight.to(mm_dtype)
+            for i in range(0, N, chunk):
+                xc = xm[i : i + chunk]
+                g = _logits_grad((xc @ wm.t()).float(), targets[i : i + chunk], ctx.cap, row_w[i : i + chunk])
+                g = g.to(mm_dtype)
+                torch.mm(g, wm, out=dx[i : i + chunk])
+                if mm_dtype == torch.float32:
+                    dw.addmm_(g.t(), xc)
+                else:
+                    dw += (g.t() @ xc).float()
+        return dx.to(x_dtype), dw.to(weight.dtype), None, None
 
 
 class GPT(nn.Module):
@@ -582,27 +676,53 @@ class GPT(nn.Module):
             out = self._logits(norm(x))
         else:
             x, targets = norm(x).reshape(B * T, -1), targets.reshape(B * T)
-            # the hand-written losses (and their gradients) only when a backward can follow
-            wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            fused = 0 < self.softcap <= 80 and wants_grad
-            if loss_weights is not None:
-                w = loss_weights.reshape(B * T)
-                if fused:
-                    out, per_pos = FusedLinearSoftcapCE.apply(x, self.lm_head.weight, targets, self.softcap, w)
-                else:
-                    per_pos = _softcap_ce(self.lm_head(x), targets, self.softcap)
-                    out = (per_pos * w).sum()
-                out = (out, per_pos.detach().view(B, T))
-            elif loss_reduction == "mean" and fused:
-                out = FusedLinearSoftcapCE.apply(x, self.lm_head.weight, targets, self.softcap, None)[0]
-            elif fused:
-                out = SoftcapCrossEntropy.apply(self.lm_head(x), targets, self.softcap).view(B, T)
-            else:
-                out = _softcap_ce(self.lm_head(x), targets, self.softcap)
-                out = out.view(B, T) if loss_reduction == "none" else out.sum() / (targets >= 0).sum().clamp_min(1)
+            w = loss_weights.reshape(B * T) if loss_weights is not None else None
+            out = self._loss(x, targets, loss_reduction, w)
+            if w is not None:
+                out = (out[0], out[1].view(B, T))
+            elif loss_reduction == "none":
+                out = out.view(B, T)
         if return_entropy:
             return out, torch.stack(entropies).float()
         return out
+
+    def _loss(self, x, targets, reduction, weights):
+        """The loss of the final-normed x (N, C) against targets (N,): the mean, or the per-row loss (N,), or with
+        `weights` (sum of weights·loss, per-row loss detached).
+
+        Never more than one chunk of logits at a time (LOSS_CHUNK_ELEMENTS[device] // V rows: 4,096 rows at
+        V = 65,536 on a GPU), whatever the path: all B·T·V logits of a base validation batch at depth 8
+        (128 x 2,048 x 65,536) are one 64 GiB tensor, and with the softmax's temporaries they ran an 80 GB GPU
+        out of memory. The paths:
+        - gradient, softcap in (0, 80], the mean or a weighted sum: FusedLinearSoftcapCE (the backward is a
+          scalar's: the lm_head's gradient is made in forward);
+        - gradient, per-row loss (GRPO's later passes and its β > 0 passes): SoftcapCrossEntropy when all rows
+          fit one chunk (it keeps one chunk's worth of gradient for backward, and needs no second matmul: the
+          CPU benchmark's shapes), LinearSoftcapCE (chunked, logits made again in backward) beyond; and any
+          loss with the softcap outside (0, 80];
+        - no gradient (validation, RL's reference and old log-probs, scoring): chunk by chunk, nothing kept."""
+        W, cap = self.lm_head.weight, self.softcap
+        N, V = x.size(0), W.size(0)
+        chunk = _loss_chunk_rows(x.device.type, V)
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or W.requires_grad)
+        if wants_grad and 0 < cap <= 80 and (weights is not None or reduction == "mean"):
+            out, per_row = FusedLinearSoftcapCE.apply(x, W, targets, cap, weights)
+            return (out, per_row.detach()) if weights is not None else out
+        if wants_grad and 0 < cap <= 80 and chunk >= N:  # all rows in one chunk
+            per_row = SoftcapCrossEntropy.apply(self.lm_head(x), targets, cap)
+        elif wants_grad:
+            per_row = LinearSoftcapCE.apply(x, W, targets, cap)
+        else:
+            per_row = torch.empty(N, device=x.device, dtype=torch.float32)
+            for i in range(0, N, chunk):
+                per_row[i : i + chunk] = _softcap_nll_(
+                    self.lm_head(x[i : i + chunk]).float(), targets[i : i + chunk], cap
+                )
+        if weights is not None:
+            return (per_row * weights).sum(), per_row.detach()
+        if reduction == "none":
+            return per_row
+        return per_row.sum() / (targets >= 0).sum().clamp_min(1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Soft-capped float32 logits of the final-normed x, row-major (B, T, V)."""
