@@ -277,6 +277,45 @@ def test_validation_loss_at_depth_8_stays_within_the_loss_chunk():
     assert seen.rows == rows, seen.op
 
 
+def test_loss_chunks_copy_nothing_from_the_host(monkeypatch):
+    """The loss's chunk loop runs every 4,096 rows on a GPU: a constant made there with torch.tensor(value,
+    device=...) is a blocking host-to-device copy each time. Traced on the meta device: no tensor made from host
+    data for the device, no op mixing host and device tensors."""
+    real_tensor, made = torch.tensor, []
+
+    def tensor(*args, **kwargs):
+        if kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu":
+            made.append(args)
+        return real_tensor(*args, **kwargs)
+
+    class Mixed(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            if len({t.device.type for t in leaves if isinstance(t, torch.Tensor)}) > 1:
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    cfg = small_cfg(attention="eager")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    idx = torch.zeros(2, 12, dtype=torch.long, device="meta")
+    from nanorl.model.gpt import _softcap_loss_and_grad_
+
+    with Mixed() as mixed:
+        z = torch.zeros(6, 256, device="meta")
+        _softcap_loss_and_grad_(z, idx.view(-1)[:6], 15.0, torch.ones(6, device="meta"))
+        model(idx, idx).backward()  # the fused mean loss
+        model(idx, idx, loss_reduction="none").sum().backward()  # per position, with gradient
+        with torch.no_grad():
+            model(idx, idx, loss_reduction="none")
+    assert not made and not mixed.ops, (made, mixed.ops)
+
+
 def test_softcap_is_cap_tanh_of_the_raw_logits():
     idx = torch.randint(0, 256, (1, 8))
     outs = []

@@ -374,8 +374,11 @@ def _softcap_loss_and_grad_(z, targets, cap, row_weights):
     dL/dz = w·(softmax(s) - onehot(y))·4σ(1-σ). |s| < cap, so exp(s) cannot overflow float32 for cap <= 80 and the
     logsumexp needs no max subtraction."""
     sig = z.mul_(2.0 / cap).sigmoid_()
-    # exp(s) = exp(2cap·σ - cap), the affine map in one pass (add's alpha) instead of a multiply and a subtract
-    e = torch.add(torch.tensor(-cap, device=z.device), sig, alpha=2.0 * cap).exp_()
+    # exp(s) = exp(2cap·σ - cap), the affine map in one pass (add's alpha) instead of a multiply and a subtract.
+    # The -cap operand is a 0-dim tensor made on z's device by a fill (new_full), not torch.tensor(-cap,
+    # device=...): that one copies from host memory, a blocking host-to-device transfer on CUDA every chunk.
+    # Same operands as before, so the same numbers.
+    e = torch.add(sig.new_full((), -cap), sig, alpha=2.0 * cap).exp_()
     total = e.sum(-1)
     valid = targets >= 0
     safe = targets.clamp_min(0)
