@@ -249,3 +249,25 @@ def test_update_rows_fit_the_gpu_with_the_reference_model_set_aside(monkeypatch)
     with pytest.raises(NanorlError, match="group of 8 completions") as err:
         update_rows(ctx("cuda", 24, "model.depth=26"), 456)
     assert "rl.group_size" in err.value.hint
+
+
+def test_update_rows_is_decided_by_every_rank_together(monkeypatch):
+    """The ranks agree on the rows a pass: the longest row over every rank and the fewest rows any GPU fits, so
+    that a group too long for the GPU stops every rank, not only the one that sampled it."""
+    from types import SimpleNamespace
+
+    from nanorl.api import NanorlError
+    from nanorl.stages import rl
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=40 * gib))
+    ctx = SimpleNamespace(cfg=resolve(overrides=["model.depth=20"]), device=torch.device("cuda"))
+    alone = rl.update_rows(ctx, 300)
+    # another rank sampled longer rows (2,048 tokens): this rank's pass is sized for them
+    monkeypatch.setattr(rl, "max_over_ranks", lambda *v: [max(v[0], 2048)])
+    longer = rl.update_rows(ctx, 300)
+    assert longer < alone
+    # another rank's GPU fits fewer than a group: every rank raises, this one too
+    monkeypatch.setattr(rl, "min_over_ranks", lambda *v: [min(v[0], 4)])
+    with pytest.raises(NanorlError, match="group of 8 completions of 2048 tokens"):
+        rl.update_rows(ctx, 300)

@@ -26,7 +26,7 @@ import torch
 from nanorl import checkpoint as ckpt
 from nanorl.api import Example, NanorlError, StageInfo, Task
 from nanorl.config import RunConfig, config_hash
-from nanorl.device import all_reduce_mean, autocast, is_distributed
+from nanorl.device import all_reduce_mean, autocast, is_distributed, raise_together
 from nanorl.optim import Optimizers, lr_schedule
 from nanorl.telemetry import Telemetry
 
@@ -205,6 +205,13 @@ class ConversationLoader:
     ):
         if not rendered:
             raise NanorlError("no conversations to train on", hint="check the task's train split")
+        # every rank decides alike (the count is the same everywhere): a rank without a conversation would fail
+        # alone while the others wait for it in their first collective
+        if len(rendered) < world_size:
+            raise NanorlError(
+                f"{len(rendered)} conversations cannot be shared by {world_size} ranks (each needs one at least)",
+                hint="run on fewer processes, or give the task more train examples",
+            )
         self.rendered = rendered
         self.B, self.T = batch_size, seq_len
         self.pad_id = pad_id
@@ -362,6 +369,7 @@ def train_supervised(
             loader.load_state_dict(ls[ctx.rank] if isinstance(ls, list) else ls)
         if ctx.rank == 0:
             ctx.bus.console.print(f"[dim]{stage}: resuming at step {start}/{total_steps}[/]", highlight=False)
+    prepare_loader(loader)
     broadcast_params(model)
     info = ctx.info(stage, total_steps)
     ctx.bus.stage_start(info)
@@ -428,6 +436,20 @@ def train_supervised(
     }
     ctx.bus.stage_end(info, summary)
     return summary
+
+
+def prepare_loader(loader) -> None:
+    """Have the loader build its first batch's data now (`prepare`, when it has one), every rank together: a rank
+    whose shard holds no data (PackedLoader: a corpus too small for a row on this rank) raises, and every other
+    rank raises with it (nanorl.device.raise_together) instead of waiting for it in the first collective."""
+    err = None
+    prepare = getattr(loader, "prepare", None)
+    if prepare is not None:
+        try:
+            prepare()
+        except NanorlError as e:
+            err = e
+    raise_together(err)
 
 
 def _loader_state(ctx: Context, loader) -> Any:

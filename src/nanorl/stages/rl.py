@@ -43,7 +43,13 @@ import numpy as np
 import torch
 
 from nanorl.api import Example, NanorlError, Reward, RolloutBatch
-from nanorl.device import all_reduce_mean, autocast
+from nanorl.device import (
+    all_reduce_mean,
+    autocast,
+    is_distributed,
+    max_over_ranks,
+    min_over_ranks,
+)
 from nanorl.optim import Optimizers
 from nanorl.stages.common import Context, Interrupted, broadcast_params, sync_grads
 
@@ -233,9 +239,13 @@ def update_rows(ctx: Context, longest: int) -> int:
     from nanorl.model.counts import count_params, rows_that_fit
 
     rcfg, mcfg = ctx.cfg.rl, ctx.cfg.model
+    # the ranks decide together (an error on one rank alone would leave the others waiting in their next
+    # collective): the step's longest row over every rank, and the fewest rows that fit any rank's GPU
+    longest = int(max_over_ranks(longest)[0])
     memory = torch.cuda.get_device_properties(ctx.device).total_memory
     reference = 4 * count_params(mcfg)["total"] if rcfg.beta > 0 or rcfg.kl_every else 0
     fit = rows_that_fit(mcfg, memory, seq_len=min(longest, mcfg.seq_len), reserved=reference)
+    fit = int(min_over_ranks(fit)[0])
     if fit < rcfg.group_size:  # a prompt's G rows go through together (they share its keys and values)
         raise NanorlError(
             f"rl: a group of {rcfg.group_size} completions of {longest} tokens (prompt and rl.max_new_tokens) does"
@@ -513,6 +523,8 @@ def run(ctx: Context) -> dict[str, Any]:
         avg = all_reduce_mean(torch.tensor([float(last[k]) for k in means], device=ctx.device)).tolist()
         last.update(zip(means, avg, strict=True))
         last["signal_groups"] *= ctx.world_size
+        if is_distributed():  # the loss logged (and checked at the end) is the mean over ranks, the same on each
+            last["loss"] = float(all_reduce_mean(torch.tensor(last["loss"], dtype=torch.float64, device=ctx.device)))
         if rcfg.kl_every and done % rcfg.kl_every == 0:
             # the hooks see the step's first batch as sampled: the policy's rollouts, not a selection of them
             ro = sampled[0]
@@ -536,6 +548,6 @@ def run(ctx: Context) -> dict[str, Any]:
     ctx.save("rl", model, None, {"step": steps, "batches": batches})
     summary = {**last, "steps": steps, "seconds": time.time() - t_stage}
     ctx.bus.stage_end(info, summary)
-    if not math.isfinite(summary.get("loss", 0.0)):
+    if not math.isfinite(summary.get("loss", 0.0)):  # the mean over ranks: every rank raises, or none
         raise NanorlError("rl: the loss is not finite", hint="lower rl.lr")
     return summary
