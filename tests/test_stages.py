@@ -484,3 +484,17 @@ def test_a_loader_error_on_one_rank_stops_every_rank_before_training(monkeypatch
     monkeypatch.setattr(devmod, "all_gather_objects", lambda o: [o, ("NanorlError", "the corpus is too small", "h")])
     with pytest.raises(NanorlError, match="rank 1: the corpus is too small"):
         prepare_loader(Loader())
+
+
+def test_the_token_count_is_read_once_a_step_not_once_a_pass(monkeypatch):
+    # int(tensor) waits for the GPU: the supervised loop adds each pass's target count on the device and reads the
+    # step's total once, where it read every pass's (a sync per micro-step)
+    cfg = _cfg("syncs", "base.device_batch_size=1", "base.total_batch_tokens=1024", "base.steps=2")
+    run_pipeline(cfg, only="tokenizer")
+    reads = []
+    orig = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(1) or orig(t))
+    res = run_pipeline(cfg, only="base")["base"]
+    monkeypatch.undo()
+    assert res["tokens_per_step"] == 1024  # 8 passes of one row of 128 tokens a step
+    assert len(reads) <= 2, len(reads)  # one a step

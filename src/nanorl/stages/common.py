@@ -155,6 +155,15 @@ class Context:
         )
 
 
+def to_device(rows: list[list], dtype: torch.dtype, device) -> torch.Tensor:
+    """A tensor of equal-length rows on `device`, built on the host and copied in one transfer (pinned memory and
+    an asynchronous copy on CUDA, so the host goes on while it travels)."""
+    t = torch.tensor(rows, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def broadcast_params(model) -> None:
     """Every rank starts a stage from rank 0's weights (they agree already; this makes sure)."""
     if not is_distributed():
@@ -263,9 +272,7 @@ class ConversationLoader:
             pad = width - len(rows_x[r])
             rows_x[r] = (rows_x[r] + [self.pad_id] * pad)[:-1]
             rows_y[r] = (rows_y[r] + [-1] * pad)[1:]
-        x = torch.tensor(rows_x, dtype=torch.long, device=self.device)
-        y = torch.tensor(rows_y, dtype=torch.long, device=self.device)
-        return x, y
+        return to_device(rows_x, torch.long, self.device), to_device(rows_y, torch.long, self.device)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank}
@@ -383,14 +390,14 @@ def train_supervised(
         lrf = lr_schedule(step, total_steps, tcfg.warmup_ratio, tcfg.warmdown_ratio, tcfg.final_lr_frac)
         opt.set_lr(lrf)
         loss_sum = torch.zeros((), device=ctx.device)
-        n_tok = 0
+        n_tok_t = torch.zeros((), dtype=torch.long, device=ctx.device)  # read once a step: no sync per pass
         for _ in range(accum):
             x, y = next(loader)
             with autocast(ctx.device, ctx.dtype):
                 loss = model(x, y)
             (loss / accum).backward()
             loss_sum += loss.detach()
-            n_tok += int((y >= 0).sum())
+            n_tok_t += (y >= 0).sum()
         if getattr(loader, "epoch", 0) > epoch:
             epoch = loader.epoch
             if ctx.rank == 0 and step + 1 < total_steps:  # the data ran out: say so (the last step's wrap is noise)
@@ -402,6 +409,7 @@ def train_supervised(
         sync_grads(opt.params)
         gnorm = opt.step()
         loss_val = float(all_reduce_mean(loss_sum / accum))
+        n_tok = int(n_tok_t)
         if not math.isfinite(loss_val):
             raise NanorlError(
                 f"{stage}: the loss became {loss_val} at step {step + 1}",

@@ -51,7 +51,7 @@ from nanorl.device import (
     min_over_ranks,
 )
 from nanorl.optim import Optimizers
-from nanorl.stages.common import Context, Interrupted, broadcast_params, sync_grads
+from nanorl.stages.common import Context, Interrupted, broadcast_params, sync_grads, to_device
 
 STD_EPS = 1e-4  # added to the group std before dividing (TRL uses the same), so a tiny spread can't blow up A
 
@@ -160,18 +160,18 @@ def completion_logprobs(
     Lp = max(len(p) for p in prompts) - 1
     pads = [Lp - (len(p) - 1) for p in prompts]
     cache = PrefixCache(G)
-    prefix = torch.tensor(
-        [[p[0]] * n + p[:-1] for n, p in zip(pads, prompts, strict=False)], dtype=torch.long, device=device
-    )
+    prefix = to_device([[p[0]] * n + p[:-1] for n, p in zip(pads, prompts, strict=False)], torch.long, device)
     if any(pads):
         pad_t = torch.tensor(pads, device=device)[:, None]
         cache.key_mask = torch.arange(Lp, device=device)[None, :] >= pad_t
-    inp = torch.zeros(P * G, C, dtype=torch.long, device=device)
-    tgt = torch.full((P * G, C), -1, dtype=torch.long, device=device)
+    # the rows are built on the host and copied once (not a copy per row): the input is the prompt's last token and
+    # the completion but its last token, the target the completion, padded with 0 and -1 to C
+    inp_rows, tgt_rows = [], []
     for r, comp in enumerate(completions):
         row = [prompts[r // G][-1], *comp[:-1]]
-        inp[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        tgt[r, : len(comp)] = torch.tensor(comp, dtype=torch.long)
+        inp_rows.append(row + [0] * (C - len(row)))
+        tgt_rows.append(list(comp) + [-1] * (C - len(comp)))
+    inp, tgt = to_device(inp_rows, torch.long, device), to_device(tgt_rows, torch.long, device)
     with autocast(device, dtype):
         model(prefix, kv_cache=cache, logits="none")  # fills the cache
         if cache.key_mask is not None:
@@ -477,9 +477,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 rows = [i * G + j for i in chunk for j in range(G)]
                 comps = [completions[k] for k in rows]
                 C = max(1, max(len(c) for c in comps))
-                mask = torch.zeros(len(rows), C, device=ctx.device)
-                for k, row in enumerate(rows):
-                    mask[k, : len(masks[row])] = torch.tensor(masks[row])
+                mask = to_device([masks[r] + [0.0] * (C - len(masks[r])) for r in rows], torch.float32, ctx.device)
                 loss, st, logp = policy_gradient(
                     model, [prompt_ids[i] for i in chunk], comps, adv.view(-1)[rows].to(ctx.device), mask,
                     max(n_tokens, 1.0), ctx.device, ctx.dtype, rcfg.epsilon, rcfg.beta, old.get(ci),
