@@ -486,6 +486,22 @@ def test_a_loader_error_on_one_rank_stops_every_rank_before_training(monkeypatch
         prepare_loader(Loader())
 
 
+def test_float16_is_refused_for_training(monkeypatch):
+    # float16 without loss scaling lets small gradients underflow silently: refused, with bfloat16 as the hint
+    from types import SimpleNamespace
+
+    from nanorl.api import NanorlError
+    from nanorl.stages import rl
+
+    cfg = _cfg("f16", "dtype=float16", "base.steps=1")
+    run_pipeline(cfg, only="tokenizer")
+    with pytest.raises(NanorlError, match="float16") as err:
+        run_pipeline(cfg, only="base")
+    assert "bfloat16" in err.value.hint
+    with pytest.raises(NanorlError, match="rl: training in float16"):
+        rl.run(SimpleNamespace(cfg=cfg, task=None, dtype=torch.float16))
+
+
 def test_the_token_count_is_read_once_a_step_not_once_a_pass(monkeypatch):
     # int(tensor) waits for the GPU: the supervised loop adds each pass's target count on the device and reads the
     # step's total once, where it read every pass's (a sync per micro-step)

@@ -26,7 +26,7 @@ import torch
 from nanorl import checkpoint as ckpt
 from nanorl.api import Example, NanorlError, StageInfo, Task
 from nanorl.config import RunConfig, config_hash
-from nanorl.device import all_reduce_mean, autocast, is_distributed, raise_together
+from nanorl.device import all_reduce_mean, autocast, check_training_dtype, is_distributed, raise_together
 from nanorl.optim import Optimizers, lr_schedule
 from nanorl.telemetry import Telemetry
 
@@ -366,6 +366,7 @@ def train_supervised(
 ) -> dict[str, Any]:
     """Train `model` for `total_steps` optimizer steps on `loader`; checkpoint, resume, log. Returns a summary."""
     sdir = ctx.stage_dir(stage)
+    check_training_dtype(ctx.dtype, stage)
     opt = Optimizers(model, ctx.cfg.optim, lr_mult=tcfg.lr)
     start = 0
     if ckpt.has_checkpoint(sdir):  # an interrupted run: continue exactly where the last checkpoint left off

@@ -46,6 +46,7 @@ from nanorl.api import Example, NanorlError, Reward, RolloutBatch
 from nanorl.device import (
     all_reduce_mean,
     autocast,
+    check_training_dtype,
     is_distributed,
     max_over_ranks,
     min_over_ranks,
@@ -392,6 +393,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from nanorl import checkpoint as ckpt
 
     cfg, rcfg, task = ctx.cfg, ctx.cfg.rl, ctx.task
+    check_training_dtype(ctx.dtype, "rl")
     tok = ctx.tokenizer()
     rewards = resolve_rewards(cfg, task)
     train = ctx.examples("train")
