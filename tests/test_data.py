@@ -323,3 +323,22 @@ def test_base_names_the_fineweb_shards_for_one_pass(tmp_path):
     assert passes == pytest.approx(3, rel=0.02)
     out = console.export_text()
     assert "the run will see the same text ~3.0 times" in out and "fineweb --shards 6" in out
+
+
+def test_prepare_meets_a_rank_without_rows_before_the_first_batch_and_changes_no_batch(tok):
+    # one long document in blocks of one document per rank: rank 0 gets it, rank 1 nothing. `prepare` raises on
+    # rank 1 before training (every rank calls it, and nanorl.stages.common.prepare_loader makes them raise together)
+    long_doc = [" ".join(f"w{i % 50}" for i in range(400))]
+    for rank in (0, 1):
+        loader = PackedLoader(long_doc, tok, batch_size=1, seq_len=32, block_docs=1, rank=rank, world_size=2)
+        if rank == 1:
+            with pytest.raises(NanorlError, match="too small.*rank 1"):
+                loader.prepare()
+        else:
+            loader.prepare()
+    # prepared or not, the same batches from the same position
+    a = PackedLoader(_docs(), tok, batch_size=3, seq_len=40, seed=2)
+    b = PackedLoader(_docs(), tok, batch_size=3, seq_len=40, seed=2)
+    b.prepare()
+    assert b.state_dict() == a.state_dict()
+    assert _same(_batches(a, 5), _batches(b, 5))

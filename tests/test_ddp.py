@@ -1,6 +1,7 @@
 """torchrun --nproc_per_node=2 (gloo on CPU): a few base steps with gradient accumulation, then mid, SFT and GRPO with
 dynamic sampling (where the ranks find different numbers of groups with signal), and the two ranks' weights stay
-identical; then eval, the questions shared between the ranks."""
+identical; then eval, the questions shared between the ranks. And an error met on one rank only (its shard of
+the corpus gives no row) stops both ranks together, each naming it."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ SCRIPT = textwrap.dedent(
         "base.eval_every=0", "mid.steps=2", "mid.device_batch_size=2", "sft.steps=2", "sft.device_batch_size=2",
         "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.checkpoint_every=1",
         "rl.kl_every=0", "rl.dynamic_sampling=true", "rl.max_sample_batches=3", "rl.mask_truncated=false",
+        "rl.ppo_epochs=2",
         "eval.max_examples=5", "eval.max_new_tokens=8", "eval.mode=both", "telemetry.console=false", "device=cpu",
     ])
     from nanorl.stages import rl
@@ -51,6 +53,17 @@ SCRIPT = textwrap.dedent(
         return orig(self, stage, model, optimizers, state)
 
     common.Context.save = save
+    from nanorl.telemetry import Telemetry
+
+    logged = []  # every rank's logged RL losses (rank 0 alone writes them)
+    orig_log = Telemetry.log
+
+    def log(self, stage, step, metrics):
+        if stage == "rl":
+            logged.append(metrics["loss"])
+        return orig_log(self, stage, step, metrics)
+
+    Telemetry.log = log
     from nanorl.stages import eval as ev
 
     asked = []  # the questions this rank answered
@@ -64,7 +77,7 @@ SCRIPT = textwrap.dedent(
     for stage in ("mid", "sft", "rl", "eval"):
         res.update(run_pipeline(cfg, only=stage))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
-        json.dump({"digests": seen, "loss": res["base"]["loss"], "rl": res["rl"], "asked": asked}, fh)
+        json.dump({"digests": seen, "loss": res["base"]["loss"], "rl": logged, "asked": asked}, fh)
     """
 )
 
@@ -88,6 +101,8 @@ def test_two_ranks_stay_in_sync(tmp_path):
     assert r0["digests"] == r1["digests"]
     assert set(r0["digests"]) == {"base:2", "base:4", "mid:2", "sft:2", "rl:1", "rl:2"}
     assert r0["loss"] == r1["loss"]  # the logged loss is the mean over ranks
+    # RL's too (its end-of-stage "loss not finite" check reads it: every rank decides alike)
+    assert r0["rl"] == r1["rl"] and len(r0["rl"]) == 2 and any(r0["rl"]), (r0["rl"], r1["rl"])
     # rank 0 wrote the checkpoint; its metrics say it trained on two ranks' tokens per step
     recs = [json.loads(line) for line in (tmp_path / "home/runs/ddp/metrics.jsonl").read_text().splitlines()]
     end = next(r for r in recs if r["stage"] == "base" and r.get("kind") == "end")
@@ -105,3 +120,46 @@ def test_two_ranks_stay_in_sync(tmp_path):
     assert [(r["id"], r["sample"]) for r in res["modes"]["sampled"]["records"]] == [
         (i, j) for i in ids for j in range(4)
     ]
+
+
+FAILING = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from nanorl.config import resolve
+    from nanorl.stages.runner import run_pipeline
+
+    overrides = [
+        "name=shard", "model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=64",
+        "tokenizer.train_chars=50000", "base.steps=2", "base.device_batch_size=2", "telemetry.console=false",
+        "device=cpu",
+    ]
+    run_pipeline(resolve(preset="tiny", overrides=overrides), only="tokenizer")
+    # one long document: the first block (2,048 documents a rank) holds it alone, rank 0 takes it, rank 1 nothing
+    doc = Path(sys.argv[1]) / "one.txt"
+    if os.environ["RANK"] == "0":
+        doc.write_text(" ".join(f"{i} + {i} = {2 * i}." for i in range(300)))
+    from nanorl.device import barrier
+    barrier()
+    run_pipeline(resolve(preset="tiny", overrides=[*overrides, f"data.corpus={doc}"]), only="base")
+    """
+)
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_stops_both(tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANORL_HOME": str(tmp_path / "home")}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+        str(script), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    # rank 1 raised its own error; rank 0, whose shard was fine, raised with it before any training step
+    assert "[rank1]: nanorl.api.NanorlError: the corpus is too small" in proc.stderr, proc.stderr[-3000:]
+    assert "[rank0]: nanorl.api.NanorlError: rank 1: the corpus is too small" in proc.stderr, proc.stderr[-3000:]

@@ -149,3 +149,47 @@ def test_prompt_is_prefilled_once_per_batch(G, monkeypatch):
     Engine(model, ByteTok(), dtype=torch.float64).sample(PROMPTS, num_samples=G, max_new_tokens=3, seed=0)
     assert seen[0] == (3, 9)  # one prefill of the three (left-padded) prompts
     assert all(s == (3 * G, 1) for s in seen[1:])
+
+
+def _count_weight_casts(model, fn):
+    """Run fn() under the profiler and count the copies (aten::_to_copy) of tensors shaped like the model's weight
+    matrices, per shape: the bf16 copies autocast makes of the fp32 weights for its matmuls. (The profiler, not a
+    dispatch mode: it sees the casts under inference mode too.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = fn()
+    casts: dict[tuple, int] = {}
+    for e in prof.events():
+        if e.name == "aten::_to_copy" and e.input_shapes and tuple(e.input_shapes[0]) in shapes:
+            key = tuple(e.input_shapes[0])
+            casts[key] = casts.get(key, 0) + 1
+    return casts, out
+
+
+def test_sampling_under_autocast_casts_each_weight_once(monkeypatch):
+    # Under autocast the fp32 weights are cast to bf16 for every matmul. autocast caches those casts while its
+    # outermost context is open, and only for tensors that track gradients (not under inference_mode): one
+    # context around the whole generation loop, under no_grad, casts each weight once per call; a context per
+    # decode step (or inference mode) would cast every weight again at each of the steps. On the CPU
+    # nanorl.device.autocast is a no-op, so CPU bf16 autocast stands in for the GPU's here.
+    import nanorl.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "autocast", lambda device, dtype: torch.autocast("cpu", dtype=dtype))
+    model = _model(torch.float32)
+    eng = Engine(model, ByteTok(), dtype=torch.bfloat16)
+    steps = 8
+    # one sample a prompt (the CPU's shared-prompt decode kernel is not written for CPU autocast), greedy
+    casts, groups = _count_weight_casts(model, lambda: eng.sample(PROMPTS, max_new_tokens=steps, temperature=0.0))
+    assert casts, "no weight was cast: autocast was not active"
+    assert max(len(g[0].tokens) for g in groups) == steps  # a row ran every decode step
+    # each weight once for the whole call (the prefill and 7 decode steps): no more casts of a shape than weights
+    per_shape: dict[tuple, int] = {}
+    for p in model.parameters():
+        per_shape[tuple(p.shape)] = per_shape.get(tuple(p.shape), 0) + 1
+    assert all(n <= per_shape[shape] for shape, n in casts.items()), (casts, per_shape)
+    # the weights are fp32 still, and gradients work again after sampling (no inference tensors left behind)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.train()
+    model(torch.tensor([PROMPTS[1]]), torch.tensor([PROMPTS[1][1:] + [0]])).backward()

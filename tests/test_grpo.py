@@ -249,3 +249,51 @@ def test_update_rows_fit_the_gpu_with_the_reference_model_set_aside(monkeypatch)
     with pytest.raises(NanorlError, match="group of 8 completions") as err:
         update_rows(ctx("cuda", 24, "model.depth=26"), 456)
     assert "rl.group_size" in err.value.hint
+
+
+def test_update_rows_is_decided_by_every_rank_together(monkeypatch):
+    """The ranks agree on the rows a pass: the longest row over every rank and the fewest rows any GPU fits, so
+    that a group too long for the GPU stops every rank, not only the one that sampled it."""
+    from types import SimpleNamespace
+
+    from nanorl.api import NanorlError
+    from nanorl.stages import rl
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=40 * gib))
+    ctx = SimpleNamespace(cfg=resolve(overrides=["model.depth=20"]), device=torch.device("cuda"))
+    alone = rl.update_rows(ctx, 300)
+    # another rank sampled longer rows (2,048 tokens): this rank's pass is sized for them
+    monkeypatch.setattr(rl, "max_over_ranks", lambda *v: [max(v[0], 2048)])
+    longer = rl.update_rows(ctx, 300)
+    assert longer < alone
+    # another rank's GPU fits fewer than a group: every rank raises, this one too
+    monkeypatch.setattr(rl, "min_over_ranks", lambda *v: [min(v[0], 4)])
+    with pytest.raises(NanorlError, match="group of 8 completions of 2048 tokens"):
+        rl.update_rows(ctx, 300)
+
+
+def test_update_rows_are_built_on_the_host_and_copied_once(monkeypatch):
+    # the completions' input and target rows go to the device as one tensor each (pinned and asynchronous on CUDA),
+    # not a copy per row
+    from nanorl.stages.common import to_device
+    from nanorl.stages.rl import completion_logprobs
+
+    model = _tiny_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    comps = [[6, 7], [8], [9, 10, 11], []]
+    writes = []
+    orig = torch.Tensor.__setitem__
+    monkeypatch.setattr(torch.Tensor, "__setitem__", lambda t, k, v: writes.append(k) or orig(t, k, v))
+    with torch.no_grad():
+        lp = completion_logprobs(model, prompts, comps, torch.device("cpu"), torch.float64)
+    monkeypatch.undo()
+    assert writes == [] and lp.shape == (4, 3)
+    assert lp[1, 1:].abs().max() == 0 and lp[3].abs().max() == 0  # padding past each completion's end
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: calls.append((str(a[0]), k)) or t)
+    t = to_device([[1, 2], [3, 4]], torch.long, torch.device("cuda", 1))
+    assert t.tolist() == [[1, 2], [3, 4]]
+    assert calls == ["pin", ("cuda:1", {"non_blocking": True})]

@@ -445,3 +445,72 @@ def test_a_run_mirrored_to_a_store_outlives_its_folder(moto_server, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(json.loads(r.stdout)["files"]) == sorted(before)
     assert (tmp_path / "backup" / "away" / "rl" / "model.safetensors").read_bytes() == before["rl/model.safetensors"]
+
+
+def test_fewer_conversations_than_ranks_is_refused_by_every_rank_alike():
+    # a rank with no conversation would fail alone at its first batch (an IndexError) while the others wait for it
+    # in a collective; the count is the same on every rank, so every rank refuses at once
+    from nanorl.api import NanorlError
+    from nanorl.stages.common import ConversationLoader
+
+    convs = [([1, 2, 3, 4], [0, 0, 1, 1])]
+    for rank in (0, 1):
+        with pytest.raises(NanorlError, match="1 conversations cannot be shared by 2 ranks"):
+            ConversationLoader(convs, 2, 8, 0, packed=False, assistant_only=True, rank=rank, world_size=2)
+    x, y = next(ConversationLoader(convs * 2, 2, 8, 0, packed=False, assistant_only=True, rank=1, world_size=2))
+    assert x.tolist() == [[1, 2, 3]] * 2 and y.tolist() == [[-1, 3, 4]] * 2
+
+
+def test_a_loader_error_on_one_rank_stops_every_rank_before_training(monkeypatch):
+    # prepare_loader: each rank builds its first data (PackedLoader.prepare) and the ranks agree on any error
+    from nanorl import device as devmod
+    from nanorl.api import NanorlError
+    from nanorl.stages.common import prepare_loader
+
+    class Loader:
+        def __init__(self, error=None):
+            self.error = error
+
+        def prepare(self):
+            if self.error:
+                raise NanorlError(self.error, hint="use a longer corpus")
+
+    prepare_loader(Loader())
+    prepare_loader(object())  # a loader without prepare
+    with pytest.raises(NanorlError, match="too small"):
+        prepare_loader(Loader("the corpus is too small"))
+    # two ranks (simulated): this rank's shard is fine, rank 1's is not; this rank raises too
+    monkeypatch.setattr(devmod, "is_distributed", lambda: True)
+    monkeypatch.setattr(devmod, "all_gather_objects", lambda o: [o, ("NanorlError", "the corpus is too small", "h")])
+    with pytest.raises(NanorlError, match="rank 1: the corpus is too small"):
+        prepare_loader(Loader())
+
+
+def test_float16_is_refused_for_training(monkeypatch):
+    # float16 without loss scaling lets small gradients underflow silently: refused, with bfloat16 as the hint
+    from types import SimpleNamespace
+
+    from nanorl.api import NanorlError
+    from nanorl.stages import rl
+
+    cfg = _cfg("f16", "dtype=float16", "base.steps=1")
+    run_pipeline(cfg, only="tokenizer")
+    with pytest.raises(NanorlError, match="float16") as err:
+        run_pipeline(cfg, only="base")
+    assert "bfloat16" in err.value.hint
+    with pytest.raises(NanorlError, match="rl: training in float16"):
+        rl.run(SimpleNamespace(cfg=cfg, task=None, dtype=torch.float16))
+
+
+def test_the_token_count_is_read_once_a_step_not_once_a_pass(monkeypatch):
+    # int(tensor) waits for the GPU: the supervised loop adds each pass's target count on the device and reads the
+    # step's total once, where it read every pass's (a sync per micro-step)
+    cfg = _cfg("syncs", "base.device_batch_size=1", "base.total_batch_tokens=1024", "base.steps=2")
+    run_pipeline(cfg, only="tokenizer")
+    reads = []
+    orig = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(1) or orig(t))
+    res = run_pipeline(cfg, only="base")["base"]
+    monkeypatch.undo()
+    assert res["tokens_per_step"] == 1024  # 8 passes of one row of 128 tokens a step
+    assert len(reads) <= 2, len(reads)  # one a step

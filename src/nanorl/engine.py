@@ -24,6 +24,7 @@ How:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -92,11 +93,6 @@ class Engine:
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
 
-    # inference mode, not just no_grad: its tensors skip version counting and autograd bookkeeping, 6% more
-    # tokens/s on the BENCHMARKS.md shape (2,228 -> 2,371, 8 alternating runs in one process, every pair faster).
-    # What it creates (KV caches, the cached inference weights of InferenceLinear) is only read by no-gradient
-    # passes afterwards, which inference tensors allow; training reads the parameters themselves.
-    @torch.inference_mode()
     def sample(
         self,
         prompts: Sequence[Sequence[int]],
@@ -108,7 +104,22 @@ class Engine:
         use_cache: bool = True,
         max_rows: int = 256,
     ) -> list[list[Sample]]:
-        """`num_samples` completions of each prompt: a list (per prompt) of lists of Sample."""
+        """`num_samples` completions of each prompt: a list (per prompt) of lists of Sample.
+
+        Every forward pass of the call runs inside ONE autocast context (on CUDA; none elsewhere), so autocast's
+        cache of the bf16 copies of the fp32 weights lives for the whole call: each weight is cast once, not at
+        every decode step (the cache empties when the outermost autocast context exits). The cache only keeps
+        casts made with gradients tracked, which inference mode turns off, so under autocast the call runs under
+        no_grad. Without autocast it runs in inference mode: its tensors skip version counting and autograd
+        bookkeeping, 6% more tokens/s on the CPU benchmark shape (2,228 -> 2,371, 8 alternating runs in one process,
+        every pair faster); what it creates there (KV caches, the cached inference weights of InferenceLinear) is
+        only read by no-gradient passes afterwards, which inference tensors allow."""
+        amp = autocast(self.device, self.dtype)
+        grad_mode = torch.inference_mode() if isinstance(amp, contextlib.nullcontext) else torch.no_grad()
+        with grad_mode, amp:
+            return self._sample(prompts, num_samples, max_new_tokens, temperature, top_k, seed, use_cache, max_rows)
+
+    def _sample(self, prompts, num_samples, max_new_tokens, temperature, top_k, seed, use_cache, max_rows):
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         out: list[list[Sample] | None] = [None] * len(prompts)
@@ -159,17 +170,17 @@ class Engine:
         key_mask = None
         if any(pads):
             key_mask = torch.arange(L + max_new, device=dev)[None, :] >= torch.tensor(pads, device=dev)[:, None]
-        with autocast(dev, self.dtype):
-            if use_cache:
-                cache = KVCache(P, model.config, L + max_new, device=dev, dtype=self.dtype)
-                cache.key_mask = key_mask
-                logits = model(ids, kv_cache=cache, logits="last")[:, -1, : self.n_vocab]
-                if G > 1 or self.decoder is not None:  # the compiled step reads the shared layout only
-                    cache.share(G)
-            else:
-                logits = self._forward_full(ids, key_mask)
-                seq = ids.repeat_interleave(G, dim=0)
-                row_mask = key_mask.repeat_interleave(G, dim=0) if key_mask is not None else None
+        # (the forward passes run under sample()'s one autocast context)
+        if use_cache:
+            cache = KVCache(P, model.config, L + max_new, device=dev, dtype=self.dtype)
+            cache.key_mask = key_mask
+            logits = model(ids, kv_cache=cache, logits="last")[:, -1, : self.n_vocab]
+            if G > 1 or self.decoder is not None:  # the compiled step reads the shared layout only
+                cache.share(G)
+        else:
+            logits = self._forward_full(ids, key_mask)
+            seq = ids.repeat_interleave(G, dim=0)
+            row_mask = key_mask.repeat_interleave(G, dim=0) if key_mask is not None else None
         logits = logits.repeat_interleave(G, dim=0)
 
         tokens = torch.empty(R, max_new, dtype=torch.long, device=dev)
@@ -189,17 +200,16 @@ class Engine:
             done |= torch.isin(nxt, stop)
             if bool(done.all()) or t == max_new - 1:
                 break
-            with autocast(dev, self.dtype):
-                if use_cache:
-                    logits = None
-                    if self.decoder is not None and self.decoder.usable(cache):
-                        logits = self.decoder(nxt, cache)  # None: compiling failed, decode eagerly
-                    if logits is None:
-                        logits = model(nxt[:, None], kv_cache=cache)[:, -1]
-                    logits = logits[:, : self.n_vocab]
-                else:
-                    seq = torch.cat([seq, nxt[:, None]], dim=1)
-                    logits = self._forward_full(seq, row_mask[:, : seq.size(1)] if row_mask is not None else None)
+            if use_cache:
+                logits = None
+                if self.decoder is not None and self.decoder.usable(cache):
+                    logits = self.decoder(nxt, cache)  # None: compiling failed, decode eagerly
+                if logits is None:
+                    logits = model(nxt[:, None], kv_cache=cache)[:, -1]
+                logits = logits[:, : self.n_vocab]
+            else:
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                logits = self._forward_full(seq, row_mask[:, : seq.size(1)] if row_mask is not None else None)
 
         tokens_l = tokens[:, :n].tolist()
         forced_l = forced_mask[:, :n].tolist()

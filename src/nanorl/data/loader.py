@@ -202,6 +202,13 @@ class PackedLoader:
             self._epoch_rows += len(rows)
         return self._rows
 
+    def prepare(self) -> None:
+        """Build the rows of the current position now, as the next batch would (no row is consumed): raises the
+        "corpus too small" NanorlError here when this rank's share gives no row. Under torchrun every rank calls
+        it before training and the ranks raise together (nanorl.stages.common.prepare_loader), where a rank
+        meeting the error at its first batch alone would leave the others waiting in a collective."""
+        self._current_rows()
+
     # -- batches --------------------------------------------------------------------------------------------
     def next_rows(self) -> np.ndarray:
         """The next batch_size rows (batch_size, seq_len + 1) as int64 numpy."""

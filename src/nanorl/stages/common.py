@@ -26,7 +26,7 @@ import torch
 from nanorl import checkpoint as ckpt
 from nanorl.api import Example, NanorlError, StageInfo, Task
 from nanorl.config import RunConfig, config_hash
-from nanorl.device import all_reduce_mean, autocast, is_distributed
+from nanorl.device import all_reduce_mean, autocast, check_training_dtype, is_distributed, raise_together
 from nanorl.optim import Optimizers, lr_schedule
 from nanorl.telemetry import Telemetry
 
@@ -155,6 +155,15 @@ class Context:
         )
 
 
+def to_device(rows: list[list], dtype: torch.dtype, device) -> torch.Tensor:
+    """A tensor of equal-length rows on `device`, built on the host and copied in one transfer (pinned memory and
+    an asynchronous copy on CUDA, so the host goes on while it travels)."""
+    t = torch.tensor(rows, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def broadcast_params(model) -> None:
     """Every rank starts a stage from rank 0's weights (they agree already; this makes sure)."""
     if not is_distributed():
@@ -205,6 +214,13 @@ class ConversationLoader:
     ):
         if not rendered:
             raise NanorlError("no conversations to train on", hint="check the task's train split")
+        # every rank decides alike (the count is the same everywhere): a rank without a conversation would fail
+        # alone while the others wait for it in their first collective
+        if len(rendered) < world_size:
+            raise NanorlError(
+                f"{len(rendered)} conversations cannot be shared by {world_size} ranks (each needs one at least)",
+                hint="run on fewer processes, or give the task more train examples",
+            )
         self.rendered = rendered
         self.B, self.T = batch_size, seq_len
         self.pad_id = pad_id
@@ -256,9 +272,7 @@ class ConversationLoader:
             pad = width - len(rows_x[r])
             rows_x[r] = (rows_x[r] + [self.pad_id] * pad)[:-1]
             rows_y[r] = (rows_y[r] + [-1] * pad)[1:]
-        x = torch.tensor(rows_x, dtype=torch.long, device=self.device)
-        y = torch.tensor(rows_y, dtype=torch.long, device=self.device)
-        return x, y
+        return to_device(rows_x, torch.long, self.device), to_device(rows_y, torch.long, self.device)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank}
@@ -352,6 +366,7 @@ def train_supervised(
 ) -> dict[str, Any]:
     """Train `model` for `total_steps` optimizer steps on `loader`; checkpoint, resume, log. Returns a summary."""
     sdir = ctx.stage_dir(stage)
+    check_training_dtype(ctx.dtype, stage)
     opt = Optimizers(model, ctx.cfg.optim, lr_mult=tcfg.lr)
     start = 0
     if ckpt.has_checkpoint(sdir):  # an interrupted run: continue exactly where the last checkpoint left off
@@ -362,6 +377,7 @@ def train_supervised(
             loader.load_state_dict(ls[ctx.rank] if isinstance(ls, list) else ls)
         if ctx.rank == 0:
             ctx.bus.console.print(f"[dim]{stage}: resuming at step {start}/{total_steps}[/]", highlight=False)
+    prepare_loader(loader)
     broadcast_params(model)
     info = ctx.info(stage, total_steps)
     ctx.bus.stage_start(info)
@@ -375,14 +391,14 @@ def train_supervised(
         lrf = lr_schedule(step, total_steps, tcfg.warmup_ratio, tcfg.warmdown_ratio, tcfg.final_lr_frac)
         opt.set_lr(lrf)
         loss_sum = torch.zeros((), device=ctx.device)
-        n_tok = 0
+        n_tok_t = torch.zeros((), dtype=torch.long, device=ctx.device)  # read once a step: no sync per pass
         for _ in range(accum):
             x, y = next(loader)
             with autocast(ctx.device, ctx.dtype):
                 loss = model(x, y)
             (loss / accum).backward()
             loss_sum += loss.detach()
-            n_tok += int((y >= 0).sum())
+            n_tok_t += (y >= 0).sum()
         if getattr(loader, "epoch", 0) > epoch:
             epoch = loader.epoch
             if ctx.rank == 0 and step + 1 < total_steps:  # the data ran out: say so (the last step's wrap is noise)
@@ -394,6 +410,7 @@ def train_supervised(
         sync_grads(opt.params)
         gnorm = opt.step()
         loss_val = float(all_reduce_mean(loss_sum / accum))
+        n_tok = int(n_tok_t)
         if not math.isfinite(loss_val):
             raise NanorlError(
                 f"{stage}: the loss became {loss_val} at step {step + 1}",
@@ -428,6 +445,20 @@ def train_supervised(
     }
     ctx.bus.stage_end(info, summary)
     return summary
+
+
+def prepare_loader(loader) -> None:
+    """Have the loader build its first batch's data now (`prepare`, when it has one), every rank together: a rank
+    whose shard holds no data (PackedLoader: a corpus too small for a row on this rank) raises, and every other
+    rank raises with it (nanorl.device.raise_together) instead of waiting for it in the first collective."""
+    err = None
+    prepare = getattr(loader, "prepare", None)
+    if prepare is not None:
+        try:
+            prepare()
+        except NanorlError as e:
+            err = e
+    raise_together(err)
 
 
 def _loader_state(ctx: Context, loader) -> Any:

@@ -43,9 +43,16 @@ import numpy as np
 import torch
 
 from nanorl.api import Example, NanorlError, Reward, RolloutBatch
-from nanorl.device import all_reduce_mean, autocast
+from nanorl.device import (
+    all_reduce_mean,
+    autocast,
+    check_training_dtype,
+    is_distributed,
+    max_over_ranks,
+    min_over_ranks,
+)
 from nanorl.optim import Optimizers
-from nanorl.stages.common import Context, Interrupted, broadcast_params, sync_grads
+from nanorl.stages.common import Context, Interrupted, broadcast_params, sync_grads, to_device
 
 STD_EPS = 1e-4  # added to the group std before dividing (TRL uses the same), so a tiny spread can't blow up A
 
@@ -154,18 +161,18 @@ def completion_logprobs(
     Lp = max(len(p) for p in prompts) - 1
     pads = [Lp - (len(p) - 1) for p in prompts]
     cache = PrefixCache(G)
-    prefix = torch.tensor(
-        [[p[0]] * n + p[:-1] for n, p in zip(pads, prompts, strict=False)], dtype=torch.long, device=device
-    )
+    prefix = to_device([[p[0]] * n + p[:-1] for n, p in zip(pads, prompts, strict=False)], torch.long, device)
     if any(pads):
         pad_t = torch.tensor(pads, device=device)[:, None]
         cache.key_mask = torch.arange(Lp, device=device)[None, :] >= pad_t
-    inp = torch.zeros(P * G, C, dtype=torch.long, device=device)
-    tgt = torch.full((P * G, C), -1, dtype=torch.long, device=device)
+    # the rows are built on the host and copied once (not a copy per row): the input is the prompt's last token and
+    # the completion but its last token, the target the completion, padded with 0 and -1 to C
+    inp_rows, tgt_rows = [], []
     for r, comp in enumerate(completions):
         row = [prompts[r // G][-1], *comp[:-1]]
-        inp[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        tgt[r, : len(comp)] = torch.tensor(comp, dtype=torch.long)
+        inp_rows.append(row + [0] * (C - len(row)))
+        tgt_rows.append(list(comp) + [-1] * (C - len(comp)))
+    inp, tgt = to_device(inp_rows, torch.long, device), to_device(tgt_rows, torch.long, device)
     with autocast(device, dtype):
         model(prefix, kv_cache=cache, logits="none")  # fills the cache
         if cache.key_mask is not None:
@@ -233,9 +240,13 @@ def update_rows(ctx: Context, longest: int) -> int:
     from nanorl.model.counts import count_params, rows_that_fit
 
     rcfg, mcfg = ctx.cfg.rl, ctx.cfg.model
+    # the ranks decide together (an error on one rank alone would leave the others waiting in their next
+    # collective): the step's longest row over every rank, and the fewest rows that fit any rank's GPU
+    longest = int(max_over_ranks(longest)[0])
     memory = torch.cuda.get_device_properties(ctx.device).total_memory
     reference = 4 * count_params(mcfg)["total"] if rcfg.beta > 0 or rcfg.kl_every else 0
     fit = rows_that_fit(mcfg, memory, seq_len=min(longest, mcfg.seq_len), reserved=reference)
+    fit = int(min_over_ranks(fit)[0])
     if fit < rcfg.group_size:  # a prompt's G rows go through together (they share its keys and values)
         raise NanorlError(
             f"rl: a group of {rcfg.group_size} completions of {longest} tokens (prompt and rl.max_new_tokens) does"
@@ -382,6 +393,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from nanorl import checkpoint as ckpt
 
     cfg, rcfg, task = ctx.cfg, ctx.cfg.rl, ctx.task
+    check_training_dtype(ctx.dtype, "rl")
     tok = ctx.tokenizer()
     rewards = resolve_rewards(cfg, task)
     train = ctx.examples("train")
@@ -467,9 +479,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 rows = [i * G + j for i in chunk for j in range(G)]
                 comps = [completions[k] for k in rows]
                 C = max(1, max(len(c) for c in comps))
-                mask = torch.zeros(len(rows), C, device=ctx.device)
-                for k, row in enumerate(rows):
-                    mask[k, : len(masks[row])] = torch.tensor(masks[row])
+                mask = to_device([masks[r] + [0.0] * (C - len(masks[r])) for r in rows], torch.float32, ctx.device)
                 loss, st, logp = policy_gradient(
                     model, [prompt_ids[i] for i in chunk], comps, adv.view(-1)[rows].to(ctx.device), mask,
                     max(n_tokens, 1.0), ctx.device, ctx.dtype, rcfg.epsilon, rcfg.beta, old.get(ci),
@@ -513,6 +523,8 @@ def run(ctx: Context) -> dict[str, Any]:
         avg = all_reduce_mean(torch.tensor([float(last[k]) for k in means], device=ctx.device)).tolist()
         last.update(zip(means, avg, strict=True))
         last["signal_groups"] *= ctx.world_size
+        if is_distributed():  # the loss logged (and checked at the end) is the mean over ranks, the same on each
+            last["loss"] = float(all_reduce_mean(torch.tensor(last["loss"], dtype=torch.float64, device=ctx.device)))
         if rcfg.kl_every and done % rcfg.kl_every == 0:
             # the hooks see the step's first batch as sampled: the policy's rollouts, not a selection of them
             ro = sampled[0]
@@ -536,6 +548,6 @@ def run(ctx: Context) -> dict[str, Any]:
     ctx.save("rl", model, None, {"step": steps, "batches": batches})
     summary = {**last, "steps": steps, "seconds": time.time() - t_stage}
     ctx.bus.stage_end(info, summary)
-    if not math.isfinite(summary.get("loss", 0.0)):
+    if not math.isfinite(summary.get("loss", 0.0)):  # the mean over ranks: every rank raises, or none
         raise NanorlError("rl: the loss is not finite", hint="lower rl.lr")
     return summary

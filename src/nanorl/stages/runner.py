@@ -12,7 +12,9 @@ With `checkpoint.store` the run folder is mirrored to the store at the start and
 (`Context.mirror_run`; checkpoints go as they are saved), so a run survives the loss of its machine.
 
 Distributed: under torchrun every rank runs the same stages (the data is sharded per rank); rank 0 writes files.
-The tokenizer stage runs on rank 0 while the other ranks wait at a barrier.
+The tokenizer stage runs on rank 0 while the other ranks wait at a barrier. The process group is destroyed at
+exit once the pipeline finished (nanorl.device.dist_finished); after an error the process just exits, and
+torchrun stops the other ranks.
 """
 
 from __future__ import annotations
@@ -76,12 +78,13 @@ def make_context(cfg: RunConfig, stop_after=None, init_from=None, console=None, 
     """The context of run `cfg.name`, in $NANORL_HOME/runs/<name> or `folder` (a run folder elsewhere: eval)."""
     import torch
 
-    from nanorl.device import compute_dtype, dist_setup, keep_freed_memory, resolve_device
+    from nanorl.device import compute_dtype, dist_setup, keep_freed_memory, resolve_device, use_device
     from nanorl.plugins import get_plugins
     from nanorl.telemetry import Telemetry
 
-    rank, local_rank, world = dist_setup()
     device = resolve_device(cfg.device)
+    use_device(device)  # the current CUDA device: Triton launches its kernels there, not on their tensors' device
+    rank, local_rank, world = dist_setup(device)  # the backend follows the device (nccl for CUDA, gloo for the CPU)
     if device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same on every rank: the model's init must agree across ranks
@@ -128,7 +131,7 @@ def run_pipeline(
     console=None,
 ) -> dict[str, Any]:
     """Run the pipeline (or part of it); returns {stage: summary or "skipped"}."""
-    from nanorl.device import barrier
+    from nanorl.device import barrier, dist_finished
 
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in STAGES:
@@ -139,6 +142,7 @@ def run_pipeline(
             raise NanorlError(f"--steps {stage}={n}: only base, mid, sft and rl have steps", exit_code=2)
         section.steps = int(n)
     check_run_config(cfg)
+    dist_finished(False)  # until the stages below finish, an exit (an error) does not wait on the other ranks
     ctx = make_context(cfg, stop_after, init_from, console)
     if ctx.rank == 0:
         write_run_config(cfg)
@@ -177,4 +181,5 @@ def run_pipeline(
             barrier()
     finally:
         ctx.bus.close()
+    dist_finished()  # every stage finished on every rank: the process group is left cleanly at exit
     return results
