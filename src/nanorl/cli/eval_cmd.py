@@ -193,6 +193,9 @@ def register(app: typer.Typer) -> None:
                     res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir, compile_,
                     sampling, progress,
                 )  # fmt: skip
+        from nanorl.device import dist_finished
+
+        dist_finished()  # (under torchrun) every rank got here: the process group is left cleanly at exit
         # a run pulled from a store for this command lives in a temporary folder: its file would not be kept
         kept = not checkpoint.startswith("s3://")
         out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split}-{stage_dir.name}.json"

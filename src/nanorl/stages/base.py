@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nanorl.device import all_reduce_mean, autocast
-from nanorl.stages.common import Context, micro_batch, train_supervised
+from nanorl.stages.common import Context, micro_batch, prepare_loader, train_supervised
 
 # batches of validation (per rank) behind each val_bpb figure: ~40k tokens at the tiny shape, enough for a
 # stable figure at a small fraction of the stage's time
@@ -114,6 +114,7 @@ def _val_fn(ctx: Context, B: int, T: int):
             corpus, ctx.tokenizer(), B, T, seed=0, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
             shuffle=False,
         )  # fmt: skip
+        prepare_loader(loader)  # a rank whose share of a small dev corpus has no row raises with every other rank
         nats = torch.zeros((), device=ctx.device, dtype=torch.float64)
         nbytes = torch.zeros((), device=ctx.device, dtype=torch.float64)
         for _ in range(VAL_BATCHES):
