@@ -26,8 +26,12 @@ def parse_steps(items: list[str] | None) -> dict[str, int]:
     out = {}
     for item in items or []:
         stage, sep, n = item.partition("=")
-        if not sep or not n.strip().lstrip("-").isdigit():
-            raise NanorlError(f"--steps {item!r} is not STAGE=N", hint="e.g. --steps base=200", exit_code=2)
+        if not sep or not stage.strip() or not n.strip().isdigit():
+            raise NanorlError(
+                f"--steps {item!r} is not STAGE=N with N a whole number >= 0",
+                hint="e.g. --steps base=200 (a stage's own budget rule again: STAGE.steps=-1)",
+                exit_code=2,
+            )
         out[stage.strip()] = int(n)
     return out
 

@@ -63,21 +63,21 @@ def register(app: typer.Typer) -> None:
         checkpoint: str = typer.Option(
             None, "--checkpoint", help="Start from this checkpoint (run name, RUN/STAGE, folder or s3:// URL)."
         ),
-        steps: int = typer.Option(None, "--steps", help="Steps of this stage."),
+        steps: int = typer.Option(None, "--steps", min=0, help="Steps of this stage."),
         overrides: list[str] = OverridesArg,
         as_json: bool = typer.Option(False, "--json", help="Print the stage summary as JSON."),
     ) -> None:
         """Run one training stage of an existing run (afresh), e.g. more RL from the SFT model."""
         from nanorl.api import NanorlError
-        from nanorl.config import from_toml_file, run_dir, set_value
-        from nanorl.stages.runner import run_pipeline
+        from nanorl.config import run_dir, set_value
+        from nanorl.stages.runner import read_run_config, run_pipeline
 
         if stage not in ("base", "mid", "sft", "rl"):
             raise NanorlError(f"cannot train stage {stage!r}", hint="base, mid, sft or rl", exit_code=2)
         toml = run_dir(run) / "run.toml"
         if not toml.is_file():
             raise NanorlError(f"no run named {run!r} ({toml} is missing)", hint="start one with nanorl pipeline")
-        cfg = from_toml_file(toml)
+        cfg = read_run_config(toml)
         from nanorl.config import parse_overrides, validate
 
         for k, v in parse_overrides(overrides or []):

@@ -5,6 +5,7 @@
 - `from_stage`: run that stage and every later one afresh (their DONE markers and checkpoints are removed).
 - `only`: run just that stage (afresh); the stages it needs must have finished.
 - `steps`: {stage: N} sets that stage's step count (a shorter run, same schedule shape).
+- Before anything is written or deleted, the config (with `steps`) is validated.
 - The resolved config is written to run.toml. A re-run whose model section differs from the run.toml on disk is
   refused (its checkpoints would not fit); anything else may change between runs (more steps, other eval).
 
@@ -26,7 +27,7 @@ from typing import Any
 
 from nanorl import checkpoint as ckpt
 from nanorl.api import NanorlError
-from nanorl.config import RunConfig, config_hash, from_toml_file, run_dir, write_run_config
+from nanorl.config import RunConfig, config_hash, from_toml_file, run_dir, validate, write_run_config
 from nanorl.stages.common import STAGES, Context
 
 
@@ -97,6 +98,17 @@ def make_context(cfg: RunConfig, stop_after=None, init_from=None, console=None, 
     )  # fmt: skip
 
 
+def read_run_config(path: Path) -> RunConfig:
+    """A run folder's run.toml (`nanorl.config.from_toml_file`); an error in it names the file."""
+    try:
+        return from_toml_file(path)
+    except NanorlError as e:
+        if str(path) in e.message:
+            raise
+        hint = f"correct the value in {path}" + (f" ({e.hint})" if e.hint else "")
+        raise NanorlError(f"{path}: {e.message}", hint=hint, exit_code=e.exit_code) from None
+
+
 def check_run_config(cfg: RunConfig) -> None:
     """Refuse to reuse a run folder whose checkpoints were made for another model or task."""
     path = run_dir(cfg.name) / "run.toml"
@@ -141,13 +153,8 @@ def run_pipeline(
         if section is None:
             raise NanorlError(f"--steps {stage}={n}: only base, mid, sft and rl have steps", exit_code=2)
         section.steps = int(n)
+    validate(cfg)  # the steps above included: nothing invalid reaches run.toml
     check_run_config(cfg)
-    dist_finished(False)  # until the stages below finish, an exit (an error) does not wait on the other ranks
-    ctx = make_context(cfg, stop_after, init_from, console)
-    if ctx.rank == 0:
-        write_run_config(cfg)
-        ctx.mirror_run()
-    barrier()
     if only:
         todo = [only]
     elif from_stage:
@@ -155,6 +162,12 @@ def run_pipeline(
     else:
         todo = list(STAGES)
     fresh = set(todo) if (only or from_stage) else set()
+    dist_finished(False)  # until the stages below finish, an exit (an error) does not wait on the other ranks
+    ctx = make_context(cfg, stop_after, init_from, console)
+    if ctx.rank == 0:
+        write_run_config(cfg)
+        ctx.mirror_run()
+    barrier()
     results: dict[str, Any] = {}
     try:
         for stage in todo:

@@ -1,0 +1,106 @@
+"""The pipeline runner and the commands around it (pipeline, train, eval) as a user meets them: input checked
+before anything is written, deleted or computed, and errors that say where they come from."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanorl import checkpoint as ckpt
+from nanorl.api import NanorlError
+from nanorl.config import resolve, run_dir, write_run_config
+from nanorl.stages.runner import run_pipeline
+
+# a model and an eval small enough that the tokenizer trains and the eval of two questions runs in seconds
+TINY = [
+    "model.depth=1",
+    "model.n_embd=32",
+    "model.n_head=1",
+    "model.seq_len=128",
+    "tokenizer.train_chars=20000",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=8",
+    "eval.samples=0",
+    "eval.mode=generative",
+    "telemetry.console=false",
+]
+
+
+def _cfg(name: str, *extra: str):
+    return resolve(preset="tiny", overrides=[*TINY, f"name={name}", *extra])
+
+
+def _fake_run(name: str, *extra: str):
+    """A run whose tokenizer is trained and whose model stages hold untrained checkpoints, all marked DONE."""
+    from nanorl.stages.common import MODEL_STAGES
+    from nanorl.stages.runner import make_context
+
+    cfg = _cfg(name, *extra)
+    run_pipeline(cfg, only="tokenizer")
+    ctx = make_context(cfg)
+    for stage in MODEL_STAGES:
+        ctx.save(stage, ctx.new_model(), None, {"step": 0})
+        ckpt.mark_done(ctx.stage_dir(stage))
+    ctx.bus.close()
+    return cfg
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process: (exit code, stdout, stderr as one line of single spaces)."""
+    from nanorl.cli import main, ui
+
+    widths = ui.console.width, ui.err_console.width
+    ui.console.width = ui.err_console.width = 1000  # no line wrapped inside a path
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        ui.console.width, ui.err_console.width = widths
+    out = capsys.readouterr()
+    return code, out.out, " ".join(out.err.split())
+
+
+def _snapshot(name: str) -> dict[str, bytes]:
+    d = run_dir(name)
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# ---- steps and run.toml -------------------------------------------------------------------------------------
+def test_negative_steps_are_refused_before_run_toml_is_written(capsys):
+    from nanorl.cli.pipeline_cmd import parse_steps
+
+    assert parse_steps(["base=200", " rl = 5", "sft=0"]) == {"base": 200, "rl": 5, "sft": 0}
+    for bad in ("rl=-5", "rl=-1", "rl=x", "rl=", "=3", "rl", "rl=1.5"):
+        with pytest.raises(NanorlError, match="whole number >= 0") as err:
+            parse_steps([bad])
+        assert err.value.exit_code == 2
+
+    # the runner validates the config with its steps before it writes run.toml
+    write_run_config(_cfg("neg"))
+    before = _snapshot("neg")
+    with pytest.raises(NanorlError, match=r"rl\.steps: -5 must be >= -1"):
+        run_pipeline(_cfg("neg"), only="report", steps={"rl": -5})
+    assert _snapshot("neg") == before
+
+    code, _, err = _main(
+        capsys, "pipeline", "--task", "arith", "--preset", "tiny", "--name", "neg2", "--steps", "rl=-5"
+    )
+    assert code == 2 and "'rl=-5'" in err and not run_dir("neg2").exists()
+    code, _, err = _main(capsys, "train", "rl", "--run", "neg", "--steps", "-3")
+    assert code == 2 and "--steps" in err
+    assert _snapshot("neg") == before
+
+
+def test_an_invalid_run_toml_is_named_in_the_error(capsys):
+    from nanorl.stages.runner import read_run_config
+
+    cfg = _cfg("badtoml")
+    cfg.rl.steps = -5  # as an older nanorl wrote it
+    write_run_config(cfg)
+    toml = run_dir("badtoml") / "run.toml"
+    with pytest.raises(NanorlError, match="rl.steps") as err:
+        read_run_config(toml)
+    assert str(toml) in err.value.message and str(toml) in err.value.hint
+    code, _, err = _main(capsys, "train", "rl", "--run", "badtoml", "--steps", "1")
+    assert code == 2 and f"{toml}: invalid value for rl.steps: -5" in err
