@@ -3,6 +3,8 @@ before anything is written, deleted or computed, and errors that say where they 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nanorl import checkpoint as ckpt
@@ -104,3 +106,58 @@ def test_an_invalid_run_toml_is_named_in_the_error(capsys):
     assert str(toml) in err.value.message and str(toml) in err.value.hint
     code, _, err = _main(capsys, "train", "rl", "--run", "badtoml", "--steps", "1")
     assert code == 2 and f"{toml}: invalid value for rl.steps: -5" in err
+
+
+# ---- the inputs, checked before anything is written or deleted ----------------------------------------------
+def test_a_typo_fails_before_a_finished_stage_is_removed(capsys):
+    _fake_run("typo")
+    before = _snapshot("typo")
+    bad = "rl.rewards=nosuch.reward:1"
+    with pytest.raises(NanorlError, match="unknown reward 'nosuch.reward'"):
+        run_pipeline(_cfg("typo", bad), only="rl")
+    with pytest.raises(NanorlError, match="unknown reward 'nosuch.reward'"):
+        run_pipeline(_cfg("typo", bad), from_stage="rl")
+    assert _snapshot("typo") == before  # rl/ and run.toml as they were
+    code, _, err = _main(capsys, "train", "rl", "--run", "typo", "--steps", "1", bad)
+    assert code == 2 and "unknown reward" in err
+    assert _snapshot("typo") == before
+
+
+def test_a_stage_whose_inputs_never_ran_fails_before_anything_is_written():
+    with pytest.raises(NanorlError, match="needs the tokenizer"):
+        run_pipeline(_cfg("fresh"), only="base")
+    with pytest.raises(NanorlError, match="needs the tokenizer"):
+        run_pipeline(_cfg("fresh"), from_stage="sft")
+    assert not run_dir("fresh").exists()
+    run_pipeline(_cfg("fresh"), only="tokenizer")
+    with pytest.raises(NanorlError, match="stage sft needs a trained model"):
+        run_pipeline(_cfg("fresh"), only="sft")
+
+
+def test_missing_data_fails_before_the_first_stage(tmp_path):
+    # the aqua task from a folder without its train split, pretrained on a text file: mid would fail, after the
+    # tokenizer and base had run
+    pytest.importorskip("nanorl_aqua")
+    row = {"question": "1+1?", "options": ["A)1", "B)2", "C)3", "D)4", "E)5"], "rationale": "2", "correct": "B"}
+    (tmp_path / "dev.json").write_text((json.dumps(row) + "\n") * 4)
+    text = tmp_path / "corpus.jsonl"
+    text.write_text("".join(json.dumps({"text": f"document {i}: " + "one two three " * 60}) + "\n" for i in range(40)))
+    aqua = [*TINY, "task=aqua", f"data.data_dir={tmp_path}", "name=aq", "steps=1", "base.device_batch_size=2"]
+    with pytest.raises(NanorlError, match="train.json"):
+        run_pipeline(resolve(preset="tiny", overrides=[*aqua, f"data.corpus={text}"]))
+    assert not run_dir("aq").exists()
+    # a corpus that is not there: before the tokenizer, too
+    with pytest.raises(NanorlError, match="no corpus files"):
+        run_pipeline(resolve(preset="tiny", overrides=[*aqua, f"data.corpus={tmp_path / 'nope.jsonl'}"]))
+    assert not run_dir("aq").exists()
+
+
+def test_an_unknown_task_leaves_no_run_folder():
+    from nanorl.stages.runner import make_context
+
+    cfg = _cfg("bad1", "task=nosuch")
+    with pytest.raises(NanorlError, match="unknown task 'nosuch'"):
+        run_pipeline(cfg)
+    with pytest.raises(NanorlError, match="unknown task 'nosuch'"):
+        make_context(cfg)
+    assert not run_dir("bad1").exists()

@@ -2,10 +2,13 @@
 
 - A stage whose folder has a `DONE` marker is skipped on a re-run; one without it resumes from its last
   checkpoint (the stages themselves look for it).
-- `from_stage`: run that stage and every later one afresh (their DONE markers and checkpoints are removed).
+- `from_stage`: run that stage and every later one afresh (their DONE markers and checkpoints are removed; of
+  eval only its DONE marker: the stage rewrites its own files, and those `nanorl eval` wrote there stay).
 - `only`: run just that stage (afresh); the stages it needs must have finished.
 - `steps`: {stage: N} sets that stage's step count (a shorter run, same schedule shape).
-- Before anything is written or deleted, the config (with `steps`) is validated.
+- Before anything is written or deleted, the config (with `steps`) is validated and the inputs of the stages
+  about to run are checked (`preflight`): the task, the rewards (rl), the task's data, and the stages they
+  need; a typo fails there, not after a finished stage has been removed.
 - The resolved config is written to run.toml. A re-run whose model section differs from the run.toml on disk is
   refused (its checkpoints would not fit); anything else may change between runs (more steps, other eval).
 
@@ -26,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from nanorl import checkpoint as ckpt
-from nanorl.api import NanorlError
+from nanorl.api import Example, NanorlError, Task
 from nanorl.config import RunConfig, config_hash, from_toml_file, run_dir, validate, write_run_config
-from nanorl.stages.common import STAGES, Context
+from nanorl.stages.common import MODEL_STAGES, STAGES, Context
 
 
 def run_tokenizer(ctx: Context) -> dict[str, Any]:
@@ -75,14 +78,19 @@ def _stage_fn(stage: str):
     return importlib.import_module(f"nanorl.stages.{stage}").run
 
 
-def make_context(cfg: RunConfig, stop_after=None, init_from=None, console=None, folder: Path | None = None) -> Context:
-    """The context of run `cfg.name`, in $NANORL_HOME/runs/<name> or `folder` (a run folder elsewhere: eval)."""
+def make_context(
+    cfg: RunConfig, stop_after=None, init_from=None, console=None, folder: Path | None = None, task: Task | None = None
+) -> Context:
+    """The context of run `cfg.name`, in $NANORL_HOME/runs/<name> or `folder` (a run folder elsewhere: eval);
+    `task`: the run's task when the caller looked it up already."""
     import torch
 
     from nanorl.device import compute_dtype, dist_setup, keep_freed_memory, resolve_device, use_device
     from nanorl.plugins import get_plugins
     from nanorl.telemetry import Telemetry
 
+    # the task first: an unknown one is an error before the telemetry creates the run folder (metrics.jsonl)
+    task = task or get_plugins().task(cfg.task)
     device = resolve_device(cfg.device)
     use_device(device)  # the current CUDA device: Triton launches its kernels there, not on their tensors' device
     rank, local_rank, world = dist_setup(device)  # the backend follows the device (nccl for CUDA, gloo for the CPU)
@@ -93,7 +101,7 @@ def make_context(cfg: RunConfig, stop_after=None, init_from=None, console=None, 
     bus = Telemetry(d, cfg, rank=rank, console=console)
     return Context(
         cfg=cfg, run_dir=d, device=device, dtype=compute_dtype(device, cfg.dtype), bus=bus,
-        task=get_plugins().task(cfg.task), rank=rank, local_rank=local_rank, world_size=world,
+        task=task, rank=rank, local_rank=local_rank, world_size=world,
         stop_after=dict(stop_after or {}), init_from=dict(init_from or {}),
     )  # fmt: skip
 
@@ -126,10 +134,73 @@ def check_run_config(cfg: RunConfig) -> None:
         )
 
 
+def stages_to_run(d: Path, todo: list[str], fresh: set[str]) -> list[str]:
+    """The stages of `todo` that will run: the fresh ones, those without DONE, and the report (always)."""
+    return [s for s in todo if s in fresh or s == "report" or not ckpt.is_done(d / s)]
+
+
+def preflight(
+    cfg: RunConfig, stages: list[str], init_from: dict[str, Path] | None = None
+) -> tuple[Task, dict[str, list[Example]]]:
+    """Check what `stages` (the stages about to run) need, before anything is written or deleted: the task; the
+    corpus (tokenizer, base: that it exists); the rewards (rl); the task's data (the train split for mid, sft and
+    rl, dev for sft's validation, the eval splits for eval) and `data.chat` (mid); and the stages they start from
+    (the tokenizer, an earlier model stage), finished or about to run. Returns the task and the examples loaded
+    (for the Context's cache)."""
+    from nanorl.plugins import get_plugins
+
+    task = get_plugins().task(cfg.task)
+    if "tokenizer" in stages or "base" in stages:
+        from nanorl.data import open_corpus
+
+        open_corpus(cfg.data.corpus, task=task, skip_bad=cfg.data.skip_bad)  # the files are read later, lazily
+    if "rl" in stages:
+        from nanorl.stages import rl
+
+        rl.resolve_rewards(cfg, task)
+    splits = []
+    if set(stages) & {"mid", "sft", "rl"}:
+        splits.append("train")
+    if "sft" in stages:
+        splits.append("dev")
+    if "eval" in stages:
+        splits += cfg.eval.splits
+    data = {split: task.load(split, cfg.data.data_dir or None) for split in dict.fromkeys(splits)}
+    if "mid" in stages and cfg.data.chat and not Path(cfg.data.chat).expanduser().is_file():
+        raise NanorlError(
+            f"chat data {cfg.data.chat} not found", hint='data.chat names a .jsonl of {"messages": [...]}'
+        )
+
+    d = run_dir(cfg.name)
+    ready = {s for s in STAGES if s in stages or ckpt.is_done(d / s)}
+    needs_tokenizer = [s for s in stages if s not in ("tokenizer", "report")]
+    if needs_tokenizer and "tokenizer" not in ready:
+        raise NanorlError(
+            f"stage {needs_tokenizer[0]} needs the tokenizer, and run {cfg.name} has none finished",
+            hint="run the pipeline from the start (without --only or --from)",
+            exit_code=2,
+        )
+    for stage in stages:
+        if stage not in ("mid", "sft", "rl", "eval") or stage in (init_from or {}):
+            continue
+        earlier = MODEL_STAGES[: MODEL_STAGES.index(stage)] if stage in MODEL_STAGES else MODEL_STAGES
+        if not ready & set(earlier):
+            raise NanorlError(
+                f"stage {stage} needs a trained model, and no earlier stage of run {cfg.name} has finished",
+                hint="run the pipeline from the start (nanorl pipeline ...) or give --checkpoint",
+                exit_code=2,
+            )
+    return task, data
+
+
 def clear_stage(ctx: Context, stage: str) -> None:
+    """Remove a stage's output before it runs afresh; of eval only its DONE marker (the stage rewrites its own
+    files; others there, such as `nanorl eval`'s, stay)."""
     if ctx.rank == 0:
         d = ctx.stage_dir(stage)
-        if d.is_dir():
+        if stage == "eval":
+            (d / ckpt.DONE_FILE).unlink(missing_ok=True)
+        elif d.is_dir():
             shutil.rmtree(d)
 
 
@@ -162,8 +233,11 @@ def run_pipeline(
     else:
         todo = list(STAGES)
     fresh = set(todo) if (only or from_stage) else set()
+    to_run = stages_to_run(run_dir(cfg.name), todo, fresh)
+    task, data = preflight(cfg, to_run, init_from)
     dist_finished(False)  # until the stages below finish, an exit (an error) does not wait on the other ranks
-    ctx = make_context(cfg, stop_after, init_from, console)
+    ctx = make_context(cfg, stop_after, init_from, console, task=task)
+    ctx._data_cache.update(data)
     if ctx.rank == 0:
         write_run_config(cfg)
         ctx.mirror_run()
