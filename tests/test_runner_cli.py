@@ -3,9 +3,12 @@ before anything is written, deleted or computed, and errors that say where they 
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 
 import pytest
+from rich.console import Console
 
 from nanorl import checkpoint as ckpt
 from nanorl.api import NanorlError
@@ -161,3 +164,66 @@ def test_an_unknown_task_leaves_no_run_folder():
     with pytest.raises(NanorlError, match="unknown task 'nosuch'"):
         make_context(cfg)
     assert not run_dir("bad1").exists()
+
+
+# ---- the model's size ---------------------------------------------------------------------------------------
+def test_a_pipeline_needs_a_size(capsys):
+    from nanorl.cli.pipeline_cmd import require_size
+
+    code, _, err = _main(capsys, "pipeline")
+    assert code == 2 and "--preset tiny on a CPU, --depth 8 on a GPU" in err
+    assert not (run_dir("arith-d8")).exists()
+    require_size("tiny", None, None, [])
+    require_size(None, 8, None, [])
+    require_size(None, None, "recipe.toml", [])
+    for given in ("depth=4", "model.depth=4", "preset=tiny"):
+        require_size(None, None, None, [given])
+
+
+def test_a_gpu_sized_model_on_the_cpu_is_warned_about(monkeypatch):
+    from nanorl.stages import runner
+
+    monkeypatch.setattr(runner, "_stage_fn", lambda stage: lambda ctx: {})  # no training: what is printed first
+    for name, cfg, warned in (
+        ("d8", resolve(overrides=["device=cpu", "name=d8", "telemetry.console=false"]), True),
+        ("small", _cfg("small", "device=cpu"), False),
+    ):
+        ckpt.mark_done(run_dir(name) / "tokenizer")
+        out = io.StringIO()
+        run_pipeline(cfg, only="base", console=Console(file=out, width=300))
+        text = out.getvalue()
+        assert ("depth-8 model with 524,288-token steps is sized for a GPU" in text) == warned, text
+
+
+# ---- --only, --from, the report -----------------------------------------------------------------------------
+def test_only_and_from_together_are_refused():
+    with pytest.raises(NanorlError, match="together") as err:
+        run_pipeline(_cfg("both"), only="eval", from_stage="rl")
+    assert err.value.exit_code == 2 and not run_dir("both").exists()
+
+
+def test_only_eval_keeps_the_other_eval_files_and_rebuilds_the_report():
+    _fake_run("ev")
+    first = run_pipeline(_cfg("ev"), only="eval")
+    assert list(first) == ["eval", "report"]  # the report shows the new evaluation
+    evdir = run_dir("ev") / "eval"
+    # a file `nanorl eval --split test --checkpoint ev/sft` wrote: not the eval stage's to remove
+    shutil.copy(evdir / "arith-dev-sft.json", evdir / "arith-test-sft.json")
+    (run_dir("ev") / "report.md").unlink()
+    run_pipeline(_cfg("ev"), only="eval")
+    assert (evdir / "arith-test-sft.json").is_file() and ckpt.is_done(evdir)
+    assert (run_dir("ev") / "report.md").is_file()
+    run_pipeline(_cfg("ev"), from_stage="eval")
+    assert (evdir / "arith-test-sft.json").is_file()
+
+
+def test_the_report_line_is_printed_only_when_there_is_a_report(monkeypatch, tmp_path):
+    from nanorl.cli import pipeline_cmd
+
+    out = io.StringIO()
+    monkeypatch.setattr(pipeline_cmd, "console", Console(file=out, width=300))
+    pipeline_cmd.show_results({"tokenizer": {"vocab_size": 500, "wall_s": 1.0}}, tmp_path)
+    assert "report:" not in out.getvalue()
+    (tmp_path / "report.md").write_text("# run\n")
+    pipeline_cmd.show_results({"report": {"wall_s": 0.0}}, tmp_path)
+    assert f"report: {tmp_path / 'report.md'}" in out.getvalue()

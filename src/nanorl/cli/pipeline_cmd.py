@@ -36,6 +36,19 @@ def parse_steps(items: list[str] | None) -> dict[str, int]:
     return out
 
 
+def require_size(preset, depth, config, overrides) -> None:
+    """A pipeline names its model's size: without one the defaults would train a depth-8 (GPU-sized) model."""
+    from nanorl.api import NanorlError
+
+    keys = {item.partition("=")[0].strip() for item in overrides or []}
+    if preset is None and depth is None and config is None and not keys & {"preset", "depth", "model.depth"}:
+        raise NanorlError(
+            "give the model's size: --preset, --depth or --config",
+            hint="--preset tiny on a CPU, --depth 8 on a GPU",
+            exit_code=2,
+        )
+
+
 def show_results(results: dict, run_dir: Path) -> None:
     from rich.table import Table
 
@@ -51,7 +64,8 @@ def show_results(results: dict, run_dir: Path) -> None:
         shown = ", ".join(f"{k} {res[k]:.4g}" for k in keys)
         table.add_row(stage, "[green]done[/]", f"{res.get('wall_s', 0):.0f}", shown)
     console.print(table)
-    console.print(f"[dim]report: {run_dir / 'report.md'}[/]")
+    if (run_dir / "report.md").is_file():
+        console.print(f"[dim]report: {run_dir / 'report.md'}[/]")
 
 
 def register(app: typer.Typer) -> None:
@@ -77,6 +91,7 @@ def register(app: typer.Typer) -> None:
         from nanorl.config import run_dir
         from nanorl.stages.runner import run_pipeline
 
+        require_size(preset, depth, config, overrides)
         if kl_every is not None:
             overrides = [*(overrides or []), f"rl.kl_every={kl_every}"]
         cfg = build_config(preset, depth, config, task, name, overrides, data_dir=data_dir)

@@ -4,7 +4,8 @@
   checkpoint (the stages themselves look for it).
 - `from_stage`: run that stage and every later one afresh (their DONE markers and checkpoints are removed; of
   eval only its DONE marker: the stage rewrites its own files, and those `nanorl eval` wrote there stay).
-- `only`: run just that stage (afresh); the stages it needs must have finished.
+- `only`: run just that stage (afresh); the stages it needs must have finished. `only="eval"` rebuilds the
+  report after it.
 - `steps`: {stage: N} sets that stage's step count (a shorter run, same schedule shape).
 - Before anything is written or deleted, the config (with `steps`) is validated and the inputs of the stages
   about to run are checked (`preflight`): the task, the rewards (rl), the task's data, and the stages they
@@ -193,6 +194,19 @@ def preflight(
     return task, data
 
 
+def warn_if_sized_for_a_gpu(ctx: Context) -> None:
+    """A depth >= 8 model with the default (GPU-sized) steps on the CPU: say so (a user may mean it)."""
+    cfg = ctx.cfg
+    tokens = cfg.base.total_batch_tokens
+    if ctx.device.type != "cpu" or cfg.model.depth < 8 or tokens != RunConfig().base.total_batch_tokens:
+        return
+    ctx.bus.console.print(
+        f"[yellow]warning:[/] a depth-{cfg.model.depth} model with {tokens:,}-token steps is sized for a GPU, and"
+        " this run is on the CPU: a step takes minutes and the run days (a CPU run: --preset tiny)",
+        highlight=False,
+    )
+
+
 def clear_stage(ctx: Context, stage: str) -> None:
     """Remove a stage's output before it runs afresh; of eval only its DONE marker (the stage rewrites its own
     files; others there, such as `nanorl eval`'s, stay)."""
@@ -219,6 +233,12 @@ def run_pipeline(
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in STAGES:
             raise NanorlError(f"{name} {value!r} is not a stage ({', '.join(STAGES)})", exit_code=2)
+    if from_stage and only:
+        raise NanorlError(
+            f"--only {only} and --from {from_stage} together: give one",
+            hint="--only STAGE runs that stage alone; --from STAGE runs it and every later one",
+            exit_code=2,
+        )
     for stage, n in (steps or {}).items():
         section = getattr(cfg, stage, None) if stage in ("base", "mid", "sft", "rl") else None
         if section is None:
@@ -227,18 +247,20 @@ def run_pipeline(
     validate(cfg)  # the steps above included: nothing invalid reaches run.toml
     check_run_config(cfg)
     if only:
-        todo = [only]
+        todo = [only] + (["report"] if only == "eval" else [])  # the report shows the new evaluation
     elif from_stage:
         todo = list(STAGES[STAGES.index(from_stage) :])
     else:
         todo = list(STAGES)
-    fresh = set(todo) if (only or from_stage) else set()
+    fresh = {only} if only else set(todo) if from_stage else set()
     to_run = stages_to_run(run_dir(cfg.name), todo, fresh)
     task, data = preflight(cfg, to_run, init_from)
     dist_finished(False)  # until the stages below finish, an exit (an error) does not wait on the other ranks
     ctx = make_context(cfg, stop_after, init_from, console, task=task)
     ctx._data_cache.update(data)
     if ctx.rank == 0:
+        if set(to_run) & set(MODEL_STAGES):
+            warn_if_sized_for_a_gpu(ctx)
         write_run_config(cfg)
         ctx.mirror_run()
     barrier()
