@@ -227,3 +227,30 @@ def test_the_report_line_is_printed_only_when_there_is_a_report(monkeypatch, tmp
     (tmp_path / "report.md").write_text("# run\n")
     pipeline_cmd.show_results({"report": {"wall_s": 0.0}}, tmp_path)
     assert f"report: {tmp_path / 'report.md'}" in out.getvalue()
+
+
+# ---- eval and train arguments -------------------------------------------------------------------------------
+def test_eval_finds_the_compare_checkpoint_before_evaluating(monkeypatch, capsys):
+    from nanorl.stages import eval as ev
+
+    _fake_run("cmp")
+    calls = []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("evaluated")
+
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    code, _, err = _main(capsys, "eval", "--checkpoint", "cmp", "--compare", "nosuch")
+    assert (code, calls) == (2, []) and "no checkpoint at 'nosuch'" in err
+
+
+def test_bad_eval_and_train_arguments_exit_2(capsys):
+    code, _, err = _main(capsys, "eval", "--checkpoint", "x", "--max-examples", "-5")
+    assert code == 2 and "--max-examples" in err
+    code, _, err = _main(capsys, "eval", "--checkpoint", "x", "--split", "bogus")
+    assert code == 2 and "--split 'bogus': dev, validation, test or train" in err
+    code, _, err = _main(capsys, "eval", "--checkpoint", "nosuch")
+    assert code == 2 and "no checkpoint at 'nosuch'" in err
+    code, _, err = _main(capsys, "train", "rl", "--run", "nosuch")
+    assert code == 2 and "no run named 'nosuch'" in err

@@ -46,17 +46,12 @@ def eval_progress(disable: bool):
         yield for_checkpoint
 
 
-def load_for_eval(
-    checkpoint: str, task: str | None, data_dir: str | None = None, compile_: bool | None = None,
-    eval_overrides: dict | None = None,
-):  # fmt: skip
-    """(context, model, stage folder) for a checkpoint: a run name, a stage folder, or an s3:// URL (downloaded
-    into a temporary folder that lives until the process exits: the run's tokenizer is read from it later).
-    `compile_` (not None) overrides the run's engine.compile; `eval_overrides` the eval fields given (not None)."""
+def locate_checkpoint(checkpoint: str) -> Path:
+    """The stage folder of a checkpoint (a run name, RUN/STAGE, a stage folder, or an s3:// URL, downloaded into a
+    temporary folder that lives until the process exits: the run's tokenizer is read from it later), inside a
+    run folder with its run.toml."""
     from nanorl.api import NanorlError
     from nanorl.cli.train_cmd import resolve_checkpoint
-    from nanorl.config import from_toml_file
-    from nanorl.stages.runner import make_context
 
     workdir = None
     if checkpoint.startswith("s3://"):
@@ -67,11 +62,25 @@ def load_for_eval(
         workdir = Path(tempfile.mkdtemp(prefix="nanorl-eval-"))
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     stage_dir = resolve_checkpoint(checkpoint, workdir)
-    run = stage_dir.parent
-    toml = run / "run.toml"
+    toml = stage_dir.parent / "run.toml"
     if not toml.is_file():
-        raise NanorlError(f"{stage_dir} is not inside a run folder (no {toml})", hint="give runs/<name>/<stage>")
-    cfg = from_toml_file(toml)
+        raise NanorlError(
+            f"{stage_dir} is not inside a run folder (no {toml})", hint="give runs/<name>/<stage>", exit_code=2
+        )
+    return stage_dir
+
+
+def load_for_eval(
+    checkpoint: str | Path, task: str | None, data_dir: str | None = None, compile_: bool | None = None,
+    eval_overrides: dict | None = None,
+):  # fmt: skip
+    """(context, model, stage folder) for a checkpoint (`locate_checkpoint`'s spec, or the stage folder it found).
+    `compile_` (not None) overrides the run's engine.compile; `eval_overrides` the eval fields given (not None)."""
+    from nanorl.stages.runner import make_context, read_run_config
+
+    stage_dir = checkpoint if isinstance(checkpoint, Path) else locate_checkpoint(checkpoint)
+    run = stage_dir.parent
+    cfg = read_run_config(run / "run.toml")
     cfg.name = run.name
     if task:
         cfg.task = task
@@ -92,11 +101,12 @@ def load_for_eval(
 
 
 def compare_checkpoints(
-    res, other: str, task: str, split: str, mode: str, max_examples: int, seed: int, data_dir: str | None = None,
+    res, other: str | Path, task: str, split: str, mode: str, max_examples: int, seed: int, data_dir: str | None = None,
     compile_: bool | None = None, eval_overrides: dict | None = None, progress=None,
 ):  # fmt: skip
-    """`--compare OTHER`: evaluate OTHER on the same questions; per mode, the paired difference and its p
-    (`nanorl.multichoice.compare`; a = the checkpoint evaluated, b = OTHER)."""
+    """`--compare OTHER` (a spec, or the stage folder `locate_checkpoint` found): evaluate OTHER on the same
+    questions; per mode, the paired difference and its p (`nanorl.multichoice.compare`; a = the checkpoint
+    evaluated, b = OTHER)."""
     from nanorl.api import NanorlError
     from nanorl.multichoice import compare
     from nanorl.stages.eval import evaluate
@@ -136,7 +146,7 @@ def register(app: typer.Typer) -> None:
             help="A run name (its final model), RUN/STAGE, a stage folder, or s3://bucket/prefix/RUN[/STAGE].",
         ),
         mode: str = ModeOpt,
-        max_examples: int = typer.Option(0, "--max-examples", help="Evaluate at most this many (0: all)."),
+        max_examples: int = typer.Option(0, "--max-examples", min=0, help="Evaluate at most this many (0: all)."),
         data_dir: str = DataDirOpt,
         compare_to: str = typer.Option(
             None, "--compare", help="Another checkpoint, evaluated on the same questions: paired difference, McNemar p."
@@ -162,7 +172,7 @@ def register(app: typer.Typer) -> None:
         if mode not in ("generative", "categorical", "both"):
             raise NanorlError(f"--mode {mode!r}: generative, categorical or both", exit_code=2)
         if split not in ("dev", "test", "validation", "train"):
-            raise NanorlError(f"--split {split!r}: dev or test", exit_code=2)
+            raise NanorlError(f"--split {split!r}: dev, validation, test or train", exit_code=2)
         from nanorl.stages.eval import evaluate, write_json
 
         if shuffle_k < 0:
@@ -174,6 +184,8 @@ def register(app: typer.Typer) -> None:
         if sample_temperature is not None and sample_temperature <= 0:
             raise NanorlError(f"--sample-temperature {sample_temperature}: give T > 0", exit_code=2)
         sampling = {"samples": samples, "sample_temperature": sample_temperature}
+        # both checkpoints found before either is evaluated: a typo in --compare fails at once
+        other_dir = locate_checkpoint(compare_to) if compare_to else None
         ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_, sampling)
         if ctx.cfg.engine.compile and ctx.device.type == "cpu" and not as_json:
             console.print("[dim]compiling the decode step on first use: 20-40 s, once per process and batch layout[/]")
@@ -190,7 +202,7 @@ def register(app: typer.Typer) -> None:
                 del model  # one model in memory at a time
                 other_task = task or ctx.task.name
                 res["compare"] = compare_checkpoints(
-                    res, compare_to, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir, compile_,
+                    res, other_dir, other_task, split, mode, max_examples, ctx.cfg.seed, data_dir, compile_,
                     sampling, progress,
                 )  # fmt: skip
         from nanorl.device import dist_finished

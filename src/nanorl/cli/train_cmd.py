@@ -34,6 +34,7 @@ def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
     raise NanorlError(
         f"no checkpoint at {spec!r}",
         hint="give a run name, RUN/STAGE (e.g. arith-tiny/sft), a stage folder, or s3://bucket/prefix",
+        exit_code=2,
     )
 
 
@@ -76,7 +77,9 @@ def register(app: typer.Typer) -> None:
             raise NanorlError(f"cannot train stage {stage!r}", hint="base, mid, sft or rl", exit_code=2)
         toml = run_dir(run) / "run.toml"
         if not toml.is_file():
-            raise NanorlError(f"no run named {run!r} ({toml} is missing)", hint="start one with nanorl pipeline")
+            raise NanorlError(
+                f"no run named {run!r} ({toml} is missing)", hint="start one with nanorl pipeline", exit_code=2
+            )
         cfg = read_run_config(toml)
         from nanorl.config import parse_overrides, validate
 
