@@ -254,3 +254,16 @@ def test_bad_eval_and_train_arguments_exit_2(capsys):
     assert code == 2 and "no checkpoint at 'nosuch'" in err
     code, _, err = _main(capsys, "train", "rl", "--run", "nosuch")
     assert code == 2 and "no run named 'nosuch'" in err
+
+
+# ---- run.toml changes on a re-run ---------------------------------------------------------------------------
+def test_a_rerun_says_which_values_of_run_toml_it_changes():
+    def run(*extra: str) -> str:
+        out = io.StringIO()
+        run_pipeline(_cfg("re", *extra), only="report", console=Console(file=out, width=300))
+        return out.getvalue()
+
+    assert "run.toml" not in run()  # a new run: nothing changed
+    text = run("base.steps=7", "eval.samples=2", "eval.splits=dev,test")
+    assert "run.toml: base.steps 1000 -> 7, eval.splits ['dev'] -> ['dev', 'test'], eval.samples 0 -> 2" in text
+    assert "run.toml" not in run("base.steps=7", "eval.samples=2", "eval.splits=dev,test")

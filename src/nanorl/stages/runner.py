@@ -11,7 +11,8 @@
   about to run are checked (`preflight`): the task, the rewards (rl), the task's data, and the stages they
   need; a typo fails there, not after a finished stage has been removed.
 - The resolved config is written to run.toml. A re-run whose model section differs from the run.toml on disk is
-  refused (its checkpoints would not fit); anything else may change between runs (more steps, other eval).
+  refused (its checkpoints would not fit); anything else may change between runs (more steps, other eval), and
+  the console says which values changed.
 
 With `checkpoint.store` the run folder is mirrored to the store at the start and after every stage
 (`Context.mirror_run`; checkpoints go as they are saved), so a run survives the loss of its machine.
@@ -31,7 +32,7 @@ from typing import Any
 
 from nanorl import checkpoint as ckpt
 from nanorl.api import Example, NanorlError, Task
-from nanorl.config import RunConfig, config_hash, from_toml_file, run_dir, validate, write_run_config
+from nanorl.config import SECTIONS, RunConfig, config_hash, from_toml_file, run_dir, validate, write_run_config
 from nanorl.stages.common import MODEL_STAGES, STAGES, Context
 
 
@@ -118,21 +119,39 @@ def read_run_config(path: Path) -> RunConfig:
         raise NanorlError(f"{path}: {e.message}", hint=hint, exit_code=e.exit_code) from None
 
 
-def check_run_config(cfg: RunConfig) -> None:
-    """Refuse to reuse a run folder whose checkpoints were made for another model or task."""
+def check_run_config(cfg: RunConfig) -> RunConfig | None:
+    """Refuse to reuse a run folder whose checkpoints were made for another model or task; returns the config on
+    disk (None: no run.toml, or one that cannot be read)."""
     path = run_dir(cfg.name) / "run.toml"
     if not path.is_file():
-        return
+        return None
     try:
         old = from_toml_file(path)
     except NanorlError:
-        return  # an unreadable run.toml is replaced; the checkpoints' own hashes still guard them
+        return None  # an unreadable run.toml is replaced; the checkpoints' own hashes still guard them
     if config_hash(old, ("model",)) != config_hash(cfg, ("model",)) or old.task != cfg.task:
         raise NanorlError(
             f"run {cfg.name!r} exists with another model or task (see {path})",
             hint="choose another --name, or delete the run folder to start over",
             exit_code=2,
         )
+    return old
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, (str, list, dict)) else str(v)
+
+
+def changed_values(old: RunConfig, new: RunConfig) -> list[str]:
+    """The values of run.toml outside the model section that `new` changes, as "key old -> new"."""
+    a, b = old.to_dict(), new.to_dict()
+    pairs = [(k, a.get(k), v) for k, v in b.items() if k not in SECTIONS]
+    for s in SECTIONS:
+        if s != "model":
+            pairs += [(f"{s}.{k}", a[s].get(k), v) for k, v in b[s].items()]
+    return [f"{key} {_shown(x)} -> {_shown(y)}" for key, x, y in pairs if x != y]
 
 
 def stages_to_run(d: Path, todo: list[str], fresh: set[str]) -> list[str]:
@@ -245,7 +264,7 @@ def run_pipeline(
             raise NanorlError(f"--steps {stage}={n}: only base, mid, sft and rl have steps", exit_code=2)
         section.steps = int(n)
     validate(cfg)  # the steps above included: nothing invalid reaches run.toml
-    check_run_config(cfg)
+    old = check_run_config(cfg)
     if only:
         todo = [only] + (["report"] if only == "eval" else [])  # the report shows the new evaluation
     elif from_stage:
@@ -261,6 +280,9 @@ def run_pipeline(
     if ctx.rank == 0:
         if set(to_run) & set(MODEL_STAGES):
             warn_if_sized_for_a_gpu(ctx)
+        changed = changed_values(old, cfg) if old is not None else []
+        if changed:
+            ctx.bus.console.print(f"[dim]run.toml: {', '.join(changed)}[/]", highlight=False)
         write_run_config(cfg)
         ctx.mirror_run()
     barrier()
