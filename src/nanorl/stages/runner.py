@@ -66,6 +66,8 @@ def run_tokenizer(ctx: Context) -> dict[str, Any]:
 def run_report(ctx: Context) -> dict[str, Any]:
     from nanorl.report import write_report
 
+    if ctx.rank != 0:  # one writer: the other ranks would race it for the same file
+        return {"report": str(ctx.run_dir / "report.md")}
     path = write_report(ctx.run_dir)
     return {"report": str(path)}
 
