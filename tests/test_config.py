@@ -55,6 +55,15 @@ def test_heads_that_do_not_divide_the_width_say_what_to_set():
     assert "multiple of 128" in err.value.hint
 
 
+def test_vocab_size_minimum_is_the_tokenizers():
+    from nanorl.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS
+
+    assert 256 + len(SPECIAL_TOKENS) == MIN_VOCAB_SIZE
+    with pytest.raises(NanorlError, match=f"must be >= {MIN_VOCAB_SIZE}"):
+        resolve(overrides=[f"model.vocab_size={MIN_VOCAB_SIZE - 1}"])
+    assert resolve(overrides=[f"model.vocab_size={MIN_VOCAB_SIZE}"]).model.vocab_size == MIN_VOCAB_SIZE
+
+
 def test_tiny_preset_applies_and_is_recorded():
     cfg = resolve(preset="tiny")
     for key, value in PRESETS["tiny"].items():

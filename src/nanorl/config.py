@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from nanorl.api import NanorlError
+from nanorl.tokenizer import MIN_VOCAB_SIZE  # light: tiktoken and rustbpe load inside its functions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,7 +51,11 @@ class ModelConfig:
     n_embd: int = _f(0, "model width (0: 64 x depth, rounded up to a multiple of 128)", ge=0)
     n_head: int = _f(0, "query heads (0: width / 128, rounded up; heads of 128 under the depth rule)", ge=0)
     n_kv_head: int = _f(0, "key/value heads for grouped-query attention (0: n_head)", ge=0)
-    vocab_size: int = _f(65536, "tokenizer and embedding vocabulary size", ge=256)
+    vocab_size: int = _f(
+        65536,
+        f"tokenizer and embedding vocabulary size (at least {MIN_VOCAB_SIZE}: 256 byte tokens and the special tokens)",
+        ge=MIN_VOCAB_SIZE,
+    )
     seq_len: int = _f(2048, "context length in tokens", ge=8)
     softcap: float = _f(15.0, "logit soft-capping: logits = c * tanh(logits / c) (0: off)", ge=0)
     attention: str = _f(

@@ -51,6 +51,9 @@ SPECIAL_TOKENS = (
     "<|output_end|>",
 )
 
+# The smallest vocabulary a tokenizer can have: the 256 byte tokens and the special tokens, no merge
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
 FILE = "tokenizer.json"
 FORMAT = "nanorl-bpe-1"
 
@@ -260,11 +263,11 @@ def train_tokenizer(
     """
     import rustbpe
 
-    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    n_merges = vocab_size - MIN_VOCAB_SIZE
     if n_merges < 0:
         raise NanorlError(
             f"vocab_size {vocab_size} is too small: 256 byte tokens + {len(SPECIAL_TOKENS)} special tokens",
-            hint=f"use at least {256 + len(SPECIAL_TOKENS)}",
+            hint=f"use at least {MIN_VOCAB_SIZE}",
             exit_code=2,
         )
     seen = {"chars": 0, "docs": 0}
