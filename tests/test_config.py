@@ -64,6 +64,15 @@ def test_vocab_size_minimum_is_the_tokenizers():
     assert resolve(overrides=[f"model.vocab_size={MIN_VOCAB_SIZE}"]).model.vocab_size == MIN_VOCAB_SIZE
 
 
+def test_a_bad_run_toml_names_the_file_and_says_how_to_fix_it(tmp_path):
+    path = write_run_config(resolve(preset="tiny")) / "run.toml"
+    path.write_text(path.read_text().replace("[rl]\nsteps = 30", "[rl]\nsteps = -5"))
+    with pytest.raises(NanorlError) as err:
+        from_toml_file(path)
+    assert err.value.message.startswith(f"{path}: invalid value for rl.steps: -5")
+    assert f"edit {path}" in err.value.hint and err.value.exit_code == 2
+
+
 def test_tiny_preset_applies_and_is_recorded():
     cfg = resolve(preset="tiny")
     for key, value in PRESETS["tiny"].items():

@@ -639,12 +639,26 @@ def to_toml(cfg: RunConfig) -> str:
 
 
 def from_toml_file(path: str | Path) -> RunConfig:
-    """Read a resolved run.toml back (no preset is re-applied: every value is in the file)."""
+    """Read a resolved run.toml back (no preset is re-applied: every value is in the file).
+
+    A key or value the file holds that this version does not accept is a NanorlError naming the file, with what
+    to do about it (edit that line, or start the run again)."""
     cfg = RunConfig()
-    for k, v in _flatten(load_toml(path), str(path)):
-        set_value(cfg, k, v)
-    derive(cfg)
-    validate(cfg)
+    try:
+        for k, v in _flatten(load_toml(path), str(path)):
+            set_value(cfg, k, v)
+        derive(cfg)
+        validate(cfg)
+    except NanorlError as e:
+        if str(path) in e.message:  # load_toml's and _flatten's errors name the file already
+            raise
+        raise NanorlError(
+            f"{path}: {e.message}",
+            hint="; ".join(
+                filter(None, [e.hint, f"edit {path} to fix it, or delete the run folder and start the run again"])
+            ),
+            exit_code=e.exit_code,
+        ) from None
     return cfg
 
 
