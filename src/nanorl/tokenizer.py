@@ -21,6 +21,7 @@ rank order, base64) — one file, so a half-written tokenizer is never mistaken 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -81,6 +82,7 @@ class Tokenizer:
         # tiktoken's batch encoder runs a thread pool; one thread per core is all it can use
         self.threads = max(1, os.cpu_count() or 1)
         self.meta: dict[str, Any] = {}  # what it was trained on (saved along; `nanorl tokenizer info` shows)
+        self._fingerprint: str | None = None
 
     # -- sizes and ids ------------------------------------------------------------------------------------
     @property
@@ -168,6 +170,19 @@ class Tokenizer:
         return [*ids, self.specials["<|assistant_start|>"]]
 
     # -- persistence ----------------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """A short sha256 of what decides the token ids: the split pattern, the special tokens and every token's
+        bytes in id order (not `meta`). Two tokenizers with the same fingerprint encode every text alike; a
+        checkpoint records its tokenizer's, and a run refuses a model trained with another (nanorl.checkpoint)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps([FORMAT, self.pattern, list(SPECIAL_TOKENS)]).encode())
+            for token, _ in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+                h.update(len(token).to_bytes(4, "little") + token)
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
     def save(self, directory: str | Path) -> Path:
         """Write `<dir>/tokenizer.json` atomically (temp file + rename); return its path."""
         d = Path(directory)
@@ -222,6 +237,7 @@ class Tokenizer:
             "merges": len(self.mergeable_ranks) - 256,
             "special_tokens": dict(self.specials),
             "pattern": self.pattern,
+            "fingerprint": self.fingerprint,
             **self.meta,
         }
 
