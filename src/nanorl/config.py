@@ -590,11 +590,17 @@ def validate(cfg: RunConfig) -> None:
             hint=_heads_hint(m),
             exit_code=2,
         )
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
-        raise NanorlError(f"invalid run name {cfg.name!r}: use letters, digits, '.', '_' and '-'", exit_code=2)
+    check_run_name(cfg.name)
     for split in cfg.eval.splits:
         if split not in ("train", "dev", "validation", "test"):
             raise NanorlError(f"invalid value for eval.splits: {split!r} (train, dev, validation or test)", exit_code=2)
+
+
+def check_run_name(name: str) -> str:
+    """`name` if it can name a run folder (letters, digits, '.', '_', '-'; no path), else a NanorlError."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise NanorlError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-'", exit_code=2)
+    return name
 
 
 def _heads_hint(m: ModelConfig) -> str:

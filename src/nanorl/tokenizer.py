@@ -208,7 +208,10 @@ class Tokenizer:
         if path.is_dir():
             path = path / FILE
         if not path.is_file():
-            raise NanorlError(f"no tokenizer at {path}", hint="train one with `nanorl tokenizer train --vocab-size N`")
+            raise NanorlError(
+                f"no tokenizer at {path}",
+                hint="train one: `nanorl tokenizer train --run NAME` for a run, or the pipeline's tokenizer stage",
+            )
         try:
             blob = json.loads(path.read_text())
             if blob.get("format") != FORMAT:

@@ -1,6 +1,8 @@
 """A run's tokenizer: trained on the run's corpus (`data.corpus`), saved in `runs/<name>/tokenizer/`.
 
-One way to do it, shared by `nanorl tokenizer train` and the pipeline's tokenizer step.
+One way to do it, shared by `nanorl tokenizer train` and the pipeline's tokenizer step. The tokenizer records
+what it was trained on (`meta["corpus"]`: `task:<name>`, `fineweb`, or the files' spec with absolute paths), which
+`nanorl tokenizer info` measures compression on.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from itertools import islice
 from pathlib import Path
 
 from nanorl.api import Task
-from nanorl.config import RunConfig, run_dir
+from nanorl.config import RunConfig, nanorl_home, run_dir
 from nanorl.data.corpus import open_corpus
 
 # documents in the held-out sample that `nanorl tokenizer info` measures compression on
@@ -19,6 +21,31 @@ HELD_OUT_DOCS = 500
 
 def tokenizer_dir(run_name: str) -> Path:
     return run_dir(run_name) / "tokenizer"
+
+
+def scratch_tokenizer_dir() -> Path:
+    """Where `nanorl tokenizer train` saves a tokenizer given neither --run nor --out (and `tokenizer info` and
+    `encode` read one given neither --run nor --dir): $NANORL_HOME/tokenizer, no run's."""
+    return nanorl_home() / "tokenizer"
+
+
+def corpus_record(spec: str, corpus_name: str) -> str:
+    """The corpus a tokenizer records: the corpus's name for a task (`task:<name>`) or FineWeb, else the spec
+    with its paths made absolute (so that `tokenizer info` finds them from another directory)."""
+    if spec in ("task", "fineweb"):
+        return corpus_name
+    parts = (p.strip() for p in spec.split(","))
+    return ",".join(str(Path(p).expanduser().absolute()) for p in parts if p)
+
+
+def recorded_corpus(meta: dict) -> tuple[str | None, str | None]:
+    """(corpus spec, task name) from what a tokenizer recorded (`corpus_record`); (None, None) when nothing was."""
+    rec = meta.get("corpus")
+    if not isinstance(rec, str) or not rec:
+        return None, None
+    if rec.startswith("task:"):
+        return "task", rec[len("task:") :]
+    return rec, None
 
 
 def train_run_tokenizer(
@@ -35,7 +62,9 @@ def train_run_tokenizer(
         max_chars=cfg.tokenizer.train_chars,
         on_chars=on_chars,
     )
-    tok.meta.update({"corpus": corpus.name, "skipped_lines": corpus.stats["skipped_lines"]})
+    tok.meta.update(
+        {"corpus": corpus_record(cfg.data.corpus, corpus.name), "skipped_lines": corpus.stats["skipped_lines"]}
+    )
     tok.save(out or tokenizer_dir(cfg.name))
     return tok
 
