@@ -78,7 +78,12 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     corpus: str = _f("task", "pretraining text: 'task' (the task's own corpus), 'fineweb', or a path/glob")
-    fineweb_shards: int = _f(8, "FineWeb-EDU shards to download when corpus = fineweb", ge=1)
+    fineweb_shards: int = _f(
+        8,
+        "when corpus = fineweb: the first N FineWeb-EDU shards are downloaded (where missing) before the tokenizer"
+        " trains; the corpus is every shard downloaded (0: download nothing)",
+        ge=0,
+    )
     data_dir: str = _f("", "where the task's data files live ('' : the task's default source)")
     skip_bad: bool = _f(False, "skip (and count) unreadable lines and corrupt shards instead of stopping")
     chat: str = _f("", "extra chat data for midtraining: a .jsonl of {\"messages\": [...]} ('' : none)")

@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from nanorl import checkpoint as ckpt
-        from nanorl.data.prepare import train_run_tokenizer
+        from nanorl.data.prepare import open_run_corpus, train_run_tokenizer
         from nanorl.plugins import get_plugins
         from nanorl.tokenizer import FILE, Tokenizer
 
@@ -148,6 +148,7 @@ def register(app: typer.Typer) -> None:
         cfg = _run_config(run, preset, config, task, overrides, flags)
         the_task = get_plugins().task(cfg.task) if cfg.data.corpus == "task" else None
         before = Tokenizer.load(out).fingerprint if kind == "run" and (out / FILE).is_file() else None
+        open_run_corpus(cfg, the_task, console=None if as_json else console)  # FineWeb shards fetched first
         t0 = time.perf_counter()
         with Progress(
             TextColumn("[bold]training BPE[/]"),
