@@ -202,9 +202,11 @@ def test_a_run_refuses_a_model_trained_with_another_tokenizer(tmp_path):
     assert "--name one --from base" in err.value.hint
     one.init_from = {}
     # the run's tokenizer retrained on other settings: its own base model no longer fits it
+    assert one.stale_model_stages() == []
     other.tokenizer().save(one.stage_dir("tokenizer"))
     one._tokenizer = None
     with pytest.raises(NanorlError, match="another tokenizer"):
         one.load_model("base")
+    assert one.stale_model_stages() == ["base"]  # what the runner needs to retrain
     for ctx in (one, other):
         ctx.bus.close()

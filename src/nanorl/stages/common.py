@@ -118,6 +118,17 @@ class Context:
             tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
 
+    def stale_model_stages(self) -> list[str]:
+        """The model stages whose checkpoint was trained with a tokenizer other than the run's (after the tokenizer
+        was retrained): loading them is refused, so they must be trained again (the runner can clear them)."""
+        fingerprint = self.tokenizer_fingerprint
+        stale = []
+        for stage in MODEL_STAGES:
+            state = ckpt.read_state(self.stage_dir(stage))
+            if state is not None and state.get("tokenizer") not in (None, "", fingerprint):
+                stale.append(stage)
+        return stale
+
     def load_model(self, stage: str):
         """A model with the weights of `stage`'s checkpoint (or the `--checkpoint` given for it)."""
         model = self.new_model()
