@@ -140,3 +140,73 @@ def test_s3_store_round_trip_against_moto(tmp_path, moto_server):
     with pytest.raises(NanorlError, match="S3"):
         open_store("s3://no-such-bucket/x").put(tmp_path / "ck" / "state.json", "k")
     assert os.environ["NANORL_S3_ENDPOINT"] == moto_server
+
+
+def test_a_checkpoint_trained_with_another_tokenizer_is_refused(tmp_path):
+    """state.json records the tokenizer's fingerprint; loading with another tokenizer's is a clear error, with the
+    same one (or a checkpoint from before fingerprints, which records none) it loads."""
+    from nanorl.tokenizer import train_tokenizer
+
+    tok_a = train_tokenizer(["the cat sat on the mat"] * 20, vocab_size=280)
+    tok_b = train_tokenizer(["12 + 34 = 46"] * 20, vocab_size=280)
+    assert tok_a.fingerprint != tok_b.fingerprint
+    cfg, model, opt, _ = _setup()
+    ckpt.save(tmp_path / "a", model, opt, {"step": 1}, tokenizer_fingerprint=tok_a.fingerprint)
+    assert ckpt.read_state(tmp_path / "a")["tokenizer"] == tok_a.fingerprint
+    _, model2, opt2, _ = _setup()
+    with pytest.raises(NanorlError, match="another tokenizer") as err:
+        ckpt.load(tmp_path / "a", model2, opt2, tokenizer_fingerprint=tok_b.fingerprint)
+    assert "--from base" in err.value.hint
+    assert ckpt.load(tmp_path / "a", model2, opt2, tokenizer_fingerprint=tok_a.fingerprint)["step"] == 1
+    # a checkpoint without a fingerprint (written before they were recorded) loads as before
+    ckpt.save(tmp_path / "old", model, opt, {"step": 2})
+    assert "tokenizer" not in ckpt.read_state(tmp_path / "old")
+    assert ckpt.load(tmp_path / "old", model2, opt2, tokenizer_fingerprint=tok_b.fingerprint)["step"] == 2
+
+
+def test_the_fingerprint_follows_the_vocabulary_not_the_metadata(tmp_path):
+    from nanorl.tokenizer import Tokenizer, train_tokenizer
+
+    texts = ["the cat sat on the mat"] * 20
+    tok = train_tokenizer(texts, vocab_size=280)
+    again = train_tokenizer(texts * 2, vocab_size=280)  # other meta (chars read), the same merges
+    assert again.meta != tok.meta and again.fingerprint == tok.fingerprint
+    tok.save(tmp_path)
+    assert Tokenizer.load(tmp_path).fingerprint == tok.fingerprint
+    assert train_tokenizer(texts, vocab_size=280, max_digits=1).fingerprint != tok.fingerprint  # another pattern
+
+
+def test_a_run_refuses_a_model_trained_with_another_tokenizer(tmp_path):
+    """The run's context records its tokenizer in what it saves and checks it in everything it loads: a model of
+    the same shape from a run with another tokenizer (`nanorl train mid --checkpoint OTHER/base`), or the run's
+    own models after its tokenizer was retrained, are refused."""
+    from nanorl.config import run_dir
+    from nanorl.stages.runner import make_context, run_pipeline
+
+    shape = ["model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=64", "telemetry.console=false"]
+    ctxs = {}
+    for name, digits in (("one", 1), ("other", 3)):
+        cfg = resolve(preset="tiny", overrides=[*shape, f"name={name}", f"tokenizer.max_digits={digits}"])
+        run_pipeline(cfg, only="tokenizer")
+        ctxs[name] = make_context(cfg)
+    one, other = ctxs["one"], ctxs["other"]
+    assert one.tokenizer_fingerprint != other.tokenizer_fingerprint
+    for ctx in (one, other):
+        ctx.save("base", ctx.new_model(), None, {"step": 0})
+        ckpt.mark_done(ctx.stage_dir("base"))
+    assert ckpt.read_state(one.stage_dir("base"))["tokenizer"] == one.tokenizer_fingerprint
+    assert one.previous_model("mid") is not None  # its own base: fine
+    one.init_from = {"mid": run_dir("other") / "base"}
+    with pytest.raises(NanorlError, match="another tokenizer") as err:
+        one.previous_model("mid")
+    assert "--name one --from base" in err.value.hint
+    one.init_from = {}
+    # the run's tokenizer retrained on other settings: its own base model no longer fits it
+    assert one.stale_model_stages() == []
+    other.tokenizer().save(one.stage_dir("tokenizer"))
+    one._tokenizer = None
+    with pytest.raises(NanorlError, match="another tokenizer"):
+        one.load_model("base")
+    assert one.stale_model_stages() == ["base"]  # what the runner needs to retrain
+    for ctx in (one, other):
+        ctx.bus.close()

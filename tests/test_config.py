@@ -25,6 +25,54 @@ def test_depth_rule(depth, width, heads):
     assert cfg.name == f"arith-d{depth}"
 
 
+@pytest.mark.parametrize("depth", range(1, 27))
+def test_depth_rule_gives_a_valid_model_at_every_depth(depth):
+    """Odd depths too (64·5 = 320 has no whole number of 128-wide heads): the width is 64·d rounded up to a
+    multiple of 128, heads of 128; an even depth's width stays exactly 64·d (checkpoints depend on it)."""
+    m = resolve(overrides=[f"depth={depth}"]).model
+    assert m.n_embd == (64 * depth if depth % 2 == 0 else 64 * (depth + 1))
+    assert m.n_embd // m.n_head == 128 and m.n_embd % m.n_head == 0 and m.n_kv_head == m.n_head
+
+
+def test_an_explicit_width_gets_heads_that_divide_it():
+    # ceil(320 / 128) = 3 heads do not divide 320: the count whose heads are nearest 128 wide (2 of 160)
+    m = resolve(overrides=["model.n_embd=320"]).model
+    assert (m.n_head, m.n_embd // m.n_head) == (2, 160)
+    # where ceil(width / 128) divides it, that count, as before
+    assert resolve(overrides=["model.n_embd=192"]).model.n_head == 2
+
+
+def test_heads_that_do_not_divide_the_width_say_what_to_set():
+    with pytest.raises(NanorlError) as err:
+        resolve(overrides=["depth=5", "model.n_head=5"])
+    assert "model.n_embd=384 is not divisible by model.n_head=5" in err.value.message
+    assert "set model.n_head to a divisor of 384, e.g. 3 (heads of 128)" in err.value.hint
+    with pytest.raises(NanorlError) as err:
+        resolve(overrides=["model.n_embd=1024", "model.n_head=1"])
+    assert "head dimension 1024" in err.value.message and "e.g. 8 (heads of 128)" in err.value.hint
+    with pytest.raises(NanorlError) as err:
+        resolve(overrides=["model.n_embd=321"])
+    assert "multiple of 128" in err.value.hint
+
+
+def test_vocab_size_minimum_is_the_tokenizers():
+    from nanorl.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS
+
+    assert 256 + len(SPECIAL_TOKENS) == MIN_VOCAB_SIZE
+    with pytest.raises(NanorlError, match=f"must be >= {MIN_VOCAB_SIZE}"):
+        resolve(overrides=[f"model.vocab_size={MIN_VOCAB_SIZE - 1}"])
+    assert resolve(overrides=[f"model.vocab_size={MIN_VOCAB_SIZE}"]).model.vocab_size == MIN_VOCAB_SIZE
+
+
+def test_a_bad_run_toml_names_the_file_and_says_how_to_fix_it(tmp_path):
+    path = write_run_config(resolve(preset="tiny")) / "run.toml"
+    path.write_text(path.read_text().replace("[rl]\nsteps = 30", "[rl]\nsteps = -5"))
+    with pytest.raises(NanorlError) as err:
+        from_toml_file(path)
+    assert err.value.message.startswith(f"{path}: invalid value for rl.steps: -5")
+    assert f"edit {path}" in err.value.hint and err.value.exit_code == 2
+
+
 def test_tiny_preset_applies_and_is_recorded():
     cfg = resolve(preset="tiny")
     for key, value in PRESETS["tiny"].items():

@@ -342,3 +342,39 @@ def test_prepare_meets_a_rank_without_rows_before_the_first_batch_and_changes_no
     b.prepare()
     assert b.state_dict() == a.state_dict()
     assert _same(_batches(a, 5), _batches(b, 5))
+
+
+def test_a_run_with_fineweb_shards_downloads_them_before_its_tokenizer(server, tmp_path, monkeypatch, capsys):
+    """data.fineweb_shards=2 with data.corpus=fineweb: the first two shards are fetched (with the downloader
+    above) before the tokenizer trains, and nothing is asked for once they are there."""
+    from nanorl.cli import main
+    from nanorl.config import resolve
+    from nanorl.data import fineweb_shards, train_run_tokenizer
+
+    monkeypatch.setenv("NANORL_FINEWEB_URL", server.url)
+    cfg = resolve(overrides=["data.corpus=fineweb", "data.fineweb_shards=2", "model.vocab_size=300"])
+    tok = train_run_tokenizer(cfg, None, tmp_path / "tok")
+    assert [p.name for p in fineweb_shards()] == [shard_name(0), shard_name(1)]
+    assert tok.meta["corpus"] == "fineweb" and tok.meta["trained_docs"] == 100
+    n = len(server.requests)
+    train_run_tokenizer(cfg, None, tmp_path / "tok")
+    assert len(server.requests) == n
+    # the CLI, one shard more, with a progress line
+    code = 0
+    try:
+        main(["tokenizer", "train", "--corpus", "fineweb", "data.fineweb_shards=3", "--vocab-size", "300"])
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None), capsys.readouterr().err
+    assert "downloading 1 of the first 3 shards" in capsys.readouterr().out
+    assert len(fineweb_shards()) == 3
+
+
+def test_fineweb_shards_zero_downloads_nothing(server, monkeypatch):
+    from nanorl.config import resolve
+    from nanorl.data import open_run_corpus
+
+    monkeypatch.setenv("NANORL_FINEWEB_URL", server.url)
+    with pytest.raises(NanorlError, match="no FineWeb-EDU shards") as err:
+        open_run_corpus(resolve(overrides=["data.corpus=fineweb", "data.fineweb_shards=0"]), None)
+    assert "data.fineweb_shards" in err.value.hint and not server.requests

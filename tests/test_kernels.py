@@ -163,7 +163,7 @@ def test_model_on_the_triton_backend_keeps_no_more_than_on_sdpa():
     saved = {}
     for backend in ("triton", "sdpa"):
         cfg = resolve(
-            overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=256"]
+            overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=265"]
             + ["model.seq_len=32", f"model.attention={backend}"]
         ).model
         torch.manual_seed(0)
@@ -227,7 +227,7 @@ def test_model_on_the_triton_backend_matches_sdpa():
                 "model.n_embd=32",
                 "model.n_head=2",
                 "model.n_kv_head=1",
-                "model.vocab_size=256",
+                "model.vocab_size=265",
                 "model.seq_len=32",
                 f"model.attention={backend}",
             ]

@@ -15,7 +15,7 @@ from nanorl.model.gpt import SoftcapCrossEntropy
 
 def small_cfg(**kw):
     """A 2-layer model small enough for quick CPU tests; kw are model.* overrides."""
-    base = {"depth": 2, "n_embd": 64, "n_head": 4, "vocab_size": 256, "seq_len": 64}
+    base = {"depth": 2, "n_embd": 64, "n_head": 4, "vocab_size": 265, "seq_len": 64}
     base.update(kw)
     return resolve(overrides=[f"model.{k}={v}" for k, v in base.items()]).model
 

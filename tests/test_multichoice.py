@@ -459,7 +459,7 @@ def test_letter_telemetry_with_the_rl_stage_scorer(one_thread):
     from nanorl.model import GPT
     from nanorl.stages.rl import ModelScorer
 
-    cfg = resolve(overrides=["model.depth=1", "model.n_embd=32", "model.n_head=1", "model.vocab_size=256"]).model
+    cfg = resolve(overrides=["model.depth=1", "model.n_embd=32", "model.n_head=1", "model.vocab_size=265"]).model
     torch.manual_seed(0)
     policy, reference = GPT(cfg), GPT(cfg)
     policy.init_weights()

@@ -189,3 +189,90 @@ def test_cli_train_info_encode(tmp_path):
     enc = json.loads(cli("tokenizer", "encode", "the cat <|bos|>", "--run", "r", "--json"))
     assert "".join(enc["tokens"]) == "the cat <|bos|>"
     assert "tokens" in cli("tokenizer", "encode", "the cat", "--run", "r")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `nanorl tokenizer ...` in-process: where a tokenizer goes, and what `info` measures it on
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    from nanorl.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())  # the error console wraps long lines
+
+
+@pytest.fixture
+def texts(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("\n\n".join(_corpus(300)))
+    return d
+
+
+def test_train_with_run_marks_the_stage_done_and_the_pipeline_keeps_it(capsys, texts, monkeypatch):
+    from nanorl import checkpoint as ckpt
+    from nanorl.config import resolve, run_dir
+    from nanorl.stages import runner
+
+    code, out, err = _cli(
+        capsys, "tokenizer", "train", "--run", "r", "--corpus", str(texts), "--vocab-size", "300", "--json"
+    )
+    assert code == 0, err
+    folder = run_dir("r") / "tokenizer"
+    assert json.loads(out)["path"] == str(folder) and ckpt.is_done(folder)
+    fingerprint = Tokenizer.load(folder).fingerprint
+    # the pipeline skips the tokenizer stage (every other stage stubbed out: only the runner's choice matters here)
+    monkeypatch.setattr(runner, "_stage_fn", lambda stage: lambda ctx: {})
+    cfg = resolve(preset="tiny", overrides=["name=r", "telemetry.console=false"])
+    assert runner.run_pipeline(cfg)["tokenizer"] == "skipped"
+    assert Tokenizer.load(folder).fingerprint == fingerprint
+
+
+def test_train_without_run_or_out_writes_a_scratch_tokenizer_not_a_runs(capsys, texts):
+    from nanorl.config import nanorl_home, run_dir
+
+    code, out, err = _cli(capsys, "tokenizer", "train", "--vocab-size", "300", "--corpus", str(texts), "--json")
+    assert code == 0, err
+    assert json.loads(out)["path"] == str(nanorl_home() / "tokenizer")
+    assert not run_dir("arith-d8").exists()  # the default run's name is not used
+    # info and encode read the same default
+    code, out, err = _cli(capsys, "tokenizer", "info", "--json")
+    assert code == 0, err
+    assert json.loads(out)["vocab_size"] == 300
+    assert str(texts) in json.loads(out)["measured_on"]  # what it was trained on, as recorded
+    code, out, _ = _cli(capsys, "tokenizer", "encode", "the cat", "--json")
+    assert code == 0 and "".join(json.loads(out)["tokens"]) == "the cat"
+    code, _, err = _cli(capsys, "tokenizer", "train", "--run", "x", "--out", str(texts), "--vocab-size", "300")
+    assert code == 2 and "not both" in err
+
+
+def test_info_measures_on_the_runs_corpus(capsys, texts):
+    """A run whose pipeline trained its tokenizer on data.corpus=FILES: info reads the run's run.toml and
+    measures on those files, not on the default config's task."""
+    from nanorl.config import resolve
+    from nanorl.stages.runner import run_pipeline
+
+    over = [f"data.corpus={texts}", "name=t2", "telemetry.console=false", "tokenizer.train_chars=20000"]
+    run_pipeline(resolve(preset="tiny", overrides=over), only="tokenizer")
+    code, out, err = _cli(capsys, "tokenizer", "info", "--run", "t2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["measured_on"].startswith(str(texts))
+    # --corpus still chooses
+    code, out, _ = _cli(capsys, "tokenizer", "info", "--run", "t2", "--corpus", "task", "--json")
+    assert json.loads(out)["measured_on"] == "task:arith dev split"
+
+
+def test_info_of_a_missing_run_or_folder_says_how_to_make_it(capsys, tmp_path):
+    code, _, err = _cli(capsys, "tokenizer", "info", "--run", "nosuch")
+    assert code == 1 and "no run named 'nosuch'" in err and "tokenizer train --run nosuch" in err
+    code, _, err = _cli(capsys, "tokenizer", "encode", "x", "--dir", str(tmp_path / "none"))
+    assert code == 1 and f"--out {tmp_path / 'none'}" in err
+    code, _, err = _cli(capsys, "tokenizer", "info")
+    assert code == 1 and "--run NAME" in err

@@ -9,7 +9,11 @@
 Each file is written to `<file>.tmp` and renamed into place, state.json last: state.json is the commit record.
 It carries the sha256 of the tensor files it belongs to, so a torn write (a crash between two renames), a
 truncated copy or a flipped bit is found at load time and reported as a `NanorlError`, never loaded silently.
-A checkpoint from another architecture (the config hash, or a tensor's shape) is refused the same way.
+A checkpoint from another architecture (the config hash, or a tensor's shape) is refused the same way, and so
+is one trained with another tokenizer: state.json records the tokenizer's fingerprint (`Tokenizer.fingerprint`)
+and a run loading a model compares it with its own tokenizer's (a model's token ids mean nothing under another
+vocabulary; without the check it would just train or answer as if from scratch). A checkpoint written before
+fingerprints were recorded loads as before.
 
 Only rank 0 writes (`save(..., rank=...)`); every rank loads. `checkpoint.store` mirrors the files to a store
 (`nanorl.store`: a folder or s3://bucket/prefix) after each local save; the rest of the run folder follows
@@ -110,10 +114,12 @@ def save(
     rank: int = 0,
     store=None,
     store_prefix: str = "",
+    tokenizer_fingerprint: str = "",
 ) -> Path | None:
     """Write a checkpoint of `model` (+ `optimizers`, an `nanorl.optim.Optimizers`) and `state` into `directory`.
 
-    `state` must be JSON-serialisable (step, loader position, ...); RNG states are added here. Returns the
+    `state` must be JSON-serialisable (step, loader position, ...); RNG states are added here, and
+    `tokenizer_fingerprint` (the fingerprint of the tokenizer the model was trained with) when given. Returns the
     folder (None on ranks other than 0, which write nothing).
     """
     if rank != 0:
@@ -132,6 +138,8 @@ def save(
         if store is not None:
             store.delete(f"{store_prefix}/{OPTIM_FILE}" if store_prefix else OPTIM_FILE)
     record = {"format": FORMAT, "config_hash": config_hash, "files": files, "rng": rng_state(), **state}
+    if tokenizer_fingerprint:
+        record["tokenizer"] = tokenizer_fingerprint
     record["step"] = step
     tmp = d / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -166,16 +174,20 @@ def load(
     optimizers=None,
     config_hash: str | None = None,
     restore_rng: bool = False,
+    tokenizer_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizers` when given and saved); return its state.json.
 
     Raises NanorlError when the folder holds no checkpoint, a file is corrupt, the config hash differs from
-    `config_hash` (when given), or a tensor's name or shape does not fit the model.
+    `config_hash` (when given), the checkpoint was trained with a tokenizer other than the one whose fingerprint
+    is `tokenizer_fingerprint` (when given, and the checkpoint records one), or a tensor's name or shape does not
+    fit the model.
     """
     d = Path(directory)
     state = read_state(d)
     if state is None:
         raise NanorlError(f"no checkpoint in {d} (no {STATE_FILE})", hint="run the stage that writes it first")
+    check_tokenizer(d, state, tokenizer_fingerprint)
     if config_hash is not None and state.get("config_hash") and state["config_hash"] != config_hash:
         raise NanorlError(
             f"checkpoint {d} was written for another model configuration "
@@ -216,6 +228,20 @@ def load(
     if restore_rng and "rng" in state:
         set_rng_state(state["rng"])
     return state
+
+
+def check_tokenizer(directory: str | Path, state: dict[str, Any], fingerprint: str | None, run: str = "RUN") -> None:
+    """Refuse a checkpoint whose state records a tokenizer fingerprint other than `fingerprint` (None, or a
+    checkpoint from before fingerprints were recorded: nothing to compare). `run` names the run in the hint."""
+    saved = state.get("tokenizer")
+    if not fingerprint or not saved or saved == fingerprint:
+        return
+    raise NanorlError(
+        f"checkpoint {directory} was trained with another tokenizer (fingerprint {saved}; this run's tokenizer is"
+        f" {fingerprint}): its token ids would mean other text",
+        hint="use a checkpoint trained with this run's tokenizer, or retrain the run's models on it"
+        f" (`nanorl pipeline --name {run} --from base`; `--from tokenizer` retrains the tokenizer too)",
+    )
 
 
 def mark_done(directory: str | Path, rank: int = 0, info: dict[str, Any] | None = None) -> None:

@@ -8,9 +8,12 @@ bare name: a bare name sets that field in every section that has it (`steps=5` s
 `depth=12` is `model.depth=12`). Values are parsed to the field's type; a bad key or value is a `NanorlError`
 naming it, with exit code 2.
 
-The depth rule (nanochat's): a depth-d model has d layers, width 64·d, and heads of dimension 128
-(n_head = ceil(64·d / 128)), so depth 8 -> 512 wide with 4 heads, depth 20 -> 1280 wide with 10 heads.
-Fields left at 0 follow the rule; any of them can be set explicitly instead.
+The depth rule (nanochat's): a depth-d model has d layers, width 64·d rounded up to a multiple of the head
+dimension 128, and heads of dimension 128 (n_head = width / 128): depth 8 -> 512 wide with 4 heads, depth 20 ->
+1280 wide with 10 heads; an odd depth rounds up, depth 5 -> 384 wide with 3 heads (64·5 = 320 has no whole
+number of 128-wide heads). Fields left at 0 follow the rule; any of them can be set explicitly instead (an
+explicit width with n_head left at 0 gets ceil(width / 128) heads, or, when those do not divide it, the head
+count whose head dimension is nearest 128).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from nanorl.api import NanorlError
+from nanorl.tokenizer import MIN_VOCAB_SIZE  # light: tiktoken and rustbpe load inside its functions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,10 +48,14 @@ def _f(default, help: str, **rules):
 @dataclass
 class ModelConfig:
     depth: int = _f(8, "number of transformer layers; width and heads follow from it (the depth rule)", ge=1, le=64)
-    n_embd: int = _f(0, "model width (0: 64 x depth)", ge=0)
-    n_head: int = _f(0, "query heads (0: width / 128, rounded up)", ge=0)
+    n_embd: int = _f(0, "model width (0: 64 x depth, rounded up to a multiple of 128)", ge=0)
+    n_head: int = _f(0, "query heads (0: width / 128, rounded up; heads of 128 under the depth rule)", ge=0)
     n_kv_head: int = _f(0, "key/value heads for grouped-query attention (0: n_head)", ge=0)
-    vocab_size: int = _f(65536, "tokenizer and embedding vocabulary size", ge=256)
+    vocab_size: int = _f(
+        65536,
+        f"tokenizer and embedding vocabulary size (at least {MIN_VOCAB_SIZE}: 256 byte tokens and the special tokens)",
+        ge=MIN_VOCAB_SIZE,
+    )
     seq_len: int = _f(2048, "context length in tokens", ge=8)
     softcap: float = _f(15.0, "logit soft-capping: logits = c * tanh(logits / c) (0: off)", ge=0)
     attention: str = _f(
@@ -70,7 +78,12 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     corpus: str = _f("task", "pretraining text: 'task' (the task's own corpus), 'fineweb', or a path/glob")
-    fineweb_shards: int = _f(8, "FineWeb-EDU shards to download when corpus = fineweb", ge=1)
+    fineweb_shards: int = _f(
+        8,
+        "when corpus = fineweb: the first N FineWeb-EDU shards are downloaded (where missing) before the tokenizer"
+        " trains; the corpus is every shard downloaded (0: download nothing)",
+        ge=0,
+    )
     data_dir: str = _f("", "where the task's data files live ('' : the task's default source)")
     skip_bad: bool = _f(False, "skip (and count) unreadable lines and corrupt shards instead of stopping")
     chat: str = _f("", "extra chat data for midtraining: a .jsonl of {\"messages\": [...]} ('' : none)")
@@ -496,13 +509,39 @@ def resolve(
     return cfg
 
 
+# The depth rule's head dimension (nanochat's), and the largest head dimension the attention kernels take
+HEAD_DIM = 128
+MAX_HEAD_DIM = 256
+
+
+def head_counts(n_embd: int) -> list[int]:
+    """The head counts that split a width `n_embd` into whole heads of an even dimension <= MAX_HEAD_DIM, those
+    whose head dimension is nearest HEAD_DIM first."""
+    ok = [n for n in range(1, n_embd + 1) if n_embd % n == 0 and (n_embd // n) % 2 == 0]
+    ok = [n for n in ok if n_embd // n <= MAX_HEAD_DIM]
+    return sorted(ok, key=lambda n: (abs(n_embd // n - HEAD_DIM), -n))
+
+
+def _default_heads(n_embd: int) -> int:
+    """n_head for a width when it is left at 0: width / 128 rounded up (the depth rule's widths are multiples of
+    128, so heads of 128), else, when that does not split the width evenly, the valid count nearest heads of 128
+    (none valid: the rounded-up count, which validate() then refuses with a hint)."""
+    n = max(1, math.ceil(n_embd / HEAD_DIM))
+    if n in head_counts(n_embd):
+        return n
+    return next(iter(head_counts(n_embd)), n)
+
+
 def derive(cfg: RunConfig) -> None:
-    """Fill the fields left at 0 from the depth rule, and the run name."""
+    """Fill the fields left at 0 from the depth rule, and the run name.
+
+    Width 64·depth rounded up to a multiple of HEAD_DIM (nanochat rounds the model dimension up to a multiple of
+    the head dimension): even depths are exactly 64·depth, an odd depth gets 64 more (depth 5: 384, 3 heads)."""
     m = cfg.model
     if m.n_embd == 0:
-        m.n_embd = 64 * m.depth
+        m.n_embd = math.ceil(64 * m.depth / HEAD_DIM) * HEAD_DIM
     if m.n_head == 0:
-        m.n_head = max(1, math.ceil(m.n_embd / 128))
+        m.n_head = _default_heads(m.n_embd)
     if m.n_kv_head == 0:
         m.n_kv_head = m.n_head
     if not cfg.name:
@@ -538,17 +577,50 @@ def validate(cfg: RunConfig) -> None:
 
     m = cfg.model
     if m.n_embd % m.n_head:
-        raise NanorlError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}", exit_code=2)
+        raise NanorlError(
+            f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}", hint=_heads_hint(m), exit_code=2
+        )
     if m.n_kv_head > m.n_head or m.n_head % m.n_kv_head:
-        raise NanorlError(f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}", exit_code=2)
+        divisors = [n for n in range(1, m.n_head + 1) if m.n_head % n == 0]
+        raise NanorlError(
+            f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}",
+            hint=f"set model.n_kv_head to one of {', '.join(map(str, divisors))} (0: n_head, no grouping)",
+            exit_code=2,
+        )
     hd = m.n_embd // m.n_head
-    if hd % 2 or hd > 256:
-        raise NanorlError(f"head dimension {hd} (n_embd / n_head) must be even and at most 256", exit_code=2)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
-        raise NanorlError(f"invalid run name {cfg.name!r}: use letters, digits, '.', '_' and '-'", exit_code=2)
+    if hd % 2 or hd > MAX_HEAD_DIM:
+        raise NanorlError(
+            f"head dimension {hd} (model.n_embd={m.n_embd} / model.n_head={m.n_head}) must be even and at most"
+            f" {MAX_HEAD_DIM}",
+            hint=_heads_hint(m),
+            exit_code=2,
+        )
+    check_run_name(cfg.name)
     for split in cfg.eval.splits:
         if split not in ("train", "dev", "validation", "test"):
             raise NanorlError(f"invalid value for eval.splits: {split!r} (train, dev, validation or test)", exit_code=2)
+
+
+def check_run_name(name: str) -> str:
+    """`name` if it can name a run folder (letters, digits, '.', '_', '-'; no path), else a NanorlError."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise NanorlError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-'", exit_code=2)
+    return name
+
+
+def _heads_hint(m: ModelConfig) -> str:
+    """What to set when model.n_embd and model.n_head do not make whole, even heads of at most MAX_HEAD_DIM."""
+    counts = head_counts(m.n_embd)
+    if not counts:
+        return (
+            f"no head count splits a width of {m.n_embd} into even heads of at most {MAX_HEAD_DIM}: set model.n_embd"
+            f" to a multiple of {HEAD_DIM} (or leave it and model.n_head at 0 for the depth rule)"
+        )
+    eg = ", ".join(f"{n} (heads of {m.n_embd // n})" for n in counts[:3])
+    return (
+        f"set model.n_head to a divisor of {m.n_embd}, e.g. {eg}, or leave it at 0 to derive it"
+        " (`nanorl config show` prints the result)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -578,12 +650,26 @@ def to_toml(cfg: RunConfig) -> str:
 
 
 def from_toml_file(path: str | Path) -> RunConfig:
-    """Read a resolved run.toml back (no preset is re-applied: every value is in the file)."""
+    """Read a resolved run.toml back (no preset is re-applied: every value is in the file).
+
+    A key or value the file holds that this version does not accept is a NanorlError naming the file, with what
+    to do about it (edit that line, or start the run again)."""
     cfg = RunConfig()
-    for k, v in _flatten(load_toml(path), str(path)):
-        set_value(cfg, k, v)
-    derive(cfg)
-    validate(cfg)
+    try:
+        for k, v in _flatten(load_toml(path), str(path)):
+            set_value(cfg, k, v)
+        derive(cfg)
+        validate(cfg)
+    except NanorlError as e:
+        if str(path) in e.message:  # load_toml's and _flatten's errors name the file already
+            raise
+        raise NanorlError(
+            f"{path}: {e.message}",
+            hint="; ".join(
+                filter(None, [e.hint, f"edit {path} to fix it, or delete the run folder and start the run again"])
+            ),
+            exit_code=e.exit_code,
+        ) from None
     return cfg
 
 

@@ -21,6 +21,7 @@ rank order, base64) — one file, so a half-written tokenizer is never mistaken 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -51,6 +52,9 @@ SPECIAL_TOKENS = (
     "<|output_end|>",
 )
 
+# The smallest vocabulary a tokenizer can have: the 256 byte tokens and the special tokens, no merge
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
 FILE = "tokenizer.json"
 FORMAT = "nanorl-bpe-1"
 
@@ -78,6 +82,7 @@ class Tokenizer:
         # tiktoken's batch encoder runs a thread pool; one thread per core is all it can use
         self.threads = max(1, os.cpu_count() or 1)
         self.meta: dict[str, Any] = {}  # what it was trained on (saved along; `nanorl tokenizer info` shows)
+        self._fingerprint: str | None = None
 
     # -- sizes and ids ------------------------------------------------------------------------------------
     @property
@@ -165,6 +170,19 @@ class Tokenizer:
         return [*ids, self.specials["<|assistant_start|>"]]
 
     # -- persistence ----------------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """A short sha256 of what decides the token ids: the split pattern, the special tokens and every token's
+        bytes in id order (not `meta`). Two tokenizers with the same fingerprint encode every text alike; a
+        checkpoint records its tokenizer's, and a run refuses a model trained with another (nanorl.checkpoint)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps([FORMAT, self.pattern, list(SPECIAL_TOKENS)]).encode())
+            for token, _ in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+                h.update(len(token).to_bytes(4, "little") + token)
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
     def save(self, directory: str | Path) -> Path:
         """Write `<dir>/tokenizer.json` atomically (temp file + rename); return its path."""
         d = Path(directory)
@@ -190,7 +208,10 @@ class Tokenizer:
         if path.is_dir():
             path = path / FILE
         if not path.is_file():
-            raise NanorlError(f"no tokenizer at {path}", hint="train one with `nanorl tokenizer train --vocab-size N`")
+            raise NanorlError(
+                f"no tokenizer at {path}",
+                hint="train one: `nanorl tokenizer train --run NAME` for a run, or the pipeline's tokenizer stage",
+            )
         try:
             blob = json.loads(path.read_text())
             if blob.get("format") != FORMAT:
@@ -219,6 +240,7 @@ class Tokenizer:
             "merges": len(self.mergeable_ranks) - 256,
             "special_tokens": dict(self.specials),
             "pattern": self.pattern,
+            "fingerprint": self.fingerprint,
             **self.meta,
         }
 
@@ -260,11 +282,11 @@ def train_tokenizer(
     """
     import rustbpe
 
-    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    n_merges = vocab_size - MIN_VOCAB_SIZE
     if n_merges < 0:
         raise NanorlError(
             f"vocab_size {vocab_size} is too small: 256 byte tokens + {len(SPECIAL_TOKENS)} special tokens",
-            hint=f"use at least {256 + len(SPECIAL_TOKENS)}",
+            hint=f"use at least {MIN_VOCAB_SIZE}",
             exit_code=2,
         )
     seen = {"chars": 0, "docs": 0}

@@ -202,7 +202,8 @@ def open_corpus(spec: str, task: Task | None = None, skip_bad: bool = False, spl
         if not shards:
             raise NanorlError(
                 "no FineWeb-EDU shards downloaded",
-                hint="run `nanorl data download fineweb --shards 24` (one pass of depth 8's budget)",
+                hint="run `nanorl data download fineweb --shards 24` (one pass of depth 8's budget), or set"
+                " data.fineweb_shards=N for a run to download the first N itself",
             )
         return Corpus(list(shards), name="fineweb", skip_bad=skip_bad)
     return Corpus(list(expand_paths(spec)), name=spec, skip_bad=skip_bad)

@@ -98,17 +98,48 @@ class Context:
         model.init_weights()
         return model
 
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        """The run tokenizer's fingerprint: recorded in every checkpoint the run saves, and compared with the one a
+        checkpoint recorded whenever the run loads it (a model trained with another tokenizer is refused)."""
+        return self.tokenizer().fingerprint
+
+    def load_checkpoint(self, directory: Path, model, optimizers=None, restore_rng: bool = False) -> dict[str, Any]:
+        """`checkpoint.load` with this run's checks: the model's architecture (config hash) and its tokenizer."""
+        state = ckpt.read_state(directory)
+        if state is not None:  # checked here first for a hint that names the run
+            ckpt.check_tokenizer(directory, state, self.tokenizer_fingerprint, run=self.cfg.name)
+        return ckpt.load(
+            directory,
+            model,
+            optimizers,
+            config_hash=self.model_hash,
+            restore_rng=restore_rng,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+        )
+
+    def stale_model_stages(self) -> list[str]:
+        """The model stages whose checkpoint was trained with a tokenizer other than the run's (after the tokenizer
+        was retrained): loading them is refused, so they must be trained again (the runner can clear them)."""
+        fingerprint = self.tokenizer_fingerprint
+        stale = []
+        for stage in MODEL_STAGES:
+            state = ckpt.read_state(self.stage_dir(stage))
+            if state is not None and state.get("tokenizer") not in (None, "", fingerprint):
+                stale.append(stage)
+        return stale
+
     def load_model(self, stage: str):
         """A model with the weights of `stage`'s checkpoint (or the `--checkpoint` given for it)."""
         model = self.new_model()
-        ckpt.load(self.init_from.get(stage, self.stage_dir(stage)), model, config_hash=self.model_hash)
+        self.load_checkpoint(self.init_from.get(stage, self.stage_dir(stage)), model)
         return model
 
     def previous_model(self, stage: str):
         """The model a stage starts from: `--checkpoint`, else the nearest earlier model stage that finished."""
         if stage in self.init_from:
             model = self.new_model()
-            ckpt.load(self.init_from[stage], model, config_hash=self.model_hash)
+            self.load_checkpoint(self.init_from[stage], model)
             return model
         earlier = MODEL_STAGES[: MODEL_STAGES.index(stage)] if stage in MODEL_STAGES else MODEL_STAGES
         for prev in reversed(earlier):
@@ -152,6 +183,7 @@ class Context:
             rank=self.rank,
             store=self.store(),
             store_prefix=f"{self.cfg.name}/{stage}",
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
 
 
