@@ -514,3 +514,18 @@ def test_the_token_count_is_read_once_a_step_not_once_a_pass(monkeypatch):
     monkeypatch.undo()
     assert res["tokens_per_step"] == 1024  # 8 passes of one row of 128 tokens a step
     assert len(reads) <= 2, len(reads)  # one a step
+
+
+def test_a_retrained_tokenizer_clears_the_models_trained_with_the_old_one():
+    run_pipeline(_cfg("retok", "eval.samples=0", "rl.kl_every=0"))
+    assert all((run_dir("retok") / s / "DONE").is_file() for s in ("base", "mid", "sft", "rl", "eval"))
+    # another tokenizer (numbers split differently): every model of the run was trained with the old ids
+    run_pipeline(_cfg("retok", "tokenizer.max_digits=3"), only="tokenizer")
+    for stage in ("base", "mid", "sft", "rl"):
+        assert not (run_dir("retok") / stage).exists(), stage
+    assert not (run_dir("retok") / "eval" / "DONE").exists()
+    # the same tokenizer again: nothing is stale, nothing is cleared
+    again = run_pipeline(_cfg("retok", "tokenizer.max_digits=3", "eval.samples=0", "rl.kl_every=0"), from_stage="base")
+    assert again["base"] != "skipped"
+    run_pipeline(_cfg("retok", "tokenizer.max_digits=3"), only="tokenizer")
+    assert (run_dir("retok") / "sft" / "DONE").is_file()

@@ -94,9 +94,7 @@ def load_for_eval(
     cfg.telemetry.console = False
     ctx = make_context(cfg, folder=run)
     model = ctx.new_model()
-    from nanorl import checkpoint as ckpt
-
-    ckpt.load(stage_dir, model, config_hash=ctx.model_hash)
+    ctx.load_checkpoint(stage_dir, model)  # the architecture and the run's tokenizer checked
     return ctx, model, stage_dir
 
 

@@ -80,11 +80,16 @@ def token_bytes(tok, vocab_size: int, device) -> torch.Tensor:
 
 def run(ctx: Context) -> dict[str, Any]:
     from nanorl.data import PackedLoader, open_corpus
+    from nanorl.data.prepare import open_run_corpus
+    from nanorl.device import barrier
 
     cfg, tcfg = ctx.cfg, ctx.cfg.base
     tok = ctx.tokenizer()
     B, accum = micro_batch(ctx, "base")
     T = cfg.model.seq_len
+    if ctx.rank == 0:  # FineWeb shards the run needs (data.fineweb_shards) are fetched once, by one process
+        open_run_corpus(cfg, ctx.task, console=ctx.bus.console)
+    barrier()
     corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad)
     loader = PackedLoader(corpus, tok, B, T, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     steps = budget_steps(ctx, B * T * accum * ctx.world_size)

@@ -402,7 +402,7 @@ def train_supervised(
     opt = Optimizers(model, ctx.cfg.optim, lr_mult=tcfg.lr)
     start = 0
     if ckpt.has_checkpoint(sdir):  # an interrupted run: continue exactly where the last checkpoint left off
-        state = ckpt.load(sdir, model, opt, config_hash=ctx.model_hash, restore_rng=True)
+        state = ctx.load_checkpoint(sdir, model, opt, restore_rng=True)
         start = int(state["step"])
         if state.get("loader") is not None:
             ls = state["loader"]

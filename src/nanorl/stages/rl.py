@@ -408,7 +408,7 @@ def run(ctx: Context) -> dict[str, Any]:
     opt = Optimizers(model, optim_cfg, lr_mult=rcfg.lr)
     start = batches = 0  # batches: prompt batches sampled so far, the position in the prompt stream
     if ckpt.has_checkpoint(sdir):
-        state = ckpt.load(sdir, model, opt, config_hash=ctx.model_hash, restore_rng=True)
+        state = ctx.load_checkpoint(sdir, model, opt, restore_rng=True)
         start = int(state["step"])
         batches = int(state.get("batches", start))
     ref_holder: dict[str, Any] = {}

@@ -37,22 +37,24 @@ from nanorl.stages.common import MODEL_STAGES, STAGES, Context
 
 
 def run_tokenizer(ctx: Context) -> dict[str, Any]:
-    from nanorl.data import open_corpus
-    from nanorl.tokenizer import train_tokenizer
+    """Train the run's tokenizer (FineWeb shards the run needs are downloaded first: `data.fineweb_shards`). Model
+    stages trained with a previous tokenizer of this run are cleared: their checkpoints could not be loaded."""
+    from nanorl.data.prepare import train_run_tokenizer
 
-    cfg = ctx.cfg
     info = ctx.info("tokenizer", 1)
     ctx.bus.stage_start(info)
     t0 = time.time()
-    corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad)
-    tok = train_tokenizer(
-        corpus.docs(),
-        cfg.model.vocab_size,
-        max_digits=cfg.tokenizer.max_digits,
-        max_chars=cfg.tokenizer.train_chars,
-    )
-    tok.save(ctx.stage_dir("tokenizer"))
+    tok = train_run_tokenizer(ctx.cfg, ctx.task, ctx.stage_dir("tokenizer"), console=ctx.bus.console)
     ctx._tokenizer = None
+    stale = ctx.stale_model_stages()
+    for stage in stale:
+        clear_stage(ctx, stage)
+    if stale:
+        (ctx.stage_dir("eval") / ckpt.DONE_FILE).unlink(missing_ok=True)
+        ctx.bus.console.print(
+            f"[yellow]tokenizer changed: cleared {', '.join(stale)} (trained with the previous one)[/]",
+            highlight=False,
+        )
     metrics = {
         "vocab_size": tok.vocab_size,
         "seconds": time.time() - t0,
