@@ -7,8 +7,8 @@
 - RMSNorm has no learned weights; no Linear has a bias; input and output embeddings are untied
 - logits are soft-capped, cap·tanh(z / cap), which keeps them in (-cap, cap) (model.softcap, nanochat uses 15)
 
-Shapes follow the depth rule in `nanorl.config` (width 64·depth, heads of 128); the model reads a resolved
-`ModelConfig` where n_embd/n_head/n_kv_head are already filled in.
+Shapes follow the depth rule in `nanorl.config` (width 64·depth rounded up to a multiple of 128, heads of
+128); the model reads a resolved `ModelConfig` where n_embd/n_head/n_kv_head are already filled in.
 """
 
 from __future__ import annotations
