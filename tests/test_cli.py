@@ -70,3 +70,48 @@ def test_config_keys_lists_every_section():
     r = run_cli("config", "keys", "--json")
     keys = {row["key"] for row in json.loads(r.stdout)}
     assert {"model.depth", "rl.beta", "sft.lr", "telemetry.wandb", "seed"} <= keys
+
+
+# --- what the auditor found: messages, signals, streams, exit codes ------------------------------------------
+
+
+def run_piped(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """The CLI as in `nanorl ... | cat`: no COLUMNS, stdout and stderr pipes (an env value None unsets it)."""
+    e = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    e.update(env or {})
+    e = {k: v for k, v in e.items() if v is not None}
+    return subprocess.run(
+        [sys.executable, "-m", "nanorl", *args], capture_output=True, text=True, env=e, timeout=120, **kw
+    )
+
+
+def test_markup_in_user_text_is_printed_as_it_is(tmp_path):
+    # rich markup in an override, a value, a recipe's error: printed literally, never a MarkupError traceback
+    r = run_cli("config", "show", "[/b]=1")
+    assert r.returncode == 2 and "error: unknown config key '[/b]'" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("config", "show", "rl.rewards=x[/y]:z")
+    assert r.returncode == 2 and "rl.rewards[x[/y]]" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("config", "show", "rl.rewards=a:b")
+    assert r.returncode == 2 and "invalid value for rl.rewards[a]:" in r.stderr
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("model = 3\n")
+    r = run_cli("config", "show", "--config", str(recipe))
+    assert r.returncode == 2 and f"{recipe}: [model] must be a table" in r.stderr
+    r = run_cli("config", "show", "--data-dir", "/d/[/x]/[bold]")  # a table cell
+    assert r.returncode == 0 and "'/d/[/x]/[bold]'" in r.stdout, r.stderr
+
+
+def test_an_error_that_cannot_be_printed_still_prints_one_line(monkeypatch, capsys):
+    import pytest
+
+    import nanorl.cli as cli
+
+    def broken(message, hint=None):
+        raise RuntimeError("the printer broke")
+
+    monkeypatch.setattr(cli, "print_error", broken)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["config", "show", "depth=0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid value for model.depth" in err and "Traceback" not in err

@@ -216,3 +216,19 @@ def test_the_example_in_docs_plugins_md_works(site):
         assert plugins.reward("parity.correct")(ex, task.target(ex), answer) == 1.0
     with pytest.raises(NanorlError, match="no split"):
         task.load("validation")
+
+
+MARKUP_ERROR = """
+    from nanorl.api import hookimpl
+
+    @hookimpl
+    def register_tasks(register):
+        raise RuntimeError("closing [/bad] tag and a [bold] one")
+"""
+
+
+def test_a_plugin_error_with_markup_is_listed_as_it_is(site):
+    make_dist(site, "nanorl-plugin-marky", "nanorl_marky", MARKUP_ERROR, ep_name="marky")
+    r = run_cli("plugins", "list", site=site, env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "register_tasks raised RuntimeError: closing [/bad] tag and a [bold] one" in r.stdout

@@ -6,6 +6,7 @@ nothing heavy at import time, so `nanorl --help` answers fast.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 
@@ -63,8 +64,21 @@ def _add_commands() -> None:
     get_plugins().add_commands(app)
 
 
+def _fail(message: str, hint: str | None, exit_code: int) -> None:
+    """Print the error (never a traceback, whatever the text holds) and exit."""
+    if state["debug"]:
+        traceback.print_exc()
+    try:
+        print_error(message, hint)
+    except Exception:  # the error printer failing must not bury the error
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"error: {message}\n" + (f"hint: {hint}\n" if hint else ""))
+    sys.exit(exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app, turning NanorlError into one red line and an exit code."""
+    """Console-script entry point: run the app, turning errors into one red line, a hint and an exit code (2 for
+    bad input, 1 otherwise, 130 for Ctrl-C); a traceback only with --debug."""
     if argv is None:
         argv = sys.argv[1:]
     state["debug"] = "--debug" in argv
@@ -72,20 +86,14 @@ def main(argv: list[str] | None = None) -> None:
         _add_commands()
         app(args=argv, prog_name="nanorl", standalone_mode=True)
     except NanorlError as e:
-        if state["debug"]:
-            traceback.print_exc()
-        print_error(e.message, e.hint)
-        sys.exit(e.exit_code)
+        _fail(e.message, e.hint, e.exit_code)
     except KeyboardInterrupt:
-        print_error("interrupted", "a stage resumes from its last checkpoint when you run the command again")
-        sys.exit(130)
+        _fail("interrupted", "a stage resumes from its last checkpoint when you run the command again", 130)
     except SystemExit:
         raise
     except Exception as e:
-        if state["debug"]:
-            traceback.print_exc()
-        print_error(
+        _fail(
             f"{type(e).__name__}: {e}",
             "this is a bug in nanorl or a plugin; re-run with --debug for the traceback and report it",
+            1,
         )
-        sys.exit(1)

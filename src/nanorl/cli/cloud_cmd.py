@@ -21,7 +21,7 @@ import time
 import typer
 
 from nanorl.api import NanorlError
-from nanorl.cli.ui import console, err_console, print_json
+from nanorl.cli.ui import console, err_console, esc, print_json
 
 # depth 8's token budget is ~1.2 B tokens, about 24 FineWeb-EDU shards (README, "Using it")
 DEFAULT_COMMAND = (
@@ -63,9 +63,10 @@ def _instances_table(instances, title: str):
     for i in instances:
         color = "green" if i.status == "active" else "yellow" if i.status == "booting" else "red"
         price = f"{i.price_per_hour:.2f}" if i.price_per_hour is not None else "-"
-        table.add_row(
-            i.id, i.name or "-", f"[{color}]{i.status}[/]", i.instance_type, i.region or "-", i.ip or "-", price
-        )
+        cells = (i.id, i.name or "-", i.status, i.instance_type, i.region or "-", i.ip or "-", price)
+        cells = [esc(str(c)) for c in cells]  # what the API says is text, never markup
+        cells[2] = f"[{color}]{cells[2]}[/]"
+        table.add_row(*cells)
     return table
 
 
@@ -129,8 +130,8 @@ def register(app: typer.Typer) -> None:
         for col in ("type", "what", "GPUs", "$/h", "free in"):
             table.add_column(col, justify="right" if col in ("GPUs", "$/h") else "left")
         for t in found:
-            free = ", ".join(t.regions_available) or "[dim]none now[/]"
-            table.add_row(t.name, t.description, str(t.gpus), f"{t.price_per_hour:.2f}", free)
+            free = esc(", ".join(t.regions_available)) or "[dim]none now[/]"
+            table.add_row(esc(t.name), esc(t.description), str(t.gpus), f"{t.price_per_hour:.2f}", free)
         console.print(table)
 
     @cloud.command("estimate")
@@ -147,9 +148,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(_as_dict(est))
             return
-        regions = ", ".join(est.regions_available) or "[red]none now[/]"
+        regions = esc(", ".join(est.regions_available)) or "[red]none now[/]"
         console.print(
-            f"{est.instance_type}: ${est.price_per_hour:.2f}/h x {est.hours:g} h = [bold]${est.total:.2f}[/]"
+            f"{esc(est.instance_type)}: ${est.price_per_hour:.2f}/h x {est.hours:g} h = [bold]${est.total:.2f}[/]"
             f"; free in: {regions}",
             highlight=False,
         )
@@ -275,4 +276,4 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(_as_dict(inst))
             return
-        console.print(f"{inst.id}: {inst.status}", highlight=False)
+        console.print(f"{inst.id}: {inst.status}", highlight=False, markup=False)

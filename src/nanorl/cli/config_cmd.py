@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import console, esc, print_json
 
 # The options every command that builds a run config accepts (pipeline, train, config show, ...).
 PresetOpt = typer.Option(None, "--preset", help="Preset: tiny (CPU), d8, d12, d20, d26.")
@@ -62,16 +62,16 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         d = cfg.to_dict()
-        table = Table(title=f"run config: {cfg.name}", title_justify="left", show_lines=False)
+        table = Table(title=f"run config: {esc(cfg.name)}", title_justify="left", show_lines=False)
         table.add_column("key", style="cyan")
         table.add_column("value")
         for k, v in d.items():
             if k not in SECTIONS:
-                table.add_row(k, repr(v))
+                table.add_row(k, esc(repr(v)))
         for s in SECTIONS:
             table.add_section()
             for k, v in d[s].items():
-                table.add_row(f"{s}.{k}", repr(v))
+                table.add_row(f"{s}.{k}", esc(repr(v)))
         console.print(table)
         m = cfg.model
         console.print(
@@ -109,5 +109,5 @@ def register(app: typer.Typer) -> None:
         for col in ("key", "type", "default", "meaning"):
             table.add_column(col, overflow="fold")
         for r in rows:
-            table.add_row(r["key"], r["type"], repr(r["default"]), r["help"])
+            table.add_row(r["key"], esc(r["type"]), esc(repr(r["default"])), esc(r["help"]))
         console.print(table)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import console, esc, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -76,7 +76,8 @@ def register(app: typer.Typer) -> None:
             print_json({"shards": [str(p) for p in paths], "bytes": total})
         else:
             where = directory or fineweb_dir()
-            console.print(f"[green]{len(paths)} shards[/] ({total / 1e6:,.0f} MB) in {where}")
+            mb = f"{total / 1e6:,.0f} MB"
+            console.print(f"[green]{len(paths)} shards[/] ({mb}) in {esc(str(where))}", highlight=False)
 
     @data_app.command("show")
     def show(
@@ -114,7 +115,7 @@ def register(app: typer.Typer) -> None:
         from rich.panel import Panel
         from rich.text import Text
 
-        console.print(f"[bold]{task}[/] {split}: {len(examples):,} examples")
+        console.print(f"[bold]{esc(task)}[/] {esc(split)}: {len(examples):,} examples")
         for e in shown:
             # Text, not markup: a question may contain "[" that rich would read as a style
             body = Text(e.question + ("\n" + "  ".join(e.options) if e.options else "") + "\n")
@@ -123,7 +124,7 @@ def register(app: typer.Typer) -> None:
             body.append("\n")
             body.append("answer: ", style="dim")
             body.append(e.answer, style="bold")
-            console.print(Panel(body, title=e.id, title_align="left"))
+            console.print(Panel(body, title=esc(e.id), title_align="left"))
 
 
 # how a target's tool parts show: the special tokens the model writes around them, dimmed, and the contents

@@ -1,4 +1,9 @@
-"""What every command shares for talking to the user: the consoles, error printing, JSON output."""
+"""What every command shares for talking to the user: the consoles, error printing, JSON output.
+
+Text that comes from the user, a file, a plugin or an exception is never read as rich markup: "[model]" or
+"[/b]" in a message prints as it is (print_error and print_warning build `Text`, and `esc` escapes a string that
+goes into a markup template or a table cell).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape as esc
+from rich.text import Text
+
+__all__ = ["console", "err_console", "esc", "print_error", "print_json", "state"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -21,6 +30,7 @@ def print_json(obj: Any) -> None:
 
 
 def print_error(message: str, hint: str | None = None) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    """`error: MESSAGE` (red) and `hint: HINT` (dim) on stderr, the texts taken literally (no markup)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
     if hint:
-        err_console.print(f"[dim]hint:[/] {hint}", highlight=False)
+        err_console.print(Text.assemble(("hint:", "dim"), " ", str(hint)), highlight=False, soft_wrap=True)
