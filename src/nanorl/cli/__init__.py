@@ -64,6 +64,33 @@ def _add_commands() -> None:
     get_plugins().add_commands(app)
 
 
+def _run(argv: list[str]) -> int:
+    """Run the app the way typer's standalone mode does, except that Ctrl-C reaches `main` as KeyboardInterrupt
+    (typer turns it into a silent exit 130). Returns the exit code."""
+    from typer import rich_utils
+
+    try:
+        from typer.exceptions import TyperException as UsageProblem  # typer vendors click since 0.2x
+    except ImportError:  # an older typer: click's own
+        from click import ClickException as UsageProblem
+
+    command = typer.main.get_command(app)
+    try:
+        with command.make_context("nanorl", list(argv)) as ctx:
+            command.invoke(ctx)
+    except typer.Exit as e:  # --help, --version, typer.Exit(code)
+        return e.exit_code
+    except typer.Abort as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C at a prompt
+            raise KeyboardInterrupt from None
+        rich_utils.rich_abort_error()  # "Aborted!": a question answered no
+        return 1
+    except UsageProblem as e:  # usage errors (exit 2), shown as typer shows them
+        rich_utils.rich_format_error(e)
+        return e.exit_code
+    return 0
+
+
 def _fail(message: str, hint: str | None, exit_code: int) -> None:
     """Print the error (never a traceback, whatever the text holds) and exit."""
     if state["debug"]:
@@ -84,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     state["debug"] = "--debug" in argv
     try:
         _add_commands()
-        app(args=argv, prog_name="nanorl", standalone_mode=True)
+        code = _run(argv)
     except NanorlError as e:
         _fail(e.message, e.hint, e.exit_code)
     except KeyboardInterrupt:
@@ -97,3 +124,4 @@ def main(argv: list[str] | None = None) -> None:
             "this is a bug in nanorl or a plugin; re-run with --debug for the traceback and report it",
             1,
         )
+    sys.exit(code)  # as typer's standalone mode did: SystemExit(0) on success too
