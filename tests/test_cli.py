@@ -138,3 +138,15 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path):
     assert p.returncode in (130, -signal.SIGINT), err
     assert "error: interrupted" in err and "hint: a stage resumes from its last checkpoint" in err
     assert "Traceback" not in err
+
+
+def test_json_stays_pure_with_wandb_on(tmp_path):
+    import pytest
+
+    pytest.importorskip("wandb")
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": None}
+    r = run_piped("pipeline", "--task", "arith", "--preset", "tiny", "telemetry.wandb=true", "--only", "tokenizer",
+                  "--json", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokenizer"]["vocab_size"] > 256  # nothing but the JSON on stdout
+    assert "wandb sync" in r.stderr  # wandb's closing lines: on stderr
