@@ -150,3 +150,20 @@ def test_json_stays_pure_with_wandb_on(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokenizer"]["vocab_size"] > 256  # nothing but the JSON on stdout
     assert "wandb sync" in r.stderr  # wandb's closing lines: on stderr
+
+
+def test_file_system_errors_name_the_path_exit_2_without_calling_it_a_bug(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    r = run_cli("pipeline", "--task", "arith", "--preset", "tiny", "--only", "tokenizer",
+                env={"NANORL_HOME": str(afile)})  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert f"error: Not a directory: {afile}/runs" in r.stderr and f"NANORL_HOME={afile}" in r.stderr
+    assert "a bug in nanorl" not in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("data", "download", "fineweb", "--shards", "1", "--dir", str(afile), "--url", "http://127.0.0.1:9")
+    assert r.returncode == 2 and f"File exists: {afile}" in r.stderr
+    assert "fineweb 0/" not in r.stdout + r.stderr  # the folder is checked before the progress bar
+    r = run_cli("tokenizer", "train", "--vocab-size", "300", "--out", str(afile / "tok"))
+    assert r.returncode == 2 and f"{afile}" in r.stderr and "a bug in nanorl" not in r.stderr
+    r = run_cli("--debug", "tokenizer", "train", "--vocab-size", "300", "--out", str(afile / "tok"))
+    assert r.returncode == 2 and "Traceback" in r.stderr

@@ -7,6 +7,7 @@ nothing heavy at import time, so `nanorl --help` answers fast.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 
@@ -103,6 +104,22 @@ def _fail(message: str, hint: str | None, exit_code: int) -> None:
     sys.exit(exit_code)
 
 
+def _os_error(e: OSError) -> tuple[str, str, int]:
+    """A file-system error as (message, hint, exit code): the path and what is wrong with it. A bad NANORL_HOME,
+    --dir or --out is bad input (2); an OSError without a path (a full disk, a network error) is not (1)."""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return f"{type(e).__name__}: {what}", "re-run with --debug for the traceback", 1
+    path = os.fsdecode(e.filename)
+    message = f"{what}: {path}" + (f" -> {os.fsdecode(e.filename2)}" if e.filename2 is not None else "")
+    home = os.environ.get("NANORL_HOME")
+    if home and (path == home or path.startswith(home.rstrip("/") + "/")):
+        hint = f"NANORL_HOME={home}: check that it is a folder you can write to"
+    else:
+        hint = "check that it is a folder you can write to (NANORL_HOME, --dir, --out)"
+    return message, hint, 2
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning errors into one red line, a hint and an exit code (2 for
     bad input, 1 otherwise, 130 for Ctrl-C); a traceback only with --debug."""
@@ -116,6 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(e.message, e.hint, e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", "a stage resumes from its last checkpoint when you run the command again", 130)
+    except BrokenPipeError:  # `nanorl ... | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:
+        _fail(*_os_error(e))
     except SystemExit:
         raise
     except Exception as e:

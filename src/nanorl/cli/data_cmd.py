@@ -39,6 +39,9 @@ def register(app: typer.Typer) -> None:
 
         from nanorl.data.fineweb import download_fineweb, fineweb_dir
 
+        # the folder first: one that cannot be made (a file in the way, no permission) is an error before any bar
+        where = directory or fineweb_dir()
+        where.mkdir(parents=True, exist_ok=True)
         lock = threading.Lock()  # the callbacks come from the download threads
         done = [0]
         with Progress(
@@ -75,7 +78,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json({"shards": [str(p) for p in paths], "bytes": total})
         else:
-            where = directory or fineweb_dir()
             mb = f"{total / 1e6:,.0f} MB"
             console.print(f"[green]{len(paths)} shards[/] ({mb}) in {esc(str(where))}", highlight=False)
 
