@@ -117,6 +117,13 @@ def test_an_error_that_cannot_be_printed_still_prints_one_line(monkeypatch, caps
     assert "error: invalid value for model.depth" in err and "Traceback" not in err
 
 
+def test_debug_is_global_anywhere_before_double_dash():
+    r = run_cli("config", "show", "--debug", "depth=0")
+    assert r.returncode == 2 and "Traceback" in r.stderr and "No such option" not in r.stderr
+    r = run_cli("config", "show", "depth=0", "--debug")
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
 def test_ctrl_c_says_interrupted_and_exits_130(tmp_path):
     import signal
     import time

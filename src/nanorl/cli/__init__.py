@@ -65,6 +65,14 @@ def _add_commands() -> None:
     get_plugins().add_commands(app)
 
 
+def _debug_first(argv: list[str]) -> list[str]:
+    """`--debug` is global: accept it anywhere before `--` (`nanorl config show --debug x=1`) by moving it first."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    return ["--debug", *(a for a in argv[:end] if a != "--debug"), *argv[end:]]
+
+
 def _run(argv: list[str]) -> int:
     """Run the app the way typer's standalone mode does, except that Ctrl-C reaches `main` as KeyboardInterrupt
     (typer turns it into a silent exit 130). Returns the exit code."""
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     bad input, 1 otherwise, 130 for Ctrl-C); a traceback only with --debug."""
     if argv is None:
         argv = sys.argv[1:]
-    state["debug"] = "--debug" in argv
+    argv = _debug_first(list(argv))
+    state["debug"] = argv[:1] == ["--debug"]
     try:
         _add_commands()
         code = _run(argv)
