@@ -174,3 +174,13 @@ def test_file_system_errors_name_the_path_exit_2_without_calling_it_a_bug(tmp_pa
     assert r.returncode == 2 and f"{afile}" in r.stderr and "a bug in nanorl" not in r.stderr
     r = run_cli("--debug", "tokenizer", "train", "--vocab-size", "300", "--out", str(afile / "tok"))
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_piped_output_is_wide_enough_not_to_cut_tables(tmp_path):
+    # `nanorl ... | cat`: rich would squeeze to 80 columns and cut cells ("generat…"); a table that fits is whole
+    long_dir = "/data/" + "x" * 100
+    r = run_piped("config", "show", "--data-dir", long_dir)
+    assert r.returncode == 0 and f"'{long_dir}'" in r.stdout and "…" not in r.stdout
+    # COLUMNS still rules when set
+    r = run_piped("config", "show", "--data-dir", long_dir, env={"COLUMNS": "80"})
+    assert f"'{long_dir}'" not in r.stdout

@@ -126,7 +126,8 @@ def register(app: typer.Typer) -> None:
             body.append("\n")
             body.append("answer: ", style="dim")
             body.append(e.answer, style="bold")
-            console.print(Panel(body, title=esc(e.id), title_align="left"))
+            # in a pipe the console is wide (ui.PIPE_WIDTH): a panel there fits its text instead of filling it
+            console.print(Panel(body, title=esc(e.id), title_align="left", expand=console.is_terminal))
 
 
 # how a target's tool parts show: the special tokens the model writes around them, dimmed, and the contents

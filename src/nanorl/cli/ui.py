@@ -8,6 +8,7 @@ goes into a markup template or a table cell).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -17,8 +18,20 @@ from rich.text import Text
 
 __all__ = ["console", "err_console", "esc", "print_error", "print_json", "state"]
 
-console = Console()
-err_console = Console(stderr=True)
+# Width for output that goes to a pipe or a file (`nanorl eval ... | cat`, a CI log): rich would squeeze it to 80
+# columns, truncating table cells and splitting the commands users copy. A table only takes the width it needs.
+PIPE_WIDTH = 200
+
+
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    if not c.is_terminal and not os.environ.get("COLUMNS"):
+        c.width = PIPE_WIDTH
+    return c
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 # set by the app callback from --debug
 state = {"debug": False}
