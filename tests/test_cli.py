@@ -184,3 +184,30 @@ def test_piped_output_is_wide_enough_not_to_cut_tables(tmp_path):
     # COLUMNS still rules when set
     r = run_piped("config", "show", "--data-dir", long_dir, env={"COLUMNS": "80"})
     assert f"'{long_dir}'" not in r.stdout
+
+
+def test_warnings_are_one_yellow_line_each(tmp_path):
+    data = tmp_path / "aqua"
+    data.mkdir()
+    good = {"question": "1+1?", "options": ["A)1", "B)2", "C)3", "D)4", "E)5"], "rationale": "1+1=2", "correct": "B"}
+    (data / "dev.json").write_text(json.dumps(good) + "\n" + "{not json\n" + json.dumps(good) + "\n")
+    r = run_piped("data", "show", "--task", "aqua", "--data-dir", str(data), "-n", "1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["size"] == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("warning: ") and "skipped 1 of 3 rows (line 2: not valid JSON" in line
+    assert "BadRowsWarning" not in r.stderr
+
+
+def test_a_warning_message_shows_once(monkeypatch, capsys):
+    import warnings
+
+    import nanorl.cli as cli
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
+    cli.state["debug"] = False
+    cli._show_warnings_as_lines()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("rows [/b] skipped", UserWarning, stacklevel=1)
+        warnings.warn("rows [/b] skipped", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err.splitlines() == ["warning: rows [/b] skipped"]

@@ -10,12 +10,13 @@ import contextlib
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 
 from nanorl import __version__
 from nanorl.api import NanorlError
-from nanorl.cli.ui import print_error, state
+from nanorl.cli.ui import print_error, print_warning, state
 
 app = typer.Typer(
     name="nanorl",
@@ -128,6 +129,23 @@ def _os_error(e: OSError) -> tuple[str, str, int]:
     return message, hint, 2
 
 
+def _show_warnings_as_lines() -> None:
+    """Warnings (bad data rows, ...) as one `warning: MESSAGE` line on stderr, each message once: not Python's
+    `file.py:78: BadRowsWarning: ...` plus a source line. --debug keeps Python's format (where it came from)."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text in seen:
+            return
+        seen.add(text)
+        with contextlib.suppress(Exception):
+            print_warning(text)
+
+    if not state["debug"]:
+        warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning errors into one red line, a hint and an exit code (2 for
     bad input, 1 otherwise, 130 for Ctrl-C); a traceback only with --debug."""
@@ -135,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = sys.argv[1:]
     argv = _debug_first(list(argv))
     state["debug"] = argv[:1] == ["--debug"]
+    _show_warnings_as_lines()
     try:
         _add_commands()
         code = _run(argv)

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape as esc
 from rich.text import Text
 
-__all__ = ["console", "err_console", "esc", "print_error", "print_json", "state"]
+__all__ = ["console", "err_console", "esc", "print_error", "print_json", "print_warning", "state"]
 
 # Width for output that goes to a pipe or a file (`nanorl eval ... | cat`, a CI log): rich would squeeze it to 80
 # columns, truncating table cells and splitting the commands users copy. A table only takes the width it needs.
@@ -47,3 +47,8 @@ def print_error(message: str, hint: str | None = None) -> None:
     err_console.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
     if hint:
         err_console.print(Text.assemble(("hint:", "dim"), " ", str(hint)), highlight=False, soft_wrap=True)
+
+
+def print_warning(message: str) -> None:
+    """`warning: MESSAGE` (yellow) on stderr, the text taken literally."""
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", str(message)), highlight=False, soft_wrap=True)
