@@ -211,3 +211,12 @@ def test_a_warning_message_shows_once(monkeypatch, capsys):
         warnings.warn("rows [/b] skipped", UserWarning, stacklevel=1)
         warnings.warn("rows [/b] skipped", UserWarning, stacklevel=1)
     assert capsys.readouterr().err.splitlines() == ["warning: rows [/b] skipped"]
+
+
+def test_out_of_range_options_are_usage_errors_before_any_output(tmp_path):
+    r = run_cli("data", "show", "-n", "-1")
+    assert r.returncode == 2 and r.stdout == "" and "-n" in r.stderr
+    for args in (["--start", "-1"], ["--shards", "0"], ["--workers", "0"]):
+        r = run_cli("data", "download", "fineweb", *args, "--dir", str(tmp_path / "fw"), "--url", "http://127.0.0.1:9")
+        assert r.returncode == 2 and r.stdout == "" and "fineweb 0/" not in r.stderr, args
+    assert not (tmp_path / "fw").exists()

@@ -17,12 +17,12 @@ def register(app: typer.Typer) -> None:
 
     @download_app.command("fineweb")
     def fineweb(
-        shards: int = typer.Option(8, "--shards", "-n", help="How many shards (~100 MB each)."),
-        start: int = typer.Option(0, "--start", help="Index of the first shard."),
+        shards: int = typer.Option(8, "--shards", "-n", help="How many shards (~100 MB each).", min=1),
+        start: int = typer.Option(0, "--start", help="Index of the first shard.", min=0),
         url: str = typer.Option(None, "--url", help="Base URL (default: $NANORL_FINEWEB_URL, else the HF hub)."),
         directory: Path = typer.Option(None, "--dir", help="Where to put them (default: $NANORL_HOME/data/fineweb)."),
-        workers: int = typer.Option(4, "--workers", help="Parallel downloads."),
-        retries: int = typer.Option(5, "--retries", help="Retries per shard, with exponential backoff."),
+        workers: int = typer.Option(4, "--workers", help="Parallel downloads.", min=1),
+        retries: int = typer.Option(5, "--retries", help="Retries per shard, with exponential backoff.", min=0),
         as_json: bool = typer.Option(False, "--json", help="Print JSON when done."),
     ) -> None:
         """Download FineWeb-EDU parquet shards: parallel, resumable, each checked before use."""
@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
     def show(
         task: str = typer.Option("arith", "--task", help="The task."),
         split: str = typer.Option("dev", "--split", help="train, dev or test."),
-        n: int = typer.Option(3, "-n", help="How many examples."),
+        n: int = typer.Option(3, "-n", help="How many examples.", min=0),
         data_dir: str = typer.Option(None, "--data-dir", help="The task's data folder, if it needs one."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
