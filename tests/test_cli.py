@@ -220,3 +220,10 @@ def test_out_of_range_options_are_usage_errors_before_any_output(tmp_path):
         r = run_cli("data", "download", "fineweb", *args, "--dir", str(tmp_path / "fw"), "--url", "http://127.0.0.1:9")
         assert r.returncode == 2 and r.stdout == "" and "fineweb 0/" not in r.stderr, args
     assert not (tmp_path / "fw").exists()
+
+
+def test_config_errors_have_hints():
+    r = run_cli("config", "show", "--preset", "nope")
+    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and "hint: --preset tiny" in r.stderr
+    r = run_cli("config", "show", "--name", "a/b")
+    assert r.returncode == 2 and "invalid run name 'a/b'" in r.stderr and "hint: pick another with --name" in r.stderr

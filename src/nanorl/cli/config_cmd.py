@@ -20,17 +20,30 @@ OverridesArg = typer.Argument(None, help="key=value overrides, e.g. model.seq_le
 
 def build_config(preset, depth, config, task, name, overrides, data_dir=None):
     """Resolve a run config from the common CLI options (one way, shared by every command)."""
+    from nanorl.api import NanorlError
     from nanorl.config import resolve
 
-    return resolve(
-        preset=preset,
-        config_file=config,
-        overrides=overrides or [],
-        model__depth=depth,
-        data__data_dir=data_dir,
-        task=task,
-        name=name,
-    )
+    try:
+        return resolve(
+            preset=preset,
+            config_file=config,
+            overrides=overrides or [],
+            model__depth=depth,
+            data__data_dir=data_dir,
+            task=task,
+            name=name,
+        )
+    except NanorlError as e:
+        if e.hint is None:  # what to do about the errors config.resolve leaves without a hint
+            e.hint = next((h for start, h in _HINTS if e.message.startswith(start)), None)
+        raise
+
+
+# (message start, hint) for config errors raised without a hint
+_HINTS = (
+    ("unknown preset", "--preset tiny runs on a CPU; or give the size itself with --depth N"),
+    ("invalid run name", "pick another with --name, e.g. --name aqua-d8-try2 (it names the folder under runs/)"),
+)
 
 
 def register(app: typer.Typer) -> None:
