@@ -227,3 +227,61 @@ def test_config_errors_have_hints():
     assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and "hint: --preset tiny" in r.stderr
     r = run_cli("config", "show", "--name", "a/b")
     assert r.returncode == 2 and "invalid run name 'a/b'" in r.stderr and "hint: pick another with --name" in r.stderr
+
+
+# --- nanorl cloud against the fake Lambda API -----------------------------------------------------------------
+
+
+def _fake_lambda():
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "lambda" / "tests"))
+    from fake_lambda import FakeLambda
+
+    return FakeLambda()
+
+
+def test_cloud_launch_says_which_machine_is_billed_when_waiting_fails():
+    with _fake_lambda() as fake:
+        env = {"LAMBDA_API_KEY": "test-key", "LAMBDA_API_URL": fake.url, "NANORL_CLOUD_POLL_S": "0.01"}
+        launch = ["cloud", "launch", "gpu_1x_a10", "--setup", "true", "--yes"]
+        r = run_piped(*launch, "--timeout-min", "-1", "--json", env=env)
+        assert r.returncode == 2 and "--timeout-min -1" in r.stderr and r.stdout == ""
+        assert fake.instances == {}  # refused before renting
+        fake.boot_polls = 10**6  # it never comes up: the wait times out
+        r = run_piped(*launch, "--timeout-min", "0.001", "--json", env=env)
+        assert r.returncode == 1 and "is still booting after" in r.stderr
+        inst = json.loads(r.stdout)  # a script learns the billed machine's id
+        assert inst["id"] in fake.instances and fake.instances[inst["id"]]["status"] == "booting"
+        r = run_piped(*launch, "--timeout-min", "0.001", env=env)
+        (second,) = set(fake.instances) - {inst["id"]}
+        assert r.returncode == 1 and f"nanorl cloud terminate {second}" in r.stderr
+        # copy-paste commands are not split in a pipe
+        fake.boot_polls = 0
+        r = run_piped(*launch, "--name", "n" * 60, env=env)
+        assert r.returncode == 0, r.stderr
+        (third,) = set(fake.instances) - {inst["id"], second}
+        follow = f"follow: nanorl cloud logs {third}    end (billing stops): nanorl cloud terminate {third}"
+        assert follow in r.stdout.splitlines()
+
+
+def test_cloud_bad_ids_and_dead_machines_are_clear(tmp_path):
+    ssh = tmp_path / "ssh"
+    ssh.write_text(f"#!/bin/sh\ntouch {tmp_path / 'ssh-ran'}\nexit 255\n")
+    ssh.chmod(0o755)
+    with _fake_lambda() as fake:
+        env = {"LAMBDA_API_KEY": "test-key", "LAMBDA_API_URL": fake.url, "NANORL_CLOUD_POLL_S": "0.01",
+               "NANORL_SSH": str(ssh)}  # fmt: skip
+        r = run_piped("cloud", "status", "nosuch", env=env)
+        assert r.returncode == 2 and "does not exist" in r.stderr and "nanorl cloud list" in r.stderr
+        r = run_piped("cloud", "launch", "gpu_1x_a10", "--setup", "true", "--yes", "-e", "NOPE_VAR_XYZ", env=env)
+        assert r.returncode == 2 and "no such variable in this shell" in r.stderr and fake.instances == {}
+        r = run_piped("cloud", "launch", "gpu_1x_a10", "--setup", "true", "--yes", "--json", env=env)
+        iid = json.loads(r.stdout)["id"]
+        assert run_piped("cloud", "terminate", iid, "--yes", env=env).returncode == 0
+        r = run_piped("cloud", "logs", iid, env=env)
+        assert r.returncode == 1 and f"instance {iid} is terminated" in r.stderr
+        assert not (tmp_path / "ssh-ran").exists()  # no ssh to a machine that is gone
+        r = run_piped("cloud", "types", env={**env, "NANORL_PLUGINS": ""})
+        assert r.returncode == 2 and "NANORL_PLUGINS='' leaves out the installed plugins" in r.stderr
+        assert "pip install" not in r.stderr

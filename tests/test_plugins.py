@@ -232,3 +232,13 @@ def test_a_plugin_error_with_markup_is_listed_as_it_is(site):
     r = run_cli("plugins", "list", site=site, env={"COLUMNS": "200"})
     assert r.returncode == 0, r.stderr
     assert "register_tasks raised RuntimeError: closing [/bad] tag and a [bold] one" in r.stdout
+
+
+def test_nanorl_plugins_naming_no_installed_plugin_is_warned_about(site):
+    make_dist(site, "nanorl-plugin-echo", "nanorl_echo", GOOD, ep_name="echo")
+    with pytest.warns(UserWarning, match=r"NANORL_PLUGINS names no installed plugin 'nosuch' \(installed: .*echo"):
+        plugins = Plugins(selection=["nosuch", "echo"])
+    assert "echo" in plugins.infos and "aqua" in plugins.excluded
+    r = run_cli("plugins", "list", "--json", site=site, env={"NANORL_PLUGINS": "nosuch,echo"})
+    assert r.returncode == 0 and json.loads(r.stdout)["plugins"]
+    assert r.stderr.startswith("warning: NANORL_PLUGINS names no installed plugin 'nosuch'")

@@ -5,7 +5,7 @@ list` shows it, and every other command keeps working. Two plugins registering o
 both; the first keeps the name, and using it is refused until one of them is removed.
 
 `NANORL_PLUGINS=a,b` loads only the entry points named a and b; `NANORL_PLUGINS=` (empty) loads none.
-Built-ins always load.
+Built-ins always load. A name there that no installed plugin has is warned about (a typo loads nothing).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -67,6 +68,8 @@ class Plugins:
         self.registry: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
         self.owner: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin that registered it
         self.conflicts: dict[tuple[str, str], list[str]] = {}
+        self.selection = selection
+        self.excluded: list[str] = []  # installed entry points that the selection leaves out
         self._commands_added = False
 
         for name, module in BUILTINS:
@@ -74,6 +77,7 @@ class Plugins:
         eps = list(metadata.entry_points(group=GROUP)) if entry_points is None else entry_points
         for ep in sorted(eps, key=lambda e: e.name):
             if selection is not None and ep.name not in selection:
+                self.excluded.append(ep.name)
                 continue
             dist = getattr(ep, "dist", None)
             source = dist.metadata["Name"] if dist is not None else "?"
@@ -81,6 +85,16 @@ class Plugins:
             self._load(ep.name, source, version, ep.load, ep.value)
         for kind, (hook, _) in KINDS.items():
             self._call(kind, hook)
+        if selection is not None:
+            known = {ep.name for ep in eps} | {name for name, _ in BUILTINS}
+            unknown = [s for s in selection if s not in known]
+            if unknown:
+                have = ", ".join(sorted({ep.name for ep in eps})) or "none"
+                warnings.warn(
+                    f"NANORL_PLUGINS names no installed plugin {', '.join(map(repr, unknown))} (installed: {have})",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     # -- loading --------------------------------------------------------------------------------------------
     def _load(self, name: str, source: str, version: str, load, module: str) -> None:
