@@ -285,3 +285,14 @@ def test_cloud_bad_ids_and_dead_machines_are_clear(tmp_path):
         r = run_piped("cloud", "types", env={**env, "NANORL_PLUGINS": ""})
         assert r.returncode == 2 and "NANORL_PLUGINS='' leaves out the installed plugins" in r.stderr
         assert "pip install" not in r.stderr
+
+
+def test_progress_lines_print_a_plugin_task_name_as_it_is(capsys):
+    from nanorl.api import EvalResult, StageInfo
+    from nanorl.builtin.sinks import ConsoleSink
+
+    sink = ConsoleSink()
+    sink.on_stage_start(StageInfo("r", "/tmp/r", "eval", "t[/x]", {}, 1))  # stderr is not a terminal: plain lines
+    sink.on_step("eval", 1, {"loss": 1.0})
+    sink.on_eval(EvalResult("t[/x]", "dev", {"accuracy": 0.5, "n": 2, "model_stage": "sft", "mode": "generative"}))
+    assert "eval t[/x] dev (sft, generative): accuracy 0.500, n=2" in capsys.readouterr().err

@@ -118,7 +118,7 @@ class ConsoleSink(TelemetryHook):
             if self.first_step < step < self.total:
                 per_step = (now - self.first_end) / (step - self.first_step)
                 when += f", ETA {_duration(per_step * (self.total - step))}"
-            self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({when})", highlight=False)
+            self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({when})", highlight=False, markup=False)
         return None
 
     def on_eval(self, result: EvalResult) -> None:
@@ -130,7 +130,7 @@ class ConsoleSink(TelemetryHook):
             ci = m.get("accuracy_ci95")
             ci_s = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
             where = f"{result.task} {result.split} ({m.get('model_stage', '')}, {m.get('mode', '')})"
-            self.console.print(f"eval {where}: accuracy {acc:.3f}{ci_s}, n={m.get('n')}", highlight=False)
+            self.console.print(f"eval {where}: accuracy {acc:.3f}{ci_s}, n={m.get('n')}", highlight=False, markup=False)
         return None
 
     def on_stage_end(self, info: StageInfo, metrics: dict[str, float]) -> None:
