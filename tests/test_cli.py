@@ -70,3 +70,229 @@ def test_config_keys_lists_every_section():
     r = run_cli("config", "keys", "--json")
     keys = {row["key"] for row in json.loads(r.stdout)}
     assert {"model.depth", "rl.beta", "sft.lr", "telemetry.wandb", "seed"} <= keys
+
+
+# --- what the auditor found: messages, signals, streams, exit codes ------------------------------------------
+
+
+def run_piped(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """The CLI as in `nanorl ... | cat`: no COLUMNS, stdout and stderr pipes (an env value None unsets it)."""
+    e = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    e.update(env or {})
+    e = {k: v for k, v in e.items() if v is not None}
+    return subprocess.run(
+        [sys.executable, "-m", "nanorl", *args], capture_output=True, text=True, env=e, timeout=120, **kw
+    )
+
+
+def test_markup_in_user_text_is_printed_as_it_is(tmp_path):
+    # rich markup in an override, a value, a recipe's error: printed literally, never a MarkupError traceback
+    r = run_cli("config", "show", "[/b]=1")
+    assert r.returncode == 2 and "error: unknown config key '[/b]'" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("config", "show", "rl.rewards=x[/y]:z")
+    assert r.returncode == 2 and "rl.rewards[x[/y]]" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("config", "show", "rl.rewards=a:b")
+    assert r.returncode == 2 and "invalid value for rl.rewards[a]:" in r.stderr
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("model = 3\n")
+    r = run_cli("config", "show", "--config", str(recipe))
+    assert r.returncode == 2 and f"{recipe}: [model] must be a table" in r.stderr
+    r = run_cli("config", "show", "--data-dir", "/d/[/x]/[bold]")  # a table cell
+    assert r.returncode == 0 and "'/d/[/x]/[bold]'" in r.stdout, r.stderr
+
+
+def test_an_error_that_cannot_be_printed_still_prints_one_line(monkeypatch, capsys):
+    import pytest
+
+    import nanorl.cli as cli
+
+    def broken(message, hint=None):
+        raise RuntimeError("the printer broke")
+
+    monkeypatch.setattr(cli, "print_error", broken)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["config", "show", "depth=0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid value for model.depth" in err and "Traceback" not in err
+
+
+def test_debug_is_global_anywhere_before_double_dash():
+    r = run_cli("config", "show", "--debug", "depth=0")
+    assert r.returncode == 2 and "Traceback" in r.stderr and "No such option" not in r.stderr
+    r = run_cli("config", "show", "depth=0", "--debug")
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "NANORL_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "nanorl", "pipeline", "--task", "arith", "--preset", "tiny", "steps=100000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in p.stderr:  # training has started: the long-running part
+            if line.startswith("base"):
+                break
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    # 130; or killed by SIGINT, which a shell also reports as 130: CPython ends that way whatever main() exits with
+    # when the interrupt landed inside an exec() of a string (dataclasses does those while torch imports)
+    assert p.returncode in (130, -signal.SIGINT), err
+    assert "error: interrupted" in err and "hint: a stage resumes from its last checkpoint" in err
+    assert "Traceback" not in err
+
+
+def test_json_stays_pure_with_wandb_on(tmp_path):
+    import pytest
+
+    pytest.importorskip("wandb")
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": None}
+    r = run_piped("pipeline", "--task", "arith", "--preset", "tiny", "telemetry.wandb=true", "--only", "tokenizer",
+                  "--json", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokenizer"]["vocab_size"] > 256  # nothing but the JSON on stdout
+    assert "wandb sync" in r.stderr  # wandb's closing lines: on stderr
+
+
+def test_file_system_errors_name_the_path_exit_2_without_calling_it_a_bug(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    r = run_cli("pipeline", "--task", "arith", "--preset", "tiny", "--only", "tokenizer",
+                env={"NANORL_HOME": str(afile)})  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert f"error: Not a directory: {afile}/runs" in r.stderr and f"NANORL_HOME={afile}" in r.stderr
+    assert "a bug in nanorl" not in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("data", "download", "fineweb", "--shards", "1", "--dir", str(afile), "--url", "http://127.0.0.1:9")
+    assert r.returncode == 2 and f"File exists: {afile}" in r.stderr
+    assert "fineweb 0/" not in r.stdout + r.stderr  # the folder is checked before the progress bar
+    r = run_cli("tokenizer", "train", "--vocab-size", "300", "--out", str(afile / "tok"))
+    assert r.returncode == 2 and f"{afile}" in r.stderr and "a bug in nanorl" not in r.stderr
+    r = run_cli("--debug", "tokenizer", "train", "--vocab-size", "300", "--out", str(afile / "tok"))
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_piped_output_is_wide_enough_not_to_cut_tables(tmp_path):
+    # `nanorl ... | cat`: rich would squeeze to 80 columns and cut cells ("generat…"); a table that fits is whole
+    long_dir = "/data/" + "x" * 100
+    r = run_piped("config", "show", "--data-dir", long_dir)
+    assert r.returncode == 0 and f"'{long_dir}'" in r.stdout and "…" not in r.stdout
+    # COLUMNS still rules when set
+    r = run_piped("config", "show", "--data-dir", long_dir, env={"COLUMNS": "80"})
+    assert f"'{long_dir}'" not in r.stdout
+
+
+def test_warnings_are_one_yellow_line_each(tmp_path):
+    data = tmp_path / "aqua"
+    data.mkdir()
+    good = {"question": "1+1?", "options": ["A)1", "B)2", "C)3", "D)4", "E)5"], "rationale": "1+1=2", "correct": "B"}
+    (data / "dev.json").write_text(json.dumps(good) + "\n" + "{not json\n" + json.dumps(good) + "\n")
+    r = run_piped("data", "show", "--task", "aqua", "--data-dir", str(data), "-n", "1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["size"] == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("warning: ") and "skipped 1 of 3 rows (line 2: not valid JSON" in line
+    assert "BadRowsWarning" not in r.stderr
+
+
+def test_a_warning_message_shows_once(monkeypatch, capsys):
+    import warnings
+
+    import nanorl.cli as cli
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
+    cli.state["debug"] = False
+    cli._show_warnings_as_lines()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("rows [/b] skipped", UserWarning, stacklevel=1)
+        warnings.warn("rows [/b] skipped", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err.splitlines() == ["warning: rows [/b] skipped"]
+
+
+def test_out_of_range_options_are_usage_errors_before_any_output(tmp_path):
+    r = run_cli("data", "show", "-n", "-1")
+    assert r.returncode == 2 and r.stdout == "" and "-n" in r.stderr
+    for args in (["--start", "-1"], ["--shards", "0"], ["--workers", "0"]):
+        r = run_cli("data", "download", "fineweb", *args, "--dir", str(tmp_path / "fw"), "--url", "http://127.0.0.1:9")
+        assert r.returncode == 2 and r.stdout == "" and "fineweb 0/" not in r.stderr, args
+    assert not (tmp_path / "fw").exists()
+
+
+def test_config_errors_have_hints():
+    r = run_cli("config", "show", "--preset", "nope")
+    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and "hint: --preset tiny" in r.stderr
+    r = run_cli("config", "show", "--name", "a/b")
+    assert r.returncode == 2 and "invalid run name 'a/b'" in r.stderr and "hint: pick another with --name" in r.stderr
+
+
+# --- nanorl cloud against the fake Lambda API -----------------------------------------------------------------
+
+
+def _fake_lambda():
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "lambda" / "tests"))
+    from fake_lambda import FakeLambda
+
+    return FakeLambda()
+
+
+def test_cloud_launch_says_which_machine_is_billed_when_waiting_fails():
+    with _fake_lambda() as fake:
+        env = {"LAMBDA_API_KEY": "test-key", "LAMBDA_API_URL": fake.url, "NANORL_CLOUD_POLL_S": "0.01"}
+        launch = ["cloud", "launch", "gpu_1x_a10", "--setup", "true", "--yes"]
+        r = run_piped(*launch, "--timeout-min", "-1", "--json", env=env)
+        assert r.returncode == 2 and "--timeout-min -1" in r.stderr and r.stdout == ""
+        assert fake.instances == {}  # refused before renting
+        fake.boot_polls = 10**6  # it never comes up: the wait times out
+        r = run_piped(*launch, "--timeout-min", "0.001", "--json", env=env)
+        assert r.returncode == 1 and "is still booting after" in r.stderr
+        inst = json.loads(r.stdout)  # a script learns the billed machine's id
+        assert inst["id"] in fake.instances and fake.instances[inst["id"]]["status"] == "booting"
+        r = run_piped(*launch, "--timeout-min", "0.001", env=env)
+        (second,) = set(fake.instances) - {inst["id"]}
+        assert r.returncode == 1 and f"nanorl cloud terminate {second}" in r.stderr
+        # copy-paste commands are not split in a pipe
+        fake.boot_polls = 0
+        r = run_piped(*launch, "--name", "n" * 60, env=env)
+        assert r.returncode == 0, r.stderr
+        (third,) = set(fake.instances) - {inst["id"], second}
+        follow = f"follow: nanorl cloud logs {third}    end (billing stops): nanorl cloud terminate {third}"
+        assert follow in r.stdout.splitlines()
+
+
+def test_cloud_bad_ids_and_dead_machines_are_clear(tmp_path):
+    ssh = tmp_path / "ssh"
+    ssh.write_text(f"#!/bin/sh\ntouch {tmp_path / 'ssh-ran'}\nexit 255\n")
+    ssh.chmod(0o755)
+    with _fake_lambda() as fake:
+        env = {"LAMBDA_API_KEY": "test-key", "LAMBDA_API_URL": fake.url, "NANORL_CLOUD_POLL_S": "0.01",
+               "NANORL_SSH": str(ssh)}  # fmt: skip
+        r = run_piped("cloud", "status", "nosuch", env=env)
+        assert r.returncode == 2 and "does not exist" in r.stderr and "nanorl cloud list" in r.stderr
+        r = run_piped("cloud", "launch", "gpu_1x_a10", "--setup", "true", "--yes", "-e", "NOPE_VAR_XYZ", env=env)
+        assert r.returncode == 2 and "no such variable in this shell" in r.stderr and fake.instances == {}
+        r = run_piped("cloud", "launch", "gpu_1x_a10", "--setup", "true", "--yes", "--json", env=env)
+        iid = json.loads(r.stdout)["id"]
+        assert run_piped("cloud", "terminate", iid, "--yes", env=env).returncode == 0
+        r = run_piped("cloud", "logs", iid, env=env)
+        assert r.returncode == 1 and f"instance {iid} is terminated" in r.stderr
+        assert not (tmp_path / "ssh-ran").exists()  # no ssh to a machine that is gone
+        r = run_piped("cloud", "types", env={**env, "NANORL_PLUGINS": ""})
+        assert r.returncode == 2 and "NANORL_PLUGINS='' leaves out the installed plugins" in r.stderr
+        assert "pip install" not in r.stderr
+
+
+def test_progress_lines_print_a_plugin_task_name_as_it_is(capsys):
+    from nanorl.api import EvalResult, StageInfo
+    from nanorl.builtin.sinks import ConsoleSink
+
+    sink = ConsoleSink()
+    sink.on_stage_start(StageInfo("r", "/tmp/r", "eval", "t[/x]", {}, 1))  # stderr is not a terminal: plain lines
+    sink.on_step("eval", 1, {"loss": 1.0})
+    sink.on_eval(EvalResult("t[/x]", "dev", {"accuracy": 0.5, "n": 2, "model_stage": "sft", "mode": "generative"}))
+    assert "eval t[/x] dev (sft, generative): accuracy 0.500, n=2" in capsys.readouterr().err

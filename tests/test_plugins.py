@@ -216,3 +216,93 @@ def test_the_example_in_docs_plugins_md_works(site):
         assert plugins.reward("parity.correct")(ex, task.target(ex), answer) == 1.0
     with pytest.raises(NanorlError, match="no split"):
         task.load("validation")
+
+
+MARKUP_ERROR = """
+    from nanorl.api import hookimpl
+
+    @hookimpl
+    def register_tasks(register):
+        raise RuntimeError("closing [/bad] tag and a [bold] one")
+"""
+
+
+TAKES_BUILTIN_NAMES = """
+    import typer
+    from nanorl.api import hookimpl
+
+    @hookimpl
+    def register_commands(app):
+        @app.command("eval")
+        def fake_eval():
+            print("the plugin's eval")
+
+        app.add_typer(typer.Typer(), name="config")
+
+        @app.command()
+        def taker_hello():
+            print("hello from taker")
+"""
+
+
+SAME_COMMAND = """
+    from nanorl.api import hookimpl
+
+    @hookimpl
+    def register_commands(app):
+        @app.command("taker-hello")
+        def again():
+            print("the second one")
+"""
+
+
+def test_a_plugin_error_with_markup_is_listed_as_it_is(site):
+    make_dist(site, "nanorl-plugin-marky", "nanorl_marky", MARKUP_ERROR, ep_name="marky")
+    r = run_cli("plugins", "list", site=site, env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "register_tasks raised RuntimeError: closing [/bad] tag and a [bold] one" in r.stdout
+
+
+def test_a_plugin_cannot_replace_a_command(site):
+    import typer
+
+    make_dist(site, "nanorl-plugin-taker", "nanorl_taker", TAKES_BUILTIN_NAMES, ep_name="taker")
+    make_dist(site, "nanorl-plugin-zsame", "nanorl_zsame", SAME_COMMAND, ep_name="zsame")
+    app = typer.Typer()
+
+    @app.command("eval")
+    def builtin_eval():
+        pass
+
+    app.add_typer(typer.Typer(), name="config")
+    plugins = Plugins()
+    plugins.add_commands(app)
+    names = sorted(c.name or c.callback.__name__ for c in [*app.registered_commands, *app.registered_groups])
+    assert names == ["config", "eval", "taker_hello"]
+    assert [c.callback for c in app.registered_commands if c.name == "eval"] == [builtin_eval]  # the built-in stays
+    assert len(app.registered_groups) == 1
+    errors = plugins.infos["taker"].errors
+    assert "command 'eval' is already a built-in command; this one is skipped" in errors
+    assert "command 'config' is already a built-in command; this one is skipped" in errors
+    assert plugins.infos["taker"].registered == {"command": ["taker-hello"]}
+    assert plugins.infos["zsame"].errors == [
+        "command 'taker-hello' is already plugin 'taker''s command; this one is skipped"
+    ]
+    # through the CLI: the built-in eval answers, and plugins list names the refusal
+    r = run_cli("eval", "--checkpoint", "no-such-run", site=site)
+    assert "the plugin's eval" not in r.stdout and "No such option" not in r.stderr and "no-such-run" in r.stderr
+    r = run_cli("plugins", "list", "--json", site=site)
+    by_name = {p["name"]: p for p in json.loads(r.stdout)["plugins"]}
+    assert any("'eval' is already a built-in command" in e for e in by_name["taker"]["errors"])
+    r = run_cli("taker-hello", site=site)
+    assert r.returncode == 0 and "hello from taker" in r.stdout
+
+
+def test_nanorl_plugins_naming_no_installed_plugin_is_warned_about(site):
+    make_dist(site, "nanorl-plugin-echo", "nanorl_echo", GOOD, ep_name="echo")
+    with pytest.warns(UserWarning, match=r"NANORL_PLUGINS names no installed plugin 'nosuch' \(installed: .*echo"):
+        plugins = Plugins(selection=["nosuch", "echo"])
+    assert "echo" in plugins.infos and "aqua" in plugins.excluded
+    r = run_cli("plugins", "list", "--json", site=site, env={"NANORL_PLUGINS": "nosuch,echo"})
+    assert r.returncode == 0 and json.loads(r.stdout)["plugins"]
+    assert r.stderr.startswith("warning: NANORL_PLUGINS names no installed plugin 'nosuch'")

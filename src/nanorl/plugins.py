@@ -5,7 +5,10 @@ list` shows it, and every other command keeps working. Two plugins registering o
 both; the first keeps the name, and using it is refused until one of them is removed.
 
 `NANORL_PLUGINS=a,b` loads only the entry points named a and b; `NANORL_PLUGINS=` (empty) loads none.
-Built-ins always load.
+Built-ins always load. A name there that no installed plugin has is warned about (a typo loads nothing).
+
+A plugin's `register_commands` may add commands, never replace one: a name the app already has (`eval`, another
+plugin's command) is refused, recorded as that plugin's error, and the command that was there stays.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -67,6 +71,8 @@ class Plugins:
         self.registry: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
         self.owner: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin that registered it
         self.conflicts: dict[tuple[str, str], list[str]] = {}
+        self.selection = selection
+        self.excluded: list[str] = []  # installed entry points that the selection leaves out
         self._commands_added = False
 
         for name, module in BUILTINS:
@@ -74,6 +80,7 @@ class Plugins:
         eps = list(metadata.entry_points(group=GROUP)) if entry_points is None else entry_points
         for ep in sorted(eps, key=lambda e: e.name):
             if selection is not None and ep.name not in selection:
+                self.excluded.append(ep.name)
                 continue
             dist = getattr(ep, "dist", None)
             source = dist.metadata["Name"] if dist is not None else "?"
@@ -81,6 +88,16 @@ class Plugins:
             self._load(ep.name, source, version, ep.load, ep.value)
         for kind, (hook, _) in KINDS.items():
             self._call(kind, hook)
+        if selection is not None:
+            known = {ep.name for ep in eps} | {name for name, _ in BUILTINS}
+            unknown = [s for s in selection if s not in known]
+            if unknown:
+                have = ", ".join(sorted({ep.name for ep in eps})) or "none"
+                warnings.warn(
+                    f"NANORL_PLUGINS names no installed plugin {', '.join(map(repr, unknown))} (installed: {have})",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     # -- loading --------------------------------------------------------------------------------------------
     def _load(self, name: str, source: str, version: str, load, module: str) -> None:
@@ -161,16 +178,48 @@ class Plugins:
         if self._commands_added:
             return
         self._commands_added = True
+        owner = {name: "nanorl" for name in _command_names(app)}
         for impl in self.pm.hook.register_commands.get_hookimpls():
+            info = self.infos[impl.plugin_name]
+            n_commands, n_groups = len(app.registered_commands), len(app.registered_groups)
             try:
                 impl.function(app)
             except Exception as e:
-                info = self.infos[impl.plugin_name]
                 info.errors.append(f"register_commands raised {type(e).__name__}: {e}")
                 info.traceback = traceback.format_exc()
+            # what this plugin added: a name already taken is refused, the command that has it stays
+            for entries in (app.registered_commands, app.registered_groups):
+                start = n_commands if entries is app.registered_commands else n_groups
+                added, kept = entries[start:], []
+                for entry in added:
+                    name = _entry_name(entry)
+                    if name in owner:
+                        by = "a built-in command" if owner[name] == "nanorl" else f"plugin {owner[name]!r}'s command"
+                        info.errors.append(f"command {name!r} is already {by}; this one is skipped")
+                        continue
+                    owner[name] = impl.plugin_name
+                    info.registered.setdefault("command", []).append(name)
+                    kept.append(entry)
+                entries[start:] = kept
 
     def errors(self) -> list[tuple[str, str]]:
         return [(name, err) for name, info in self.infos.items() for err in info.errors]
+
+
+def _entry_name(entry) -> str:
+    """The name a Typer command (CommandInfo) or group (TyperInfo) is invoked by, as typer derives it."""
+    name = getattr(entry, "name", None)
+    if not name and getattr(entry, "typer_instance", None) is not None:
+        name = getattr(entry.typer_instance.info, "name", None)
+        name = name if isinstance(name, str) else None
+    if not name:
+        callback = getattr(entry, "callback", None)
+        name = getattr(callback, "__name__", "") if callback is not None else ""
+    return name.lower().replace("_", "-") if name else ""
+
+
+def _command_names(app) -> set[str]:
+    return {_entry_name(e) for e in [*app.registered_commands, *app.registered_groups]} - {""}
 
 
 def _hook_names(pm: pluggy.PluginManager, plugin_name: str) -> list[str]:

@@ -272,7 +272,7 @@ def test_cli_asks_before_billing_and_explains_failures(fake):
     r = _cli(fake, "launch", "gpu_8x_h100_sxm5", "--yes", "--setup", "true")
     assert r.returncode == 1 and "no capacity for gpu_8x_h100_sxm5" in r.stderr
     r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "--setup", "true", "--env", "NOT_IN_THIS_SHELL_XYZ")
-    assert r.returncode == 1 and "no such variable in this shell" in r.stderr
+    assert r.returncode == 2 and "no such variable in this shell" in r.stderr
     r = _cli(fake, "terminate", "inst-0404", stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "confirm with --yes" in r.stderr
 

@@ -6,6 +6,10 @@ bus writes it itself, because it must exist whatever plugins are loaded or disab
 
 Both read their switches from the run config the stage hands over (`StageInfo.config["telemetry"]`):
 `telemetry.console` and `telemetry.wandb` (off by default; wandb is imported only when on).
+
+wandb writes nothing to stdout (`--json` output stays pure JSON): its console capture is off, and the run is
+finished by the sink when the process ends, before wandb's own exit hook, so its closing lines ("You can sync
+this run ...") go to stderr.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ class ConsoleSink(TelemetryHook):
             if self.first_step < step < self.total:
                 per_step = (now - self.first_end) / (step - self.first_step)
                 when += f", ETA {_duration(per_step * (self.total - step))}"
-            self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({when})", highlight=False)
+            self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({when})", highlight=False, markup=False)
         return None
 
     def on_eval(self, result: EvalResult) -> None:
@@ -126,7 +130,7 @@ class ConsoleSink(TelemetryHook):
             ci = m.get("accuracy_ci95")
             ci_s = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
             where = f"{result.task} {result.split} ({m.get('model_stage', '')}, {m.get('mode', '')})"
-            self.console.print(f"eval {where}: accuracy {acc:.3f}{ci_s}, n={m.get('n')}", highlight=False)
+            self.console.print(f"eval {where}: accuracy {acc:.3f}{ci_s}, n={m.get('n')}", highlight=False, markup=False)
         return None
 
     def on_stage_end(self, info: StageInfo, metrics: dict[str, float]) -> None:
@@ -156,6 +160,8 @@ class WandbSink(TelemetryHook):
         if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
             os.environ["WANDB_MODE"] = "offline"
             print("wandb: no WANDB_API_KEY, logging offline (wandb sync later)", file=sys.stderr)
+        import atexit
+
         import wandb
 
         self.run = wandb.init(
@@ -165,8 +171,20 @@ class WandbSink(TelemetryHook):
             config=info.config,
             resume="allow",
             id=info.run_name,
+            # no capture of our stdout/stderr: wandb's wrapping of the streams is what sent its exit banner to
+            # stdout, and the run's console is ours (the progress lines)
+            settings=wandb.Settings(console="off"),
         )
+        # atexit runs the last registered first: this finishes the run before wandb's own hook would, while the
+        # streams are still ours (its closing lines to stderr)
+        atexit.register(self.close)
         return None
+
+    def close(self) -> None:
+        """Finish the wandb run (once); the process's exit does it when no one called it before."""
+        run, self.run = self.run, None
+        if run is not None:
+            run.finish()
 
     def on_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
         if self.run is not None:

@@ -6,14 +6,17 @@ nothing heavy at import time, so `nanorl --help` answers fast.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import traceback
+import warnings
 
 import typer
 
 from nanorl import __version__
 from nanorl.api import NanorlError
-from nanorl.cli.ui import print_error, state
+from nanorl.cli.ui import print_error, print_warning, state
 
 app = typer.Typer(
     name="nanorl",
@@ -63,29 +66,113 @@ def _add_commands() -> None:
     get_plugins().add_commands(app)
 
 
+def _debug_first(argv: list[str]) -> list[str]:
+    """`--debug` is global: accept it anywhere before `--` (`nanorl config show --debug x=1`) by moving it first."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    return ["--debug", *(a for a in argv[:end] if a != "--debug"), *argv[end:]]
+
+
+def _run(argv: list[str]) -> int:
+    """Run the app the way typer's standalone mode does, except that Ctrl-C reaches `main` as KeyboardInterrupt
+    (typer turns it into a silent exit 130). Returns the exit code."""
+    from typer import rich_utils
+
+    try:
+        from typer.exceptions import TyperException as UsageProblem  # typer vendors click since 0.2x
+    except ImportError:  # an older typer: click's own
+        from click import ClickException as UsageProblem
+
+    command = typer.main.get_command(app)
+    try:
+        with command.make_context("nanorl", list(argv)) as ctx:
+            command.invoke(ctx)
+    except typer.Exit as e:  # --help, --version, typer.Exit(code)
+        return e.exit_code
+    except typer.Abort as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C at a prompt
+            raise KeyboardInterrupt from None
+        rich_utils.rich_abort_error()  # "Aborted!": a question answered no
+        return 1
+    except UsageProblem as e:  # usage errors (exit 2), shown as typer shows them
+        rich_utils.rich_format_error(e)
+        return e.exit_code
+    return 0
+
+
+def _fail(message: str, hint: str | None, exit_code: int) -> None:
+    """Print the error (never a traceback, whatever the text holds) and exit."""
+    if state["debug"]:
+        traceback.print_exc()
+    try:
+        print_error(message, hint)
+    except Exception:  # the error printer failing must not bury the error
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"error: {message}\n" + (f"hint: {hint}\n" if hint else ""))
+    sys.exit(exit_code)
+
+
+def _os_error(e: OSError) -> tuple[str, str, int]:
+    """A file-system error as (message, hint, exit code): the path and what is wrong with it. A bad NANORL_HOME,
+    --dir or --out is bad input (2); an OSError without a path (a full disk, a network error) is not (1)."""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return f"{type(e).__name__}: {what}", "re-run with --debug for the traceback", 1
+    path = os.fsdecode(e.filename)
+    message = f"{what}: {path}" + (f" -> {os.fsdecode(e.filename2)}" if e.filename2 is not None else "")
+    home = os.environ.get("NANORL_HOME")
+    if home and (path == home or path.startswith(home.rstrip("/") + "/")):
+        hint = f"NANORL_HOME={home}: check that it is a folder you can write to"
+    else:
+        hint = "check that it is a folder you can write to (NANORL_HOME, --dir, --out)"
+    return message, hint, 2
+
+
+def _show_warnings_as_lines() -> None:
+    """Warnings (bad data rows, ...) as one `warning: MESSAGE` line on stderr, each message once: not Python's
+    `file.py:78: BadRowsWarning: ...` plus a source line. --debug keeps Python's format (where it came from)."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text in seen:
+            return
+        seen.add(text)
+        with contextlib.suppress(Exception):
+            print_warning(text)
+
+    if not state["debug"]:
+        warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app, turning NanorlError into one red line and an exit code."""
+    """Console-script entry point: run the app, turning errors into one red line, a hint and an exit code (2 for
+    bad input, 1 otherwise, 130 for Ctrl-C); a traceback only with --debug."""
     if argv is None:
         argv = sys.argv[1:]
-    state["debug"] = "--debug" in argv
+    argv = _debug_first(list(argv))
+    state["debug"] = argv[:1] == ["--debug"]
+    _show_warnings_as_lines()
     try:
         _add_commands()
-        app(args=argv, prog_name="nanorl", standalone_mode=True)
+        code = _run(argv)
     except NanorlError as e:
-        if state["debug"]:
-            traceback.print_exc()
-        print_error(e.message, e.hint)
-        sys.exit(e.exit_code)
+        _fail(e.message, e.hint, e.exit_code)
     except KeyboardInterrupt:
-        print_error("interrupted", "a stage resumes from its last checkpoint when you run the command again")
-        sys.exit(130)
+        _fail("interrupted", "a stage resumes from its last checkpoint when you run the command again", 130)
+    except BrokenPipeError:  # `nanorl ... | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:
+        _fail(*_os_error(e))
     except SystemExit:
         raise
     except Exception as e:
-        if state["debug"]:
-            traceback.print_exc()
-        print_error(
+        _fail(
             f"{type(e).__name__}: {e}",
             "this is a bug in nanorl or a plugin; re-run with --debug for the traceback and report it",
+            1,
         )
-        sys.exit(1)
+    sys.exit(code)  # as typer's standalone mode did: SystemExit(0) on success too

@@ -21,7 +21,7 @@ import time
 import typer
 
 from nanorl.api import NanorlError
-from nanorl.cli.ui import console, err_console, print_json
+from nanorl.cli.ui import console, err_console, esc, print_json
 
 # depth 8's token budget is ~1.2 B tokens, about 24 FineWeb-EDU shards (README, "Using it")
 DEFAULT_COMMAND = (
@@ -43,6 +43,13 @@ def _backend(name: str | None):
     names = sorted(plugins.registry["backend"])
     if len(names) == 1:
         return plugins.backend(names[0])
+    if not names and plugins.excluded:  # installed, but NANORL_PLUGINS leaves them out
+        raise NanorlError(
+            f"no cloud backend is loaded: NANORL_PLUGINS={os.environ.get('NANORL_PLUGINS', '')!r} leaves out the "
+            f"installed plugins {', '.join(plugins.excluded)}",
+            hint="add the backend's plugin to NANORL_PLUGINS (e.g. NANORL_PLUGINS=lambda), or unset it",
+            exit_code=2,
+        )
     if not names:
         raise NanorlError("no cloud backend is installed", hint="pip install nanorl-plugin-lambda")
     raise NanorlError(f"several cloud backends are installed: {', '.join(names)}", hint="pick one with --backend")
@@ -63,9 +70,10 @@ def _instances_table(instances, title: str):
     for i in instances:
         color = "green" if i.status == "active" else "yellow" if i.status == "booting" else "red"
         price = f"{i.price_per_hour:.2f}" if i.price_per_hour is not None else "-"
-        table.add_row(
-            i.id, i.name or "-", f"[{color}]{i.status}[/]", i.instance_type, i.region or "-", i.ip or "-", price
-        )
+        cells = (i.id, i.name or "-", i.status, i.instance_type, i.region or "-", i.ip or "-", price)
+        cells = [esc(str(c)) for c in cells]  # what the API says is text, never markup
+        cells[2] = f"[{color}]{cells[2]}[/]"
+        table.add_row(*cells)
     return table
 
 
@@ -76,10 +84,29 @@ def _env(pairs: list[str]) -> dict[str, str]:
         key, eq, value = pair.partition("=")
         if not eq:
             if key not in os.environ:
-                raise NanorlError(f"--env {key}: no such variable in this shell", hint=f"--env {key}=VALUE")
+                raise NanorlError(
+                    f"--env {key}: no such variable in this shell", hint=f"--env {key}=VALUE", exit_code=2
+                )
             value = os.environ[key]
         env[key] = value
     return env
+
+
+def _status(backend, instance_id: str):
+    """One machine's status; an id the backend does not know is bad input (exit 2)."""
+    try:
+        return backend.status(instance_id)
+    except NanorlError as e:
+        _raise_if_unknown_id(e)
+        raise
+
+
+def _raise_if_unknown_id(e: NanorlError) -> None:
+    """An API's "no such instance" (HTTP 404, which a backend's error carries as `status`, as Lambda's does) as bad
+    input, with where to find the ids."""
+    if getattr(e, "status", None) == 404:
+        hint = "`nanorl cloud list` shows your machines and their ids"
+        raise NanorlError(e.message, hint=hint, exit_code=2) from e
 
 
 def _confirm(question: str, why: str) -> None:
@@ -129,8 +156,8 @@ def register(app: typer.Typer) -> None:
         for col in ("type", "what", "GPUs", "$/h", "free in"):
             table.add_column(col, justify="right" if col in ("GPUs", "$/h") else "left")
         for t in found:
-            free = ", ".join(t.regions_available) or "[dim]none now[/]"
-            table.add_row(t.name, t.description, str(t.gpus), f"{t.price_per_hour:.2f}", free)
+            free = esc(", ".join(t.regions_available)) or "[dim]none now[/]"
+            table.add_row(esc(t.name), esc(t.description), str(t.gpus), f"{t.price_per_hour:.2f}", free)
         console.print(table)
 
     @cloud.command("estimate")
@@ -147,9 +174,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(_as_dict(est))
             return
-        regions = ", ".join(est.regions_available) or "[red]none now[/]"
+        regions = esc(", ".join(est.regions_available)) or "[red]none now[/]"
         console.print(
-            f"{est.instance_type}: ${est.price_per_hour:.2f}/h x {est.hours:g} h = [bold]${est.total:.2f}[/]"
+            f"{esc(est.instance_type)}: ${est.price_per_hour:.2f}/h x {est.hours:g} h = [bold]${est.total:.2f}[/]"
             f"; free in: {regions}",
             highlight=False,
         )
@@ -177,13 +204,19 @@ def register(app: typer.Typer) -> None:
         ),
         yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before launching."),
         wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the machine until it is up."),
-        timeout_min: float = typer.Option(25.0, "--timeout-min", help="How long --wait waits."),
+        timeout_min: float = typer.Option(25.0, "--timeout-min", help="How long --wait waits (minutes, > 0)."),
         backend: str = BackendOpt,
         as_json: bool = JsonOpt,
     ) -> None:
         """Rent a machine and start a nanorl command on it (its output goes to ~/nanorl.log there)."""
         from nanorl.api import LaunchSpec
 
+        if not timeout_min > 0:  # checked before anything is rented
+            raise NanorlError(
+                f"--timeout-min {timeout_min:g}: give a positive number of minutes",
+                hint="e.g. --timeout-min 25 (the default), or --no-wait",
+                exit_code=2,
+            )
         setup = setup or os.environ.get("NANORL_CLOUD_SETUP")
         if not setup:
             # no default: an install by bare package name would run whatever owns that name next to your secrets
@@ -225,7 +258,21 @@ def register(app: typer.Typer) -> None:
             console.print(f"launching {price}", highlight=False)
         inst = b.launch(spec)
         if wait:
-            inst = _wait_active(b, inst.id, timeout_min)
+            try:
+                inst = _wait_active(b, inst.id, timeout_min)
+            except BaseException:
+                # the machine is rented and billed whatever went wrong while waiting (an API error, Ctrl-C): say
+                # which one it is before the error, on stdout as JSON with --json, so that a script can end it
+                if as_json:
+                    print_json(_as_dict(inst))
+                else:
+                    err_console.print(
+                        f"launched {inst.id} (billed until it is terminated: nanorl cloud terminate {inst.id})",
+                        highlight=False,
+                        markup=False,
+                        soft_wrap=True,
+                    )
+                raise
         if as_json:
             print_json(_as_dict(inst))
             return
@@ -250,7 +297,7 @@ def register(app: typer.Typer) -> None:
     @cloud.command("status")
     def status(instance_id: str, backend: str = BackendOpt, as_json: bool = JsonOpt) -> None:
         """One machine's status and address."""
-        inst = _backend(backend).status(instance_id)
+        inst = _status(_backend(backend), instance_id)
         if as_json:
             print_json(_as_dict(inst))
             return
@@ -259,7 +306,15 @@ def register(app: typer.Typer) -> None:
     @cloud.command("logs")
     def logs(instance_id: str, backend: str = BackendOpt) -> None:
         """The end of the run's log on the machine (~/nanorl.log, over ssh)."""
-        sys.stdout.write(_backend(backend).logs(instance_id))
+        b = _backend(backend)
+        inst = _status(b, instance_id)
+        # no machine to ssh into: say so, rather than let ssh fail and blame the keys
+        if inst.status in ("terminating", "terminated", "preempted"):
+            raise NanorlError(
+                f"instance {instance_id} is {inst.status}: its disk, and the run's log with it, is gone",
+                hint="a run keeps what it mirrors to checkpoint.store (nanorl runs pull)",
+            )
+        sys.stdout.write(b.logs(instance_id))
 
     @cloud.command("terminate")
     def terminate(
@@ -271,8 +326,12 @@ def register(app: typer.Typer) -> None:
         """End a machine: billing stops, and its disk (the run's checkpoints, unless mirrored to S3) is gone."""
         if not yes:
             _confirm(f"Terminate {instance_id}? Its disk is deleted.", "terminating deletes the machine and its disk")
-        inst = _backend(backend).terminate(instance_id)
+        try:
+            inst = _backend(backend).terminate(instance_id)
+        except NanorlError as e:
+            _raise_if_unknown_id(e)
+            raise
         if as_json:
             print_json(_as_dict(inst))
             return
-        console.print(f"{inst.id}: {inst.status}", highlight=False)
+        console.print(f"{inst.id}: {inst.status}", highlight=False, markup=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import console, esc, print_json
 
 # The options every command that builds a run config accepts (pipeline, train, config show, ...).
 PresetOpt = typer.Option(None, "--preset", help="Preset: tiny (CPU), d8, d12, d20, d26.")
@@ -20,17 +20,30 @@ OverridesArg = typer.Argument(None, help="key=value overrides, e.g. model.seq_le
 
 def build_config(preset, depth, config, task, name, overrides, data_dir=None):
     """Resolve a run config from the common CLI options (one way, shared by every command)."""
+    from nanorl.api import NanorlError
     from nanorl.config import resolve
 
-    return resolve(
-        preset=preset,
-        config_file=config,
-        overrides=overrides or [],
-        model__depth=depth,
-        data__data_dir=data_dir,
-        task=task,
-        name=name,
-    )
+    try:
+        return resolve(
+            preset=preset,
+            config_file=config,
+            overrides=overrides or [],
+            model__depth=depth,
+            data__data_dir=data_dir,
+            task=task,
+            name=name,
+        )
+    except NanorlError as e:
+        if e.hint is None:  # what to do about the errors config.resolve leaves without a hint
+            e.hint = next((h for start, h in _HINTS if e.message.startswith(start)), None)
+        raise
+
+
+# (message start, hint) for config errors raised without a hint
+_HINTS = (
+    ("unknown preset", "--preset tiny runs on a CPU; or give the size itself with --depth N"),
+    ("invalid run name", "pick another with --name, e.g. --name aqua-d8-try2 (it names the folder under runs/)"),
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -62,16 +75,16 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         d = cfg.to_dict()
-        table = Table(title=f"run config: {cfg.name}", title_justify="left", show_lines=False)
+        table = Table(title=f"run config: {esc(cfg.name)}", title_justify="left", show_lines=False)
         table.add_column("key", style="cyan")
         table.add_column("value")
         for k, v in d.items():
             if k not in SECTIONS:
-                table.add_row(k, repr(v))
+                table.add_row(k, esc(repr(v)))
         for s in SECTIONS:
             table.add_section()
             for k, v in d[s].items():
-                table.add_row(f"{s}.{k}", repr(v))
+                table.add_row(f"{s}.{k}", esc(repr(v)))
         console.print(table)
         m = cfg.model
         console.print(
@@ -109,5 +122,5 @@ def register(app: typer.Typer) -> None:
         for col in ("key", "type", "default", "meaning"):
             table.add_column(col, overflow="fold")
         for r in rows:
-            table.add_row(r["key"], r["type"], repr(r["default"]), r["help"])
+            table.add_row(r["key"], esc(r["type"]), esc(repr(r["default"])), esc(r["help"]))
         console.print(table)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import console, esc, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -17,12 +17,12 @@ def register(app: typer.Typer) -> None:
 
     @download_app.command("fineweb")
     def fineweb(
-        shards: int = typer.Option(8, "--shards", "-n", help="How many shards (~100 MB each)."),
-        start: int = typer.Option(0, "--start", help="Index of the first shard."),
+        shards: int = typer.Option(8, "--shards", "-n", help="How many shards (~100 MB each).", min=1),
+        start: int = typer.Option(0, "--start", help="Index of the first shard.", min=0),
         url: str = typer.Option(None, "--url", help="Base URL (default: $NANORL_FINEWEB_URL, else the HF hub)."),
         directory: Path = typer.Option(None, "--dir", help="Where to put them (default: $NANORL_HOME/data/fineweb)."),
-        workers: int = typer.Option(4, "--workers", help="Parallel downloads."),
-        retries: int = typer.Option(5, "--retries", help="Retries per shard, with exponential backoff."),
+        workers: int = typer.Option(4, "--workers", help="Parallel downloads.", min=1),
+        retries: int = typer.Option(5, "--retries", help="Retries per shard, with exponential backoff.", min=0),
         as_json: bool = typer.Option(False, "--json", help="Print JSON when done."),
     ) -> None:
         """Download FineWeb-EDU parquet shards: parallel, resumable, each checked before use."""
@@ -39,6 +39,9 @@ def register(app: typer.Typer) -> None:
 
         from nanorl.data.fineweb import download_fineweb, fineweb_dir
 
+        # the folder first: one that cannot be made (a file in the way, no permission) is an error before any bar
+        where = directory or fineweb_dir()
+        where.mkdir(parents=True, exist_ok=True)
         lock = threading.Lock()  # the callbacks come from the download threads
         done = [0]
         with Progress(
@@ -75,14 +78,14 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json({"shards": [str(p) for p in paths], "bytes": total})
         else:
-            where = directory or fineweb_dir()
-            console.print(f"[green]{len(paths)} shards[/] ({total / 1e6:,.0f} MB) in {where}")
+            mb = f"{total / 1e6:,.0f} MB"
+            console.print(f"[green]{len(paths)} shards[/] ({mb}) in {esc(str(where))}", highlight=False)
 
     @data_app.command("show")
     def show(
         task: str = typer.Option("arith", "--task", help="The task."),
         split: str = typer.Option("dev", "--split", help="train, dev or test."),
-        n: int = typer.Option(3, "-n", help="How many examples."),
+        n: int = typer.Option(3, "-n", help="How many examples.", min=0),
         data_dir: str = typer.Option(None, "--data-dir", help="The task's data folder, if it needs one."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -114,7 +117,7 @@ def register(app: typer.Typer) -> None:
         from rich.panel import Panel
         from rich.text import Text
 
-        console.print(f"[bold]{task}[/] {split}: {len(examples):,} examples")
+        console.print(f"[bold]{esc(task)}[/] {esc(split)}: {len(examples):,} examples")
         for e in shown:
             # Text, not markup: a question may contain "[" that rich would read as a style
             body = Text(e.question + ("\n" + "  ".join(e.options) if e.options else "") + "\n")
@@ -123,7 +126,8 @@ def register(app: typer.Typer) -> None:
             body.append("\n")
             body.append("answer: ", style="dim")
             body.append(e.answer, style="bold")
-            console.print(Panel(body, title=e.id, title_align="left"))
+            # in a pipe the console is wide (ui.PIPE_WIDTH): a panel there fits its text instead of filling it
+            console.print(Panel(body, title=esc(e.id), title_align="left", expand=console.is_terminal))
 
 
 # how a target's tool parts show: the special tokens the model writes around them, dimmed, and the contents

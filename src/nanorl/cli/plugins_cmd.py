@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import console, esc, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
             print_json({"plugins": [i.as_dict() for i in infos]})
             return
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title="nanorl plugins", title_justify="left")
         for col in ("plugin", "source", "version", "hooks", "registered", "status"):
@@ -32,16 +33,18 @@ def register(app: typer.Typer) -> None:
         for i in infos:
             registered = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in i.registered.items()) or "-"
             hooks = "\n".join(h.removeprefix("register_") for h in i.hooks) or "-"
+            # what a plugin says about itself is text, never markup
             status = f"[red]{len(i.errors)} error{'s' * (len(i.errors) > 1)}[/]" if i.errors else "[green]ok[/]"
-            table.add_row(i.name, i.source, i.version, hooks, registered, status)
+            table.add_row(esc(i.name), esc(i.source), esc(i.version), esc(hooks), esc(registered), status)
         console.print(table)
         for i in infos:
             for err in i.errors:
-                console.print(f"[red]x[/] [bold]{i.name}[/] ({i.source}): {err}", highlight=False, soft_wrap=True)
+                line = Text.assemble(("x", "red"), " ", (i.name, "bold"), f" ({i.source}): {err}")
+                console.print(line, highlight=False, soft_wrap=True)
         if traceback_:
             for i in infos:
                 if i.traceback:
-                    console.rule(f"{i.name}")
+                    console.rule(esc(i.name))
                     console.print(i.traceback, markup=False, highlight=False)
         elif any(i.errors for i in infos):
             console.print("[dim]A plugin with errors is skipped; the others work. `--traceback` shows details.[/]")

@@ -1,15 +1,37 @@
-"""What every command shares for talking to the user: the consoles, error printing, JSON output."""
+"""What every command shares for talking to the user: the consoles, error printing, JSON output.
+
+Text that comes from the user, a file, a plugin or an exception is never read as rich markup: "[model]" or
+"[/b]" in a message prints as it is (print_error and print_warning build `Text`, and `esc` escapes a string that
+goes into a markup template or a table cell).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape as esc
+from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+__all__ = ["console", "err_console", "esc", "print_error", "print_json", "print_warning", "state"]
+
+# Width for output that goes to a pipe or a file (`nanorl eval ... | cat`, a CI log): rich would squeeze it to 80
+# columns, truncating table cells and splitting the commands users copy. A table only takes the width it needs.
+PIPE_WIDTH = 200
+
+
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    if not c.is_terminal and not os.environ.get("COLUMNS"):
+        c.width = PIPE_WIDTH
+    return c
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 # set by the app callback from --debug
 state = {"debug": False}
@@ -21,6 +43,12 @@ def print_json(obj: Any) -> None:
 
 
 def print_error(message: str, hint: str | None = None) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    """`error: MESSAGE` (red) and `hint: HINT` (dim) on stderr, the texts taken literally (no markup)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
     if hint:
-        err_console.print(f"[dim]hint:[/] {hint}", highlight=False)
+        err_console.print(Text.assemble(("hint:", "dim"), " ", str(hint)), highlight=False, soft_wrap=True)
+
+
+def print_warning(message: str) -> None:
+    """`warning: MESSAGE` (yellow) on stderr, the text taken literally."""
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", str(message)), highlight=False, soft_wrap=True)
