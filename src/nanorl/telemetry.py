@@ -90,11 +90,11 @@ class Telemetry:
                 out = getattr(hook, method)(*args)
             except Exception as e:  # telemetry never stops training
                 self.disabled.add(name)
-                self.console.print(
-                    f"[yellow]telemetry hook {name!r} raised in {method}: {type(e).__name__}: {e}; "
-                    "it is switched off for the rest of this run[/]",
-                    highlight=False,
-                )
+                from rich.text import Text
+
+                # as plain text: an exception's message may hold "[...]", which markup would misread or choke on
+                msg = f"telemetry hook {name!r} raised in {method}: {type(e).__name__}: {e}; switched off for this run"
+                self.console.print(Text(msg, style="yellow"), highlight=False, soft_wrap=True)
                 continue
             if out:
                 extra.update(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from nanorl.cli.config_cmd import DataDirOpt
-from nanorl.cli.ui import console, err_console, print_json
+from nanorl.cli.ui import console, err_console, esc, print_json
 
 # Options are module-level so that other commands (and later flags such as --compare) can reuse them.
 SplitOpt = typer.Option("dev", "--split", help="dev or test.")
@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
         checkpoint: str = typer.Option(
             ...,
             "--checkpoint",
-            help="A run name (its final model), RUN/STAGE, a stage folder, or s3://bucket/prefix/RUN[/STAGE].",
+            help="A run name (its final model), RUN/STAGE, a stage folder, or s3://bucket/prefix/RUN\\[/STAGE].",
         ),
         mode: str = ModeOpt,
         max_examples: int = typer.Option(0, "--max-examples", min=0, help="Evaluate at most this many (0: all)."),
@@ -265,9 +265,10 @@ def register(app: typer.Typer) -> None:
                 )  # fmt: skip
             console.print(t)
         if kept:
-            console.print(f"[dim]written: {out}[/]")
+            console.print(f"[dim]written: {esc(str(out))}[/]")
         else:
             from nanorl.store.runs import split_url
 
             store_url, name, _ = split_url(checkpoint)
-            console.print(f"[dim]no file written (the run is in a store): nanorl runs pull {store_url}/{name}[/]")
+            pull = esc(f"nanorl runs pull {store_url}/{name}")
+            console.print(f"[dim]no file written (the run is in a store): {pull}[/]")

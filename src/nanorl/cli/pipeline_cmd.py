@@ -16,7 +16,7 @@ from nanorl.cli.config_cmd import (
     TaskOpt,
     build_config,
 )
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import console, esc, print_json
 
 
 def parse_steps(items: list[str] | None) -> dict[str, int]:
@@ -65,7 +65,7 @@ def show_results(results: dict, run_dir: Path) -> None:
         table.add_row(stage, "[green]done[/]", f"{res.get('wall_s', 0):.0f}", shown)
     console.print(table)
     if (run_dir / "report.md").is_file():
-        console.print(f"[dim]report: {run_dir / 'report.md'}[/]")
+        console.print(f"[dim]report: {esc(str(run_dir / 'report.md'))}[/]")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import console, esc, print_json
 
 
 def _store_and_name(url: str) -> tuple[object, str, str | None, str]:
@@ -85,16 +85,17 @@ def register(app: typer.Typer) -> None:
             print_json(rows)
             return
         if not rows:
-            console.print(f"no runs in {root}", highlight=False)
+            console.print(f"no runs in {esc(str(root))}", highlight=False)
             console.print("[dim]start one: nanorl pipeline --task arith --preset tiny[/]")
             return
-        table = Table(title=f"{len(rows)} run(s) in {root}, newest first", title_justify="left")
+        table = Table(title=f"{len(rows)} run(s) in {esc(str(root))}, newest first", title_justify="left")
         for col in ("run", "task", "depth", "done up to", "accuracy", "MB", "modified"):
             table.add_column(col, justify="right" if col in ("depth", "MB") else "left")
         for r in rows:
             evals = "\n".join(f"{e['split']} {e['stage']} {e['accuracy']:.1%}" for e in r["evals"].values())
             table.add_row(
-                r["name"], r.get("task", f"[red]{r.get('error', '?')}[/]"), str(r.get("depth", "")),
+                esc(r["name"]), esc(r["task"]) if "task" in r else f"[red]{esc(r.get('error', '?'))}[/]",
+                str(r.get("depth", "")),
                 r["done"][-1] if r["done"] else "-", evals or "-", f"{r['mb']:.1f}",
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(r["modified"])),
             )  # fmt: skip
@@ -115,14 +116,14 @@ def register(app: typer.Typer) -> None:
         d = run_dir(name)
         if not (d / "run.toml").is_file():
             raise NanorlError(f"no run named {name!r} ({d} has no run.toml)", hint="nanorl runs list")
-        with console.status(f"uploading {d}..."):
+        with console.status(f"uploading {esc(str(d))}..."):
             sent = push_run(d, open_store(url), name)
         dest = f"{url.rstrip('/')}/{name}"
         if as_json:
             print_json({"run": name, "to": dest, "files": sent})
             return
         mb = sum((d / f).stat().st_size for f in sent) / 1e6
-        console.print(f"pushed {len(sent)} files ({mb:.1f} MB) to {dest}", highlight=False)
+        console.print(f"pushed {len(sent)} files ({mb:.1f} MB) to {esc(dest)}", highlight=False)
 
     @runs.command("pull")
     def pull(
@@ -146,11 +147,11 @@ def register(app: typer.Typer) -> None:
                 hint="--name OTHER to pull beside it, or --force to overwrite its files",
                 exit_code=2,
             )
-        with console.status(f"downloading {remote} from {store_url}..."):
+        with console.status(f"downloading {esc(remote)} from {esc(store_url)}..."):
             got = pull_run(store, remote, d, where=store_url)
         if as_json:
             print_json({"run": d.name, "path": str(d), "files": got})
             return
         mb = sum((d / f).stat().st_size for f in got) / 1e6
-        console.print(f"pulled {len(got)} files ({mb:.1f} MB) into {d}", highlight=False)
-        console.print(f"[dim]nanorl eval --checkpoint {d.name}    nanorl runs list[/]", highlight=False)
+        console.print(f"pulled {len(got)} files ({mb:.1f} MB) into {esc(str(d))}", highlight=False)
+        console.print(f"[dim]nanorl eval --checkpoint {esc(d.name)}    nanorl runs list[/]", highlight=False)

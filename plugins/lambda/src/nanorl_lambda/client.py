@@ -34,7 +34,8 @@ class LambdaAPIError(NanorlError):
     """An error answer of the API, with its code (`global/object-does-not-exist`, ...) and HTTP status."""
 
     def __init__(self, status: int, code: str, message: str, hint: str | None = None):
-        super().__init__(f"Lambda API: {message} ({code})", hint=hint)
+        # a 400 (a bad field) or 404 (no such instance, key or type) is the user's input: exit code 2
+        super().__init__(f"Lambda API: {message} ({code})", hint=hint, exit_code=2 if status in (400, 404) else 1)
         self.status, self.code, self.detail = status, code, message
 
 
