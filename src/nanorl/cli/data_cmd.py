@@ -26,54 +26,16 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON when done."),
     ) -> None:
         """Download FineWeb-EDU parquet shards: parallel, resumable, each checked before use."""
-        import threading
-
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TransferSpeedColumn,
-        )
-
-        from nanorl.data.fineweb import download_fineweb, fineweb_dir
+        from nanorl.data.fineweb import fineweb_dir
+        from nanorl.data.prepare import download_with_progress
 
         # the folder first: one that cannot be made (a file in the way, no permission) is an error before any bar
         where = directory or fineweb_dir()
         where.mkdir(parents=True, exist_ok=True)
-        lock = threading.Lock()  # the callbacks come from the download threads
-        done = [0]
-        with Progress(
-            TextColumn("[bold]fineweb[/] {task.fields[shards]}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            disable=as_json,
-        ) as bar:
-            job = bar.add_task("download", total=None, shards=f"0/{shards} shards")
-
-            def on_bytes(n: int) -> None:
-                with lock:
-                    bar.advance(job, n)
-
-            def on_shard(_: Path) -> None:
-                with lock:
-                    done[0] += 1
-                    bar.update(job, shards=f"{done[0]}/{shards} shards")
-
-            paths = download_fineweb(
-                shards,
-                base_url=url,
-                directory=directory,
-                workers=workers,
-                retries=retries,
-                start=start,
-                on_bytes=on_bytes,
-                on_shard=on_shard,
-            )
+        paths = download_with_progress(
+            shards, console, disable=as_json, base_url=url, directory=directory, workers=workers, retries=retries,
+            start=start,
+        )  # fmt: skip
         total = sum(p.stat().st_size for p in paths)
         if as_json:
             print_json({"shards": [str(p) for p in paths], "bytes": total})

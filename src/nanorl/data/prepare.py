@@ -48,32 +48,21 @@ def recorded_corpus(meta: dict) -> tuple[str | None, str | None]:
     return rec, None
 
 
-def fetch_fineweb(shards: int, console=None) -> list[Path]:
-    """Download whichever of FineWeb-EDU's first `shards` shards are not on disk yet (nanorl.data.fineweb: parallel,
-    resumable, checked; base URL $NANORL_FINEWEB_URL), with a progress bar on `console` (a rich Console) when
-    given; return the shards that were missing. Nothing is fetched, or even asked, when all are there."""
+def download_with_progress(shards: int, console=None, disable: bool = False, **kwargs) -> list[Path]:
+    """`download_fineweb(shards, **kwargs)` with a progress bar on `console` (bytes, MB/s, shards done); the
+    bar is left out when `disable` (e.g. --json). The one bar of `nanorl data download` and the pipeline's fetch."""
     import threading
 
-    from nanorl.data.fineweb import download_fineweb, fineweb_dir, shard_name
-
-    missing = [i for i in range(shards) if not (fineweb_dir() / shard_name(i)).is_file()]
-    if not missing:
-        return []
-    if console is None:
-        return [p for p in download_fineweb(shards) if int(p.stem.rsplit("_", 1)[1]) in missing]
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
-    console.print(
-        f"[dim]fineweb: downloading {len(missing)} of the first {shards} shards (data.fineweb_shards) into"
-        f" {fineweb_dir()}[/]",
-        highlight=False,
-    )
+    from nanorl.data.fineweb import download_fineweb
+
     lock, done = threading.Lock(), [0]  # the callbacks come from the download threads
     columns = (
         TextColumn("[bold]fineweb[/] {task.fields[shards]}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeElapsedColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True, disable=disable) as bar:
         job = bar.add_task("download", total=None, shards=f"0/{shards} shards")
 
         def on_bytes(n: int) -> None:
@@ -85,7 +74,26 @@ def fetch_fineweb(shards: int, console=None) -> list[Path]:
                 done[0] += 1
                 bar.update(job, shards=f"{done[0]}/{shards} shards")
 
-        paths = download_fineweb(shards, on_bytes=on_bytes, on_shard=on_shard)
+        return download_fineweb(shards, on_bytes=on_bytes, on_shard=on_shard, **kwargs)
+
+
+def fetch_fineweb(shards: int, console=None) -> list[Path]:
+    """Download whichever of FineWeb-EDU's first `shards` shards are not on disk yet (nanorl.data.fineweb: parallel,
+    resumable, checked; base URL $NANORL_FINEWEB_URL), with a progress bar on `console` (a rich Console) when
+    given; return the shards that were missing. Nothing is fetched, or even asked, when all are there."""
+    from nanorl.data.fineweb import download_fineweb, fineweb_dir, shard_name
+
+    missing = [i for i in range(shards) if not (fineweb_dir() / shard_name(i)).is_file()]
+    if not missing:
+        return []
+    if console is None:
+        return [p for p in download_fineweb(shards) if int(p.stem.rsplit("_", 1)[1]) in missing]
+    console.print(
+        f"[dim]fineweb: downloading {len(missing)} of the first {shards} shards (data.fineweb_shards) into"
+        f" {fineweb_dir()}[/]",
+        highlight=False,
+    )
+    paths = download_with_progress(shards, console)
     return [p for p in paths if int(p.stem.rsplit("_", 1)[1]) in missing]
 
 
