@@ -466,12 +466,7 @@ class FusedLinearSoftcapCE(torch.autograd.Function):
                 losses[i : i + chunk], g = _softcap_loss_and_grad_(
                     (xc @ wm.t()).float(), targets[i : i + chunk], cap, w[i : i + chunk]
                 )
-                g = g.to(mm_dtype)
-                torch.mm(g, wm, out=dx[i : i + chunk])
-                if mm_dtype == torch.float32:
-                    dw.addmm_(g.t(), xc)
-                else:
-                    dw += (g.t() @ xc).float()
+                _lm_head_backward_(g, xc, wm, dx[i : i + chunk], dw)
         ctx.save_for_backward(dx, dw, denom)
         ctx.dtypes = (x.dtype, weight.dtype)
         ctx.mark_non_differentiable(losses)
@@ -482,6 +477,17 @@ class FusedLinearSoftcapCE(torch.autograd.Function):
         dx, dw, denom = ctx.saved_tensors
         scale = grad.float() / denom
         return (dx * scale).to(ctx.dtypes[0]), (dw * scale).to(ctx.dtypes[1]), None, None, None
+
+
+def _lm_head_backward_(g, xc, wm, dx_rows, dw):
+    """Push a chunk's dL/dlogits g (rows, V) back through the lm_head: dx_rows = g·W (written), dW += gᵀ·x (in
+    float32, added into dw). g is cast to the matmul dtype first, as the forward's matmul ran in it."""
+    g = g.to(wm.dtype)
+    torch.mm(g, wm, out=dx_rows)
+    if wm.dtype == torch.float32:
+        dw.addmm_(g.t(), xc)
+    else:
+        dw += (g.t() @ xc).float()
 
 
 def _softcap_ce(z, targets, cap):
@@ -559,12 +565,7 @@ class LinearSoftcapCE(torch.autograd.Function):
             for i in range(0, N, chunk):
                 xc = xm[i : i + chunk]
                 g = _logits_grad((xc @ wm.t()).float(), targets[i : i + chunk], ctx.cap, row_w[i : i + chunk])
-                g = g.to(mm_dtype)
-                torch.mm(g, wm, out=dx[i : i + chunk])
-                if mm_dtype == torch.float32:
-                    dw.addmm_(g.t(), xc)
-                else:
-                    dw += (g.t() @ xc).float()
+                _lm_head_backward_(g, xc, wm, dx[i : i + chunk], dw)
         return dx.to(x_dtype), dw.to(weight.dtype), None, None
 
 
