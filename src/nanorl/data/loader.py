@@ -101,6 +101,7 @@ class PackedLoader:
         while self._docs_block < block:  # skip whole blocks (resume): read, don't tokenize
             for _ in range(n):
                 if next(self._docs, None) is None:
+                    self._docs = None  # spent: the next epoch's block 0 must start a fresh pass, not read this one
                     return None
             self._docs_block += 1
         docs = []
