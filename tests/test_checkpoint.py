@@ -7,32 +7,18 @@ import os
 
 import pytest
 import torch
+from testkit import trained_one_step
 
 from nanorl import checkpoint as ckpt
 from nanorl.api import NanorlError
 from nanorl.config import config_hash, resolve
-from nanorl.optim import Optimizers
-
-
-def _setup(width: int = 32):
-    from nanorl.model import GPT
-
-    cfg = resolve(overrides=["model.depth=1", f"model.n_embd={width}", "model.n_head=1", "model.vocab_size=300"])
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    model.init_weights()
-    opt = Optimizers(model, cfg.optim)
-    x = torch.randint(0, 300, (2, 16))
-    model(x, x).backward()
-    opt.step()
-    return cfg, model, opt, x
 
 
 def test_round_trip_is_exact_and_resumes_identically(tmp_path):
-    cfg, model, opt, x = _setup()
+    cfg, model, opt, x = trained_one_step()
     h = config_hash(cfg)
     ckpt.save(tmp_path / "ck", model, opt, {"step": 1, "loader": {"pos": 7}}, config_hash=h)
-    cfg2, model2, opt2, _ = _setup()
+    cfg2, model2, opt2, _ = trained_one_step()
     with torch.no_grad():
         for p in model2.parameters():
             p.zero_()
@@ -50,7 +36,7 @@ def test_round_trip_is_exact_and_resumes_identically(tmp_path):
 
 
 def test_rng_state_round_trips(tmp_path):
-    _, model, _, _ = _setup()
+    _, model, _, _ = trained_one_step()
     ckpt.save(tmp_path, model, None, {"step": 0})
     a = torch.rand(3)
     torch.rand(5)
@@ -61,7 +47,7 @@ def test_rng_state_round_trips(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage_state", "missing"])
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
-    _, model, opt, _ = _setup()
+    _, model, opt, _ = trained_one_step()
     d = ckpt.save(tmp_path / "ck", model, opt, {"step": 3})
     f = d / ckpt.MODEL_FILE
     if damage == "truncate":
@@ -79,11 +65,11 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
 
 
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
-    cfg, model, opt, _ = _setup()
+    cfg, model, opt, _ = trained_one_step()
     ckpt.save(tmp_path, model, opt, {"step": 1}, config_hash=config_hash(cfg))
     with pytest.raises(NanorlError, match="another model configuration"):
         ckpt.load(tmp_path, model, config_hash="0" * 16)
-    _, wider, _, _ = _setup(width=64)
+    _, wider, _, _ = trained_one_step(width=64)
     with pytest.raises(NanorlError, match="does not fit this model"):
         ckpt.load(tmp_path, wider)
     with pytest.raises(NanorlError, match="no checkpoint"):
@@ -92,7 +78,7 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
 
 def test_loading_never_unpickles(tmp_path):
     # the files are safetensors and JSON: a pickle planted under the checkpoint's names is refused, not run
-    _, model, opt, _ = _setup()
+    _, model, opt, _ = trained_one_step()
     d = ckpt.save(tmp_path, model, opt, {"step": 1})
     import pickle
 
@@ -107,7 +93,7 @@ def test_loading_never_unpickles(tmp_path):
 def test_local_store_mirror(tmp_path):
     from nanorl.store import open_store
 
-    _, model, opt, _ = _setup()
+    _, model, opt, _ = trained_one_step()
     store = open_store(str(tmp_path / "mirror"))
     ckpt.save(tmp_path / "ck", model, opt, {"step": 2}, store=store, store_prefix="run/base")
     assert store.list("run/base") == [
@@ -124,13 +110,13 @@ def test_s3_store_round_trip_against_moto(tmp_path, moto_server):
     from nanorl.store import open_store
 
     boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket="ckpts")
-    _, model, opt, _ = _setup()
+    _, model, opt, _ = trained_one_step()
     store = open_store("s3://ckpts/team")
     ckpt.save(tmp_path / "ck", model, opt, {"step": 5}, store=store, store_prefix="run1/sft")
     assert store.exists("run1/sft/state.json") and not store.exists("run1/sft/nope")
     for name in (ckpt.MODEL_FILE, ckpt.OPTIM_FILE, ckpt.STATE_FILE):
         store.get(f"run1/sft/{name}", tmp_path / "back" / name)
-    _, model2, opt2, _ = _setup()
+    _, model2, opt2, _ = trained_one_step()
     assert ckpt.load(tmp_path / "back", model2, opt2)["step"] == 5
     for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -150,10 +136,10 @@ def test_a_checkpoint_trained_with_another_tokenizer_is_refused(tmp_path):
     tok_a = train_tokenizer(["the cat sat on the mat"] * 20, vocab_size=280)
     tok_b = train_tokenizer(["12 + 34 = 46"] * 20, vocab_size=280)
     assert tok_a.fingerprint != tok_b.fingerprint
-    cfg, model, opt, _ = _setup()
+    cfg, model, opt, _ = trained_one_step()
     ckpt.save(tmp_path / "a", model, opt, {"step": 1}, tokenizer_fingerprint=tok_a.fingerprint)
     assert ckpt.read_state(tmp_path / "a")["tokenizer"] == tok_a.fingerprint
-    _, model2, opt2, _ = _setup()
+    _, model2, opt2, _ = trained_one_step()
     with pytest.raises(NanorlError, match="another tokenizer") as err:
         ckpt.load(tmp_path / "a", model2, opt2, tokenizer_fingerprint=tok_b.fingerprint)
     assert "--from base" in err.value.hint

@@ -82,10 +82,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_two_ranks_stay_in_sync(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT)
+def _torchrun(tmp_path, code: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run `code` as a script on two gloo ranks under torchrun, with its own NANORL_HOME in tmp_path."""
+    script = tmp_path / "ddp_script.py"
+    script.write_text(code)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANORL_HOME": str(tmp_path / "home")}
     with socket.socket() as sock:  # a free port for the rendezvous (port 0 is not supported by torchrun)
         sock.bind(("127.0.0.1", 0))
@@ -94,7 +94,12 @@ def test_two_ranks_stay_in_sync(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
         str(script), str(tmp_path),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_ranks_stay_in_sync(tmp_path):
+    proc = _torchrun(tmp_path, SCRIPT, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
@@ -148,17 +153,7 @@ FAILING = textwrap.dedent(
 
 @pytest.mark.slow
 def test_an_error_on_one_rank_stops_both(tmp_path):
-    script = tmp_path / "failing.py"
-    script.write_text(FAILING)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANORL_HOME": str(tmp_path / "home")}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-        str(script), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = _torchrun(tmp_path, FAILING, timeout=120)
     assert proc.returncode != 0
     # rank 1 raised its own error; rank 0, whose shard was fine, raised with it before any training step
     assert "[rank1]: nanorl.api.NanorlError: the corpus is too small" in proc.stderr, proc.stderr[-3000:]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from testkit import tiny_model
 
 from nanorl.config import resolve
 from nanorl.stages.rl import completion_logprobs, group_advantages, grpo_loss, prompts_for_step
@@ -64,23 +65,9 @@ def test_grpo_gradient_is_the_policy_gradient_when_on_policy():
     assert logp.grad.flatten().tolist() == pytest.approx([-2 / 3, -2 / 3, 1 / 3, 0.0])
 
 
-def _tiny_model():
-    from nanorl.model import GPT
-
-    cfg = resolve(overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=300"]).model
-    torch.manual_seed(0)
-    m = GPT(cfg)
-    m.init_weights()
-    # break the identity init so every layer matters
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return m.double()
-
-
 def test_shared_prompt_forward_equals_plain_forward_values_and_gradients():
     # (the model's loss runs in float32 whatever the weights' dtype, hence float32-level tolerances)
-    model = _tiny_model()
+    model = tiny_model()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (7, 4)]  # ragged: left padding
     G = 3
@@ -109,7 +96,7 @@ def test_first_pass_fast_path_gives_the_formula_loss_and_gradient(softcap):
     # GRPO formula: its loss, statistics, log-probs and gradients must be the formula's
     from nanorl.stages.rl import policy_gradient
 
-    model = _tiny_model()
+    model = tiny_model()
     model.softcap = softcap
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 3)]
@@ -146,7 +133,7 @@ def test_prompts_for_step_is_a_pure_function_and_ranks_are_disjoint():
 def test_scorer_next_token_logits_ragged_equals_one_by_one():
     from nanorl.stages.rl import ModelScorer
 
-    model = _tiny_model()
+    model = tiny_model()
     scorer = ModelScorer(None, model, lambda: model, torch.device("cpu"), torch.float64)
     g = torch.Generator().manual_seed(2)
     contexts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 9, 2)]
@@ -178,7 +165,7 @@ def test_update_skips_masked_prompts_and_keeps_the_gradient():
     # the masked prompts' rows are computed and contribute zero
     from nanorl.stages.rl import policy_gradient, update_chunks
 
-    model = _tiny_model()
+    model = tiny_model()
     G = 2
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (4, 7, 3, 5)]
@@ -279,7 +266,7 @@ def test_update_rows_are_built_on_the_host_and_copied_once(monkeypatch):
     from nanorl.stages.common import to_device
     from nanorl.stages.rl import completion_logprobs
 
-    model = _tiny_model()
+    model = tiny_model()
     prompts = [[1, 2, 3], [4, 5]]
     comps = [[6, 7], [8], [9, 10, 11], []]
     writes = []

@@ -14,6 +14,8 @@ import random
 
 import pytest
 import torch
+from testkit import SMALL as STAGES_SMALL
+from testkit import tiny_model, trained_one_step
 
 from nanorl.config import resolve
 
@@ -40,25 +42,12 @@ def test_grpo_clip_binds_on_both_sides_and_stops_the_gradient():  # rl05 (and th
     assert stats["clipped"].item() == 4  # |rho - 1| > eps: tokens 0 and 1 of both rows
 
 
-def _tiny_model():
-    from nanorl.model import GPT
-
-    cfg = resolve(overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=300"]).model
-    torch.manual_seed(0)
-    m = GPT(cfg)
-    m.init_weights()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return m.double()
-
-
 def test_slow_path_gradient_equals_the_fast_path():  # rl08
     # beta > 0 takes the plain-autograd path; with the reference equal to the policy the KL term and its gradient
     # vanish, so the gradient must be the fast path's policy gradient
     from nanorl.stages.rl import policy_gradient
 
-    model = _tiny_model()
+    model = tiny_model()
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 3)]
     comps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 2, 6, 3)]
@@ -94,29 +83,16 @@ def test_zero_variance_is_exact():  # rl03
 
 
 # ---------------------------------------------------------------- rl stage (pipeline)
+# the shared small pipeline with the tiny preset's KL and eval mode, one RL step fewer, no validation, no
+# checkpoints inside RL, one eval question
 SMALL = [
-    "model.depth=1",
-    "model.n_embd=32",
-    "model.n_head=1",
-    "model.seq_len=128",
-    "tokenizer.train_chars=100000",
-    "base.steps=6",
-    "base.device_batch_size=2",
-    "base.checkpoint_every=2",
+    *STAGES_SMALL,
     "base.eval_every=0",
-    "mid.steps=2",
-    "mid.device_batch_size=2",
-    "sft.steps=3",
-    "sft.device_batch_size=2",
-    "sft.checkpoint_every=1",
     "rl.steps=2",
-    "rl.prompts_per_step=2",
-    "rl.group_size=2",
-    "rl.max_new_tokens=8",
     "rl.checkpoint_every=0",
+    "rl.kl_every=10",
     "eval.max_examples=1",
-    "eval.max_new_tokens=8",
-    "telemetry.console=false",
+    "eval.mode=generative",
 ]
 
 
@@ -298,27 +274,12 @@ def test_a_padding_query_attends_to_itself_only():  # md09
 
 
 # ---------------------------------------------------------------- checkpoint
-def _ckpt_setup():
-    from nanorl.model import GPT
-    from nanorl.optim import Optimizers
-
-    cfg = resolve(overrides=["model.depth=1", "model.n_embd=32", "model.n_head=1", "model.vocab_size=300"])
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    model.init_weights()
-    opt = Optimizers(model, cfg.optim)
-    x = torch.randint(0, 300, (2, 16))
-    model(x, x).backward()
-    opt.step()
-    return model, opt
-
-
 def test_a_crash_while_writing_tensors_keeps_the_previous_checkpoint(tmp_path, monkeypatch):  # ck01
     import safetensors.torch as st
 
     from nanorl import checkpoint as ckpt
 
-    model, opt = _ckpt_setup()
+    model, opt = trained_one_step()[1:3]
     d = ckpt.save(tmp_path / "ck", model, opt, {"step": 1})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     real = st.save_file
@@ -345,7 +306,7 @@ def test_a_crash_while_writing_state_json_leaves_a_readable_one(tmp_path, monkey
 
     from nanorl import checkpoint as ckpt
 
-    model, opt = _ckpt_setup()
+    model, opt = trained_one_step()[1:3]
     d = ckpt.save(tmp_path / "ck", model, opt, {"step": 1})
     real = Path.write_text
 
@@ -363,7 +324,7 @@ def test_a_crash_while_writing_state_json_leaves_a_readable_one(tmp_path, monkey
 def test_rng_round_trip_includes_python_random(tmp_path):  # ck03
     from nanorl import checkpoint as ckpt
 
-    model, _ = _ckpt_setup()
+    model, _ = trained_one_step()[1:3]
     ckpt.save(tmp_path, model, None, {"step": 0})
     a = random.random()
     random.random()
@@ -374,7 +335,7 @@ def test_rng_round_trip_includes_python_random(tmp_path):  # ck03
 def test_a_final_export_drops_the_optimizer_state(tmp_path):  # ck04
     from nanorl import checkpoint as ckpt
 
-    model, opt = _ckpt_setup()
+    model, opt = trained_one_step()[1:3]
     d = ckpt.save(tmp_path, model, opt, {"step": 1})
     ckpt.save(d, model, None, {"step": 2})
     assert not (d / ckpt.OPTIM_FILE).exists()

@@ -6,39 +6,12 @@ import json
 
 import pytest
 import torch
+from testkit import SMALL
 
 from nanorl.config import resolve, run_dir
 from nanorl.stages.common import Interrupted
 from nanorl.stages.runner import run_pipeline
 from nanorl.telemetry import read_metrics
-
-# a model small enough that a whole pipeline runs in seconds on one core
-SMALL = [
-    "model.depth=1",
-    "model.n_embd=32",
-    "model.n_head=1",
-    "model.seq_len=128",
-    "tokenizer.train_chars=100000",
-    "base.steps=6",
-    "base.device_batch_size=2",
-    "base.checkpoint_every=2",
-    "base.eval_every=3",
-    "mid.steps=2",
-    "mid.device_batch_size=2",
-    "sft.steps=3",
-    "sft.device_batch_size=2",
-    "sft.checkpoint_every=1",
-    "rl.steps=3",
-    "rl.prompts_per_step=2",
-    "rl.group_size=2",
-    "rl.max_new_tokens=8",
-    "rl.checkpoint_every=1",
-    "rl.kl_every=1",
-    "eval.max_examples=4",
-    "eval.max_new_tokens=8",
-    "eval.mode=both",
-    "telemetry.console=false",
-]
 
 
 def _cfg(name: str, *extra: str):

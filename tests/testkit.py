@@ -1,0 +1,66 @@
+"""Small models and configs that several test files build the same way (imported by them: pytest puts tests/ on
+the path)."""
+
+from __future__ import annotations
+
+import torch
+
+from nanorl.config import resolve
+
+# a model small enough that a whole pipeline runs in seconds on one core
+SMALL = [
+    "model.depth=1",
+    "model.n_embd=32",
+    "model.n_head=1",
+    "model.seq_len=128",
+    "tokenizer.train_chars=100000",
+    "base.steps=6",
+    "base.device_batch_size=2",
+    "base.checkpoint_every=2",
+    "base.eval_every=3",
+    "mid.steps=2",
+    "mid.device_batch_size=2",
+    "sft.steps=3",
+    "sft.device_batch_size=2",
+    "sft.checkpoint_every=1",
+    "rl.steps=3",
+    "rl.prompts_per_step=2",
+    "rl.group_size=2",
+    "rl.max_new_tokens=8",
+    "rl.checkpoint_every=1",
+    "rl.kl_every=1",
+    "eval.max_examples=4",
+    "eval.max_new_tokens=8",
+    "eval.mode=both",
+    "telemetry.console=false",
+]
+
+
+def tiny_model():
+    """A 2-layer GPT in float64, its identity init broken so that every layer matters."""
+    from nanorl.model import GPT
+
+    cfg = resolve(overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=300"]).model
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    m.init_weights()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m.double()
+
+
+def trained_one_step(width: int = 32):
+    """(cfg, model, optimizers, x): a 1-layer GPT after one optimizer step, so its optimizer has state to save."""
+    from nanorl.model import GPT
+    from nanorl.optim import Optimizers
+
+    cfg = resolve(overrides=["model.depth=1", f"model.n_embd={width}", "model.n_head=1", "model.vocab_size=300"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    model.init_weights()
+    opt = Optimizers(model, cfg.optim)
+    x = torch.randint(0, 300, (2, 16))
+    model(x, x).backward()
+    opt.step()
+    return cfg, model, opt, x
