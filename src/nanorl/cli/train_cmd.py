@@ -30,7 +30,9 @@ def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
         for stage in ("rl", "sft", "mid", "base"):
             if ckpt.is_done(run / stage):
                 return run / stage
-        raise NanorlError(f"run {spec!r} has no finished model stage yet", hint="run the pipeline first")
+        raise NanorlError(
+            f"run {spec!r} has no finished model stage yet", hint="run the pipeline first", exit_code=2
+        )
     raise NanorlError(
         f"no checkpoint at {spec!r}",
         hint="give a run name, RUN/STAGE (e.g. arith-tiny/sft), a stage folder, or s3://bucket/prefix",
@@ -51,7 +53,9 @@ def pull_stage(url: str, workdir: Path) -> Path:
         keys = set(store.list(f"{name}/"))
         stage = next((s for s in ("rl", "sft", "mid", "base") if f"{name}/{s}/DONE" in keys), None)
         if stage is None:
-            raise NanorlError(f"run {name!r} in {store_url} has no finished model stage", hint=f"name one: {url}/sft")
+            raise NanorlError(
+                f"run {name!r} in {store_url} has no finished model stage", hint=f"name one: {url}/sft", exit_code=2
+            )
     pull_run(store, name, workdir / name, stage=stage, where=store_url)
     return workdir / name / stage
 
