@@ -218,6 +218,11 @@ def test_the_example_in_docs_plugins_md_works(site):
         assert plugins.reward("parity.correct")(ex, task.target(ex), answer) == 1.0
     with pytest.raises(NanorlError, match="no split"):
         task.load("validation")
+    # the pipeline's default data.corpus=task pretrains on the task's own text: the example must have some
+    for split in ("train", "dev"):
+        first = next(iter(task.corpus(split)))
+        assert "Final Answer:" in first
+    assert plugins.infos["parity"].warnings == []
 
 
 MARKUP_ERROR = """
