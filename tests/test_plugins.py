@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -159,6 +160,7 @@ def test_repository_plugins_are_installed_as_distributions():
     ]:
         assert plugins.infos[name].source == dist
         assert plugins.infos[name].errors == []
+        assert plugins.infos[name].warnings == []  # they import nothing from nanorl but nanorl.api
 
 
 # --- through the real CLI, in a subprocess (what a user sees) ----------------------------------------------
@@ -216,6 +218,11 @@ def test_the_example_in_docs_plugins_md_works(site):
         assert plugins.reward("parity.correct")(ex, task.target(ex), answer) == 1.0
     with pytest.raises(NanorlError, match="no split"):
         task.load("validation")
+    # the pipeline's default data.corpus=task pretrains on the task's own text: the example must have some
+    for split in ("train", "dev"):
+        first = next(iter(task.corpus(split)))
+        assert "Final Answer:" in first
+    assert plugins.infos["parity"].warnings == []
 
 
 MARKUP_ERROR = """
@@ -306,3 +313,187 @@ def test_nanorl_plugins_naming_no_installed_plugin_is_warned_about(site):
     r = run_cli("plugins", "list", "--json", site=site, env={"NANORL_PLUGINS": "nosuch,echo"})
     assert r.returncode == 0 and json.loads(r.stdout)["plugins"]
     assert r.stderr.startswith("warning: NANORL_PLUGINS names no installed plugin 'nosuch'")
+
+
+# --- mistakes a plugin author makes: each one line, naming the plugin and what to do ----------------------------
+
+HOOK_MISTAKES = {
+    "typo": """
+        from nanorl.api import hookimpl
+
+        @hookimpl
+        def register_task(register):
+            pass
+    """,
+    "unmarked": """
+        def register_tasks(register):
+            pass
+    """,
+    "argname": """
+        from nanorl.api import hookimpl
+
+        @hookimpl
+        def register_tasks(reg):
+            pass
+    """,
+}
+
+
+def test_hook_mistakes_are_reported_in_one_line(site):
+    for name, source in HOOK_MISTAKES.items():
+        make_dist(site, f"nanorl-plugin-{name}", f"nanorl_{name}", source, ep_name=name)
+    plugins = Plugins()
+    errors = {name: plugins.infos[name].errors for name in HOOK_MISTAKES}
+    assert all(len(e) == 1 and "\n" not in e[0] for e in errors.values()), errors
+    assert "'register_task' is no nanorl hook; did you mean 'register_tasks'?" in errors["typo"][0]
+    assert "register_tasks is not decorated with @hookimpl" in errors["unmarked"][0]
+    assert "register_tasks(reg) asks for 'reg'" in errors["argname"][0]
+    assert "register_tasks(register)" in errors["argname"][0]
+
+
+BROKEN_OBJECTS = """
+    from nanorl.api import Example, Reward, Task, hookimpl
+
+    class NoExtract(Task):
+        name = "noextract"
+        def load(self, split, data_dir=None):
+            return [Example(id="0", question="q", answer="a")]
+        def prompt(self, ex):
+            return [{"role": "user", "content": ex.question}]
+        def target(self, ex):
+            return ex.answer
+
+    @hookimpl
+    def register_tasks(register):
+        register(NoExtract())
+
+    @hookimpl
+    def register_rewards(register):
+        register(Reward("objs.twoargs", lambda ex, completion: 1.0))
+        register(Reward("objs.fine", lambda ex, completion, answer=None: 1.0))
+"""
+
+
+def test_a_task_or_reward_that_cannot_work_is_refused_at_registration(site):
+    make_dist(site, "nanorl-plugin-objs", "nanorl_objs", BROKEN_OBJECTS, ep_name="objs")
+    plugins = Plugins()
+    errors = plugins.infos["objs"].errors
+    assert "task 'noextract' is not registered: it does not define extract()" in errors[0]
+    assert "reward 'objs.twoargs' is not registered: its fn(ex, completion) cannot be called" in errors[1]
+    assert plugins.infos["objs"].registered == {"reward": ["objs.fine"]}
+    # using the name says which plugin and why, not "unknown task"
+    with pytest.raises(NanorlError, match="task 'noextract' of plugin 'objs' was not registered: .*extract") as e:
+        plugins.task("noextract")
+    assert "NANORL_PLUGINS" in e.value.hint
+    with pytest.raises(NanorlError, match="reward 'objs.twoargs' of plugin 'objs'"):
+        plugins.reward("objs.twoargs")
+
+
+TAKES_ARITH = """
+    from nanorl.api import Example, Task, hookimpl
+
+    class Mine(Task):
+        name = "arith"
+        def load(self, split, data_dir=None):
+            return []
+        def prompt(self, ex):
+            return []
+        def target(self, ex):
+            return ""
+        def extract(self, completion):
+            return None
+
+    @hookimpl
+    def register_tasks(register):
+        register(Mine())
+"""
+
+
+def test_a_plugin_cannot_take_or_block_a_builtin_name(site):
+    make_dist(site, "nanorl-plugin-arithtaker", "nanorl_arithtaker", TAKES_ARITH, ep_name="arithtaker")
+    plugins = Plugins()
+    assert plugins.task("arith").__module__ == "nanorl.builtin.arith"  # `--task arith` keeps working
+    errors = plugins.infos["arithtaker"].errors
+    assert errors == ["task 'arith' is a built-in name and stays the built-in's: rename yours"]
+
+
+REWARDS = """
+    from nanorl.api import Reward, hookimpl
+
+    @hookimpl
+    def register_rewards(register):
+        register(Reward("rw.none", lambda ex, completion, answer: None))
+        register(Reward("rw.text", lambda ex, completion, answer: "1"))
+        register(Reward("rw.nan", lambda ex, completion, answer: float("nan")))
+        register(Reward("rw.raises", lambda ex, completion, answer: {}["missing"]))
+        register(Reward("rw.bool", lambda ex, completion, answer: answer == ex.answer))
+"""
+
+
+def test_a_reward_that_fails_or_returns_no_number_is_a_one_line_error_naming_it(site):
+    import torch
+
+    from nanorl.api import Example, Reward
+
+    make_dist(site, "nanorl-plugin-rw", "nanorl_rw", REWARDS, ep_name="rw")
+    plugins = Plugins()
+    ex = Example(id="0", question="q", answer="a")
+    for name, what in [
+        ("none", "returned None"),
+        ("text", "returned '1' \\(str\\)"),
+        ("nan", "returned nan"),
+        ("raises", "raised KeyError: 'missing'"),
+    ]:
+        with pytest.raises(NanorlError) as e:
+            plugins.reward(f"rw.{name}")(ex, "text", "a")
+        assert re.fullmatch(f"reward 'rw.{name}' \\(plugin 'rw'\\) {what}", e.value.message), e.value.message
+    assert plugins.reward("rw.bool")(ex, "text", "a") == 1.0
+    assert Reward("t", lambda ex, completion, answer: torch.tensor(0.5))(ex, "", None) == 0.5
+
+
+def test_an_unknown_name_points_at_the_plugins_that_failed_to_load(site):
+    make_dist(site, "nanorl-plugin-broken", "nanorl_broken", BROKEN_IMPORT, ep_name="broken")
+    with pytest.raises(NanorlError, match="unknown task 'mine'") as e:
+        Plugins().task("mine")
+    assert "plugin 'broken' failed to load" in e.value.hint
+
+
+INTERNAL_IMPORT = """
+    from nanorl.api import hookimpl
+    from nanorl.tokenizer import Tokenizer  # not part of the plugin API
+    from nanorl import config
+
+    @hookimpl
+    def register_tasks(register):
+        pass
+"""
+
+
+def test_a_plugin_importing_nanorl_outside_nanorl_api_is_warned_about(site):
+    make_dist(site, "nanorl-plugin-echo", "nanorl_echo", GOOD, ep_name="echo")
+    make_dist(site, "nanorl-plugin-inside", "nanorl_inside", INTERNAL_IMPORT, ep_name="inside")
+    plugins = Plugins()
+    warned = plugins.infos["inside"].warnings
+    assert [w.split(" (")[0] for w in warned] == ["imports nanorl.tokenizer", "imports nanorl.config"]
+    assert "nanorl_inside.py line 3" in warned[0] and "only nanorl.api" in warned[0]
+    assert plugins.infos["inside"].errors == [] and plugins.infos["inside"].hooks == ["register_tasks"]
+    assert plugins.infos["echo"].warnings == []
+    r = run_cli("plugins", "list", site=site, env={"COLUMNS": "300"})
+    assert r.returncode == 0 and "! inside (nanorl-plugin-inside): imports nanorl.tokenizer" in r.stdout
+
+
+def test_a_cloud_backend_missing_a_method_says_which():
+    from nanorl.api import CloudBackend
+
+    class Half(CloudBackend):
+        name = "half"
+
+    with pytest.raises(NanorlError, match=r"the 'half' cloud backend does not implement logs\(\)"):
+        Half().logs("i-1")
+
+
+def test_debug_shows_a_plugins_traceback(site):
+    make_dist(site, "nanorl-plugin-broken", "nanorl_broken", BROKEN_IMPORT, ep_name="broken")
+    assert "Traceback" not in run_cli("plugins", "list", site=site).stdout
+    r = run_cli("--debug", "plugins", "list", site=site)
+    assert r.returncode == 0 and "Traceback" in r.stdout and "not installed" in r.stdout

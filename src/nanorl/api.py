@@ -160,14 +160,38 @@ RewardFn = Callable[[Example, str, "str | None"], float]
 
 @dataclass
 class Reward:
-    """A named reward. The run config combines rewards with weights: `rl.rewards = {"aqua.correct": 1.0}`."""
+    """A named reward. The run config combines rewards with weights: `rl.rewards = {"aqua.correct": 1.0}`.
+
+    `fn` must return a finite number (int, float, bool or a 0-d tensor/array); anything else, or an exception
+    other than `NanorlError`, stops the run with one line naming the reward and its plugin (`plugin`, filled in
+    when the plugin registers it)."""
 
     name: str
     fn: RewardFn
     description: str = ""
+    plugin: str = field(default="", compare=False)
 
     def __call__(self, example: Example, completion: str, answer: str | None) -> float:
-        return float(self.fn(example, completion, answer))
+        try:
+            value = self.fn(example, completion, answer)
+        except NanorlError:
+            raise
+        except Exception as e:
+            raise self._error(f"raised {type(e).__name__}: {e}", "fix the reward function (--debug: where)") from e
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+            kind = f" ({type(value).__name__})" if value is not None else ""
+            raise self._error(f"returned {value!r}{kind}", "a reward returns a number (a float)")
+        try:
+            r = float(value)
+        except (TypeError, ValueError) as e:  # a tensor of several values
+            raise self._error(f"returned {type(value).__name__} that is not one number", "return a float") from e
+        if r != r or r in (float("inf"), float("-inf")):
+            raise self._error(f"returned {r}", "a reward returns a finite number")
+        return r
+
+    def _error(self, what: str, hint: str) -> NanorlError:
+        by = f" (plugin {self.plugin!r})" if self.plugin else ""
+        return NanorlError(f"reward {self.name!r}{by} {what}", hint=hint)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,25 +352,31 @@ class CloudBackend:
     can_end_itself: bool = False
 
     def types(self) -> list[InstanceType]:
-        raise NotImplementedError
+        raise self._unsupported("types")
 
     def estimate(self, spec: LaunchSpec) -> Estimate:
-        raise NotImplementedError
+        raise self._unsupported("estimate")
 
     def launch(self, spec: LaunchSpec) -> Instance:
-        raise NotImplementedError
+        raise self._unsupported("launch")
 
     def status(self, instance_id: str) -> Instance:
-        raise NotImplementedError
+        raise self._unsupported("status")
 
     def list(self) -> list[Instance]:
-        raise NotImplementedError
+        raise self._unsupported("list")
 
     def logs(self, instance_id: str) -> str:
-        raise NotImplementedError
+        raise self._unsupported("logs")
 
     def terminate(self, instance_id: str) -> Instance:
-        raise NotImplementedError
+        raise self._unsupported("terminate")
+
+    def _unsupported(self, method: str) -> NanorlError:
+        return NanorlError(
+            f"the {self.name or type(self).__name__!r} cloud backend does not implement {method}()",
+            hint="its plugin's author can add it; `nanorl plugins list` shows which plugin provides the backend",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,12 +9,22 @@ Built-ins always load. A name there that no installed plugin has is warned about
 
 A plugin's `register_commands` may add commands, never replace one: a name the app already has (`eval`, another
 plugin's command) is refused, recorded as that plugin's error, and the command that was there stays.
+
+What a plugin registers is checked when it registers, so that a mistake is reported by `nanorl plugins list` (and
+when the name is used) rather than deep in a run: a hook name with a typo, a hook function without `@hookimpl`, a
+hook argument named differently from the hookspec, a task without `load`/`prompt`/`target`/`extract`, a reward
+whose function cannot be called as `fn(example, completion, answer)`, and a name a built-in has (the built-in
+keeps it). A plugin whose own modules import from nanorl anything but `nanorl.api` gets a warning.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
 import importlib
+import inspect
 import os
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -47,6 +57,7 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     registered: dict[str, list[str]] = field(default_factory=dict)  # kind -> names
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # problems that do not stop it (imports outside nanorl.api)
     traceback: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -58,6 +69,7 @@ class PluginInfo:
             "hooks": self.hooks,
             "registered": self.registered,
             "errors": self.errors,
+            "warnings": self.warnings,
         }
 
 
@@ -71,6 +83,7 @@ class Plugins:
         self.registry: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
         self.owner: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin that registered it
         self.conflicts: dict[tuple[str, str], list[str]] = {}
+        self.refused: dict[tuple[str, str], tuple[str, str]] = {}  # (kind, name) -> (plugin, why it was refused)
         self.selection = selection
         self.excluded: list[str] = []  # installed entry points that the selection leaves out
         self._commands_added = False
@@ -108,12 +121,62 @@ class Plugins:
             return
         try:
             obj = load()
-            self.pm.register(obj, name=name)
         except Exception as e:  # a broken plugin must never take the CLI down
-            info.errors.append(f"failed to load: {type(e).__name__}: {e}")
+            info.errors.append(f"failed to load: {type(e).__name__}: {_one_line(e)}")
+            info.traceback = traceback.format_exc()
+            return
+        problems, fatal = self._check_hooks(obj)
+        info.errors += problems
+        if fatal:  # pluggy would refuse it too, with a message several lines long
+            return
+        try:
+            self.pm.register(obj, name=name)
+        except Exception as e:
+            info.errors.append(f"failed to load: {type(e).__name__}: {_one_line(e)}")
             info.traceback = traceback.format_exc()
             return
         info.hooks = sorted(impl_name for impl_name in _hook_names(self.pm, name))
+        if source != "builtin":
+            info.warnings += _outside_api_imports(module)
+
+    def _check_hooks(self, obj) -> tuple[list[str], bool]:
+        """What is wrong with a plugin's hook functions, in one line each, and whether it cannot be registered:
+        an unknown hook name (a typo pluggy ignores), a hook function not marked `@hookimpl` (ignored too), an
+        argument the hookspec does not pass (pluggy refuses the plugin)."""
+        specs = {name: getattr(self.pm.hook, name).spec.argnames for name in _spec_names()}
+        problems, fatal = [], False
+        for attr in dir(obj):
+            if attr.startswith("__"):
+                continue
+            try:
+                opts = self.pm.parse_hookimpl_opts(obj, attr)
+            except Exception:
+                continue
+            if opts is None:
+                if attr in specs and callable(getattr(obj, attr, None)):
+                    problems.append(
+                        f"{attr} is not decorated with @hookimpl, so it is never called: "
+                        "add `from nanorl.api import hookimpl` and `@hookimpl` above it"
+                    )
+                continue
+            if attr not in specs:
+                close = difflib.get_close_matches(attr, specs, n=1)
+                did = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(f"@hookimpl {attr!r} is no nanorl hook; {did}the hooks are {', '.join(specs)}")
+                continue
+            try:
+                params = list(inspect.signature(getattr(obj, attr)).parameters)
+            except (TypeError, ValueError):
+                continue
+            extra = [p for p in params if p not in specs[attr]]
+            if extra:
+                fatal = True
+                want = ", ".join(specs[attr])
+                problems.append(
+                    f"hook {attr}({', '.join(params)}) asks for {', '.join(map(repr, extra))}, which the hook does "
+                    f"not pass: name its argument as the hookspec does: {attr}({want})"
+                )
+        return problems, fatal
 
     def _call(self, kind: str, hook: str) -> None:
         """Call one register_* hook plugin by plugin, so that each registration is attributed and isolated."""
@@ -128,19 +191,33 @@ class Plugins:
                 key = getattr(obj, "name", "")
                 if not key:
                     raise ValueError(f"a {kind} registered by {_plugin!r} has no name")
+                problem = _invalid(kind, obj)
+                if problem:
+                    self.refused.setdefault((kind, key), (_plugin, problem))
+                    _info.errors.append(f"{kind} {key!r} is not registered: {problem}")
+                    return
                 owner = self.owner.get((kind, key))
+                if owner is not None and self.infos[owner].source == "builtin":
+                    # a built-in's name stays the built-in's: installing a plugin never breaks `--task arith`
+                    _info.errors.append(f"{kind} {key!r} is a built-in name and stays the built-in's: rename yours")
+                    return
                 if owner is not None:
                     self.conflicts.setdefault((kind, key), [owner]).append(_plugin)
-                    _info.errors.append(f"{kind} {key!r} is already registered by plugin {owner!r}")
+                    _info.errors.append(
+                        f"{kind} {key!r} is already registered by plugin {owner!r}: rename yours (neither is usable "
+                        "while both are installed)"
+                    )
                     return
                 self.owner[(kind, key)] = _plugin
+                if kind == "reward" and not obj.plugin:
+                    obj.plugin = _plugin  # named in the reward's errors
                 self.registry[kind][key] = obj
                 _info.registered.setdefault(kind, []).append(key)
 
             try:
                 impl.function(register)
             except Exception as e:
-                info.errors.append(f"{hook} raised {type(e).__name__}: {e}")
+                info.errors.append(f"{hook} raised {type(e).__name__}: {_one_line(e)}")
                 info.traceback = traceback.format_exc()
 
     # -- lookups --------------------------------------------------------------------------------------------
@@ -154,12 +231,23 @@ class Plugins:
         try:
             return self.registry[kind][name]
         except KeyError:
-            known = ", ".join(sorted(self.registry[kind])) or "none"
+            pass
+        if (kind, name) in self.refused:
+            plugin, why = self.refused[(kind, name)]
             raise NanorlError(
-                f"unknown {kind} {name!r} (available: {known})",
-                hint="`nanorl plugins list` shows what each installed plugin provides",
-                exit_code=2,
-            ) from None
+                f"{kind} {name!r} of plugin {plugin!r} was not registered: {why}",
+                hint=f"fix the plugin, or leave it out with NANORL_PLUGINS=... (`nanorl plugins list` shows {plugin}'s"
+                " errors)",
+            )
+        known = ", ".join(sorted(self.registry[kind])) or "none"
+        failed = [n for n, i in self.infos.items() if any(e.startswith("failed to load") for e in i.errors)]
+        hint = "`nanorl plugins list` shows what each installed plugin provides"
+        if failed:
+            hint = (
+                f"plugin{'s' * (len(failed) > 1)} {', '.join(map(repr, failed))} failed to load; {hint}, and why "
+                "(--traceback: where)"
+            )
+        raise NanorlError(f"unknown {kind} {name!r} (available: {known})", hint=hint, exit_code=2)
 
     def task(self, name: str) -> Task:
         return self.get("task", name)
@@ -204,6 +292,92 @@ class Plugins:
 
     def errors(self) -> list[tuple[str, str]]:
         return [(name, err) for name, info in self.infos.items() for err in info.errors]
+
+
+# the methods a registered object must define itself (the base class's raise NotImplementedError)
+REQUIRED: dict[str, tuple[str, ...]] = {"task": ("load", "prompt", "target", "extract")}
+
+
+def _invalid(kind: str, obj: Any) -> str | None:
+    """Why a registered object cannot work (checked at registration, not at first use deep in a run), or None."""
+    base = KINDS[kind][1]
+    missing = [m for m in REQUIRED.get(kind, ()) if getattr(type(obj), m, None) is getattr(base, m)]
+    if missing:
+        need = ", ".join(f"{m}()" for m in REQUIRED[kind])
+        return f"it does not define {', '.join(f'{m}()' for m in missing)} (a {base.__name__} defines {need})"
+    if kind == "reward":
+        fn = obj.fn
+        if not callable(fn):
+            return f"its fn is a {type(fn).__name__}, not a function"
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin without a signature: trusted
+            return None
+        try:
+            sig.bind(None, "", None)
+        except TypeError:
+            return f"its fn{sig} cannot be called as fn(example, completion, answer)"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (pluggy's validation errors take three)."""
+    return " ".join(str(e).split())
+
+
+def _spec_names() -> list[str]:
+    return [n for n in dir(hookspecs) if n.startswith("register_") and callable(getattr(hookspecs, n))]
+
+
+ALLOWED_IMPORTS = {"nanorl.api", "nanorl.__version__"}
+MAX_SCANNED = 200  # files of a plugin's package read for its imports (a plugin is small; nanorl --help stays fast)
+
+
+def _outside_api_imports(module: str) -> list[str]:
+    """One warning per nanorl module other than nanorl.api that the plugin's own package imports (its source read,
+    not run: `from nanorl.api import X` stays fine even where X lives in another module)."""
+    name = module.split(":")[0].strip()
+    mod = sys.modules.get(name)
+    if mod is not None and not hasattr(mod, "__path__") and "." in name:  # a module in a package: the package
+        mod = sys.modules.get(name.rsplit(".", 1)[0])
+    paths = list(getattr(mod, "__path__", None) or []) if mod is not None else []
+    files = [f for p in paths for f in sorted(_py_files(p))][:MAX_SCANNED]
+    if not files and getattr(mod, "__file__", None):
+        files = [mod.__file__]
+    found: dict[str, str] = {}
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+            if "nanorl" not in text:
+                continue
+            tree = ast.parse(text)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        base = os.path.basename(path)
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == "nanorl":
+                    names = [f"nanorl.{a.name}" for a in node.names]
+                else:
+                    names = [node.module]
+            for n in names:
+                if n.startswith("nanorl.") and n not in ALLOWED_IMPORTS and n not in found:
+                    found[n] = f"{base} line {node.lineno}"
+    return [
+        f"imports {n} ({where}): a plugin imports only nanorl.api, the one stable surface; use what it exports, "
+        "or ask for what is missing to be added there"
+        for n, where in found.items()
+    ]
+
+
+def _py_files(root: str):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "__pycache__"))]
+        yield from (os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
 
 
 def _entry_name(entry) -> str:

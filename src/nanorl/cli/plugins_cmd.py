@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from nanorl.cli.ui import console, esc, print_json
+from nanorl.cli.ui import console, esc, print_json, state
 
 
 def register(app: typer.Typer) -> None:
@@ -14,9 +14,11 @@ def register(app: typer.Typer) -> None:
     @plugins_app.command("list")
     def list_plugins(
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-        traceback_: bool = typer.Option(False, "--traceback", help="Show the traceback of each load error."),
+        traceback_: bool = typer.Option(
+            False, "--traceback", help="Show the traceback of each load error (so does `nanorl --debug`)."
+        ),
     ) -> None:
-        """List plugins: name, version, hooks, what each registered, and load errors."""
+        """List plugins: name, version, hooks, what each registered, and load errors and warnings."""
         from nanorl.plugins import get_plugins
 
         plugins = get_plugins()
@@ -35,16 +37,24 @@ def register(app: typer.Typer) -> None:
             hooks = "\n".join(h.removeprefix("register_") for h in i.hooks) or "-"
             # what a plugin says about itself is text, never markup
             status = f"[red]{len(i.errors)} error{'s' * (len(i.errors) > 1)}[/]" if i.errors else "[green]ok[/]"
+            if i.warnings:
+                status += f"\n[yellow]{len(i.warnings)} warning{'s' * (len(i.warnings) > 1)}[/]"
             table.add_row(esc(i.name), esc(i.source), esc(i.version), esc(hooks), esc(registered), status)
         console.print(table)
         for i in infos:
             for err in i.errors:
                 line = Text.assemble(("x", "red"), " ", (i.name, "bold"), f" ({i.source}): {err}")
                 console.print(line, highlight=False, soft_wrap=True)
-        if traceback_:
+            for warning in i.warnings:
+                line = Text.assemble(("!", "yellow"), " ", (i.name, "bold"), f" ({i.source}): {warning}")
+                console.print(line, highlight=False, soft_wrap=True)
+        if traceback_ or state["debug"]:
             for i in infos:
                 if i.traceback:
                     console.rule(esc(i.name))
                     console.print(i.traceback, markup=False, highlight=False)
         elif any(i.errors for i in infos):
-            console.print("[dim]A plugin with errors is skipped; the others work. `--traceback` shows details.[/]")
+            console.print(
+                "[dim]What a plugin failed to load or register is skipped; everything else works. "
+                "`--traceback` shows where.[/]"
+            )
