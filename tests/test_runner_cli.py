@@ -36,7 +36,7 @@ def _cfg(name: str, *extra: str):
 
 def _fake_run(name: str, *extra: str):
     """A run whose tokenizer is trained and whose model stages hold untrained checkpoints, all marked DONE."""
-    from nanorl.stages.common import MODEL_STAGES
+    from nanorl.config import MODEL_STAGES
     from nanorl.stages.runner import make_context
 
     cfg = _cfg(name, *extra)

@@ -245,7 +245,10 @@ class RunConfig:
 SECTIONS = (
     "model", "optim", "data", "tokenizer", "base", "mid", "sft", "rl", "eval", "engine", "telemetry", "checkpoint",
 )  # fmt: skip
-TRAIN_STAGES = ("base", "mid", "sft")
+# The pipeline's steps in order (each writes runs/<name>/<step>/) and those of them that train a model. They live
+# here, below the stages and the stores, because both need them (store.runs splits s3://.../RUN/STAGE URLs).
+STAGES = ("tokenizer", "base", "mid", "sft", "rl", "eval", "report")
+MODEL_STAGES = ("base", "mid", "sft", "rl")
 
 # Presets: what each sets on top of the defaults. Depth presets only pick the depth (the rule does the rest);
 # `tiny` is sized for a 2-core CPU and the offline `arith` task.

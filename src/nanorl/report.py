@@ -74,8 +74,13 @@ def _plots(run: Path, records: list[dict[str, Any]]) -> list[str]:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     path = run / "report_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(path.name + ".tmp")  # a crash mid-write leaves the previous figure, never half of one
+    try:
+        fig.savefig(tmp, dpi=110, format="png")  # (the format by name: ".tmp" says none)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     figs.append(path.name)
     return figs
 

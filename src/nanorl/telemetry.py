@@ -3,8 +3,8 @@
     bus = Telemetry(run_dir, cfg)                     # hooks: the registered TelemetryHooks (plugins, sinks)
     bus.stage_start(info)                             # StageInfo
     bus.log("base", step, {"loss": 2.1, ...})         # every training step
-    bus.rollouts(batch)                               # RL: a RolloutBatch, every rl.kl_every steps
-    bus.eval(result)                                  # EvalResult
+    bus.rollouts("rl", batch)                         # RL: a RolloutBatch, every rl.kl_every steps
+    bus.eval("eval", step, result)                    # EvalResult (step: None outside a training loop)
     bus.stage_end(info, metrics)
     bus.close()
 

@@ -27,7 +27,7 @@ def _store_and_name(url: str) -> tuple[object, str, str | None, str]:
     if url.startswith("s3://"):
         store_url, name, stage = split_url(url)
     else:
-        from nanorl.stages.common import STAGES
+        from nanorl.config import STAGES
 
         p = Path(url.removeprefix("file://")).expanduser()
         stage = p.name if p.name in STAGES else None
@@ -39,8 +39,7 @@ def _store_and_name(url: str) -> tuple[object, str, str | None, str]:
 def run_summary(run: Path) -> dict:
     """What `runs list` shows of one run folder: task, model shape, stages done, the final eval, size."""
     from nanorl.api import NanorlError
-    from nanorl.config import from_toml_file
-    from nanorl.stages.common import MODEL_STAGES
+    from nanorl.config import MODEL_STAGES, from_toml_file
 
     row: dict = {"name": run.name, "path": str(run)}
     try:

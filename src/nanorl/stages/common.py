@@ -25,14 +25,10 @@ import torch
 
 from nanorl import checkpoint as ckpt
 from nanorl.api import Example, NanorlError, StageInfo, Task
-from nanorl.config import RunConfig, config_hash
+from nanorl.config import MODEL_STAGES, RunConfig, config_hash
 from nanorl.device import all_reduce_mean, autocast, check_training_dtype, is_distributed, raise_together
 from nanorl.optim import Optimizers, lr_schedule
 from nanorl.telemetry import Telemetry
-
-# the order of the pipeline; each stage's folder is runs/<name>/<stage>/
-STAGES = ("tokenizer", "base", "mid", "sft", "rl", "eval", "report")
-MODEL_STAGES = ("base", "mid", "sft", "rl")
 
 
 class Interrupted(Exception):  # noqa: N818 - it is a signal, not an error

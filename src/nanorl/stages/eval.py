@@ -39,8 +39,9 @@ import torch
 
 from nanorl import checkpoint as ckpt
 from nanorl.api import EvalResult, Example, NanorlError
+from nanorl.config import MODEL_STAGES
 from nanorl.device import all_gather_objects, autocast
-from nanorl.stages.common import MODEL_STAGES, Context
+from nanorl.stages.common import Context
 
 ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (nanorl.multichoice)
 

@@ -32,8 +32,18 @@ from typing import Any
 
 from nanorl import checkpoint as ckpt
 from nanorl.api import Example, NanorlError, Task
-from nanorl.config import SECTIONS, RunConfig, config_hash, from_toml_file, run_dir, validate, write_run_config
-from nanorl.stages.common import MODEL_STAGES, STAGES, Context
+from nanorl.config import (
+    MODEL_STAGES,
+    SECTIONS,
+    STAGES,
+    RunConfig,
+    config_hash,
+    from_toml_file,
+    run_dir,
+    validate,
+    write_run_config,
+)
+from nanorl.stages.common import Context
 
 
 def run_tokenizer(ctx: Context) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def pull_run(store, name: str, dest: Path, stage: str | None = None, where: str 
 def split_url(url: str) -> tuple[str, str, str | None]:
     """s3://bucket/prefix/RUN[/STAGE] -> (store URL, run name, stage or None). A last part that is not a stage
     name is the run."""
-    from nanorl.stages.common import STAGES
+    from nanorl.config import STAGES
 
     parts = url.rstrip("/").split("/")
     stage = parts.pop() if parts[-1] in STAGES else None
