@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -74,6 +75,14 @@ def test_interrupted_and_resumed_equals_uninterrupted_then_rerun_skips():
     rl = [r for r in read_metrics(run_dir("full")) if r["stage"] == "rl" and r.get("kind") is None]
     for key in ("reward", "acc", "completion_len", "zero_var_frac", "kl", "clip_frac", "grad_norm"):
         assert key in rl[-1]["metrics"], key
+
+    # attention entropy was measured at every training stage's last step and is in the report
+    records = read_metrics(run_dir("full"))
+    for stage in ("base", "mid", "sft", "rl"):
+        last = [r for r in records if r["stage"] == stage and r.get("kind") is None][-1]["metrics"]
+        assert last["attn_entropy/L0"] == last["attn_entropy"] > 0, stage  # one layer: its mean is the mean
+        assert 0 < last["attn_entropy_min_head"] <= last["attn_entropy_norm"] <= 1, stage
+    assert "## Attention entropy" in report and "| layer | base | mid | sft | rl |" in report
 
     # --from rl redoes rl and every later stage, and nothing before
     part = run_pipeline(_cfg("full"), from_stage="rl")
@@ -502,3 +511,56 @@ def test_a_retrained_tokenizer_clears_the_models_trained_with_the_old_one():
     assert again["base"] != "skipped"
     run_pipeline(_cfg("retok", "tokenizer.max_digits=3"), only="tokenizer")
     assert (run_dir("retok") / "sft" / "DONE").is_file()
+
+
+def _entropy_ctx():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(telemetry=SimpleNamespace(attn_entropy_every=5))
+    return SimpleNamespace(device=torch.device("cpu"), dtype=torch.float64, cfg=cfg, rank=0)
+
+
+def test_attention_entropy_telemetry_averages_the_counted_positions():
+    from testkit import tiny_model
+
+    from nanorl.stages.common import attention_entropy, entropy_due
+
+    model = tiny_model()
+    torch.manual_seed(1)
+    idx = torch.randint(0, 300, (3, 12))
+    counted = torch.rand(3, 12) < 0.6
+    counted[0, 5] = True
+    got = attention_entropy(_entropy_ctx(), model, idx, counted)
+    assert model.training  # left as it was
+
+    # the reference: per (layer, row, head, position), in float64, averaged by loops
+    _, ent = model(idx, return_entropy=True)
+    L, B, H, T = ent.shape
+    cells = [(b, t) for b in range(B) for t in range(T) if counted[b, t]]
+    for i in range(L):
+        want = sum(float(ent[i, b, h, t]) for b, t in cells for h in range(H)) / (len(cells) * H)
+        assert got[f"attn_entropy/L{i}"] == pytest.approx(want, rel=1e-9)
+    later = [(b, t) for b, t in cells if t >= 1]
+    norm = {(i, h): sum(float(ent[i, b, h, t]) / math.log(t + 1) for b, t in later) / len(later)
+            for i in range(L) for h in range(H)}  # fmt: skip
+    assert got["attn_entropy_norm"] == pytest.approx(sum(norm.values()) / len(norm), rel=1e-9)
+    assert got["attn_entropy_min_head"] == pytest.approx(min(norm.values()), rel=1e-9)
+    assert got["attn_entropy"] == pytest.approx(sum(got[f"attn_entropy/L{i}"] for i in range(L)) / L)
+
+    # with every query zero, every score is 0: attention is uniform over the visible keys, entropy log(t + 1)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.c_q.weight.zero_()
+    uniform = attention_entropy(_entropy_ctx(), model, idx, counted)
+    # (to float32's precision: the model returns entropy in float32)
+    assert uniform["attn_entropy_norm"] == pytest.approx(1.0, abs=1e-6)
+    assert uniform["attn_entropy_min_head"] == pytest.approx(1.0, abs=1e-6)
+    mean_log = sum(math.log(t + 1) for _, t in cells) / len(cells)
+    assert uniform["attn_entropy/L1"] == pytest.approx(mean_log, rel=1e-6)
+
+    # nothing counted: nothing logged; measured every 5 steps and at the last, on rank 0 only
+    assert attention_entropy(_entropy_ctx(), model, idx, torch.zeros_like(counted)) == {}
+    ctx = _entropy_ctx()
+    assert [d for d in range(1, 13) if entropy_due(ctx, d, 12)] == [5, 10, 12]
+    ctx.rank = 1
+    assert not any(entropy_due(ctx, d, 12) for d in range(1, 13))

@@ -198,6 +198,12 @@ class TelemetryConfig:
     wandb_project: str = _f("nanorl", "wandb project")
     log_every: int = _f(1, "steps between logged training metrics", ge=1)
     disable: list = _f([], "telemetry hooks (by name) to switch off")
+    attn_entropy_every: int = _f(
+        100,
+        "steps between attention-entropy measurements (per layer, on a few rows of the step's batch), and at every"
+        " stage's last step (0: never)",
+        ge=0,
+    )
 
 
 @dataclass

@@ -85,6 +85,33 @@ def _plots(run: Path, records: list[dict[str, Any]]) -> list[str]:
     return figs
 
 
+def _entropy_table(stages: dict[str, dict[str, Any]]) -> list[str]:
+    """Attention entropy by layer (rows) and stage (columns), each stage's last measurement (telemetry's
+    `attn_entropy*` metrics); nothing when no stage measured it."""
+    cols = [s for s, row in stages.items() if "attn_entropy" in row]
+    if not cols:
+        return []
+    layers = sorted({int(k.rsplit("L", 1)[1]) for s in cols for k in stages[s] if k.startswith("attn_entropy/L")})
+    lines = [
+        "## Attention entropy",
+        "",
+        "Nats, averaged over heads and positions, at each stage's last measurement; normalised: H / log(visible keys),"
+        " 1 = attention spread evenly, 0 = on one key.",
+        "",
+        "| layer | " + " | ".join(cols) + " |",
+        "|---" * (1 + len(cols)) + "|",
+    ]
+    rows = [(f"L{i}", f"attn_entropy/L{i}") for i in layers]
+    rows += [
+        ("mean", "attn_entropy"),
+        ("normalised", "attn_entropy_norm"),
+        ("lowest head, normalised", "attn_entropy_min_head"),
+    ]
+    for label, key in rows:
+        lines.append(f"| {label} | " + " | ".join(_fmt(stages[s].get(key, "")) for s in cols) + " |")
+    return [*lines, ""]
+
+
 def write_report(run: str | Path) -> Path:
     run = Path(run)
     records = read_metrics(run)
@@ -108,6 +135,8 @@ def write_report(run: str | Path) -> Path:
             cells = [_fmt(row.get(k, "")) for k in keys]
             lines.append(f"| {stage} | {_fmt(row.get('steps', ''))} | {wall} | " + " | ".join(cells) + " |")
         lines.append("")
+
+    lines += _entropy_table(stages)
 
     evals = sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
     if evals:

@@ -382,6 +382,58 @@ def micro_batch(ctx: Context, stage: str) -> tuple[int, int]:
     return B, accum
 
 
+# Rows of the current batch that the attention-entropy telemetry runs its extra forward on: a few rows give a
+# stable per-layer mean (thousands of query positions) for a negligible cost next to a step.
+ENTROPY_ROWS = 4
+
+
+def attention_entropy(ctx: Context, model, idx: torch.Tensor, counted: torch.Tensor) -> dict[str, float]:
+    """The attention-entropy telemetry: one no-gradient forward of `idx` (B, T) asking every layer for the
+    Shannon entropy of each query's attention distribution (from the Triton kernel's softmax statistics on a
+    GPU, never a T x T matrix there), averaged over heads and the `counted` (B, T) bool positions.
+
+    - `attn_entropy/L{i}`: layer i's mean entropy, nats;
+    - `attn_entropy`: the mean over layers, nats;
+    - `attn_entropy_norm`: the mean of H / log(t + 1) at positions t >= 1, where log(t + 1) is the entropy of
+      attending uniformly to the t + 1 visible keys: 1 = spread evenly, 0 = all on one key;
+    - `attn_entropy_min_head`: the lowest head's mean normalised entropy (near 0: a head that attends to one
+      key, such as the first token, whatever the input).
+    Metrics for the bus; the model is left in the mode it was in.
+    """
+    raw = model.module if hasattr(model, "module") else model
+    idx, counted = idx[:ENTROPY_ROWS], counted[:ENTROPY_ROWS]
+    was_training = raw.training
+    raw.eval()
+    try:
+        with torch.no_grad(), autocast(ctx.device, ctx.dtype):
+            _, ent = raw(idx, logits="none", return_entropy=True)  # (L, B, H, T), float32
+    finally:
+        raw.train(was_training)
+    ent = ent.double()
+    mask = counted.to(ent.device, torch.float64)[None, :, None, :]  # (1, B, 1, T)
+    n = mask.sum() * ent.size(2)
+    if n == 0:
+        return {}
+    t = torch.arange(ent.size(-1), device=ent.device, dtype=torch.float64)
+    normed = ent[..., 1:] / torch.log1p(t[1:])  # position 0 sees one key: its entropy is 0 and says nothing
+    m1 = mask[..., 1:]
+    per_layer = (ent * mask).sum(dim=(1, 2, 3)) / n
+    out = {f"attn_entropy/L{i}": float(v) for i, v in enumerate(per_layer)}
+    out["attn_entropy"] = float(per_layer.mean())
+    if m1.sum() > 0:
+        out["attn_entropy_norm"] = float((normed * m1).sum() / (m1.sum() * ent.size(2) * ent.size(0)))
+        per_head = (normed * m1).sum(dim=(1, 3)) / m1.sum()  # (L, H)
+        out["attn_entropy_min_head"] = float(per_head.min())
+    return out
+
+
+def entropy_due(ctx: Context, done: int, total: int) -> bool:
+    """Whether step `done` (1-based) of `total` measures attention entropy: every telemetry.attn_entropy_every
+    steps and at a stage's last step (0: never); on rank 0, the one that logs."""
+    every = ctx.cfg.telemetry.attn_entropy_every
+    return ctx.rank == 0 and every > 0 and (done % every == 0 or done == total)
+
+
 def train_supervised(
     ctx: Context,
     stage: str,
@@ -458,6 +510,8 @@ def train_supervised(
         if val_fn is not None and ((tcfg.eval_every and done % tcfg.eval_every == 0) or is_last):
             last.update(val_fn(model))
             model.train()
+        if entropy_due(ctx, done, total_steps):  # on the step's last rows, at the positions the loss counted
+            last.update(attention_entropy(ctx, model, x, y >= 0))
         if done % ctx.cfg.telemetry.log_every == 0 or is_last:
             ctx.bus.log(stage, done, last)
         if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and not is_last:

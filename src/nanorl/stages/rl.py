@@ -52,7 +52,16 @@ from nanorl.device import (
     min_over_ranks,
 )
 from nanorl.optim import Optimizers
-from nanorl.stages.common import Context, Interrupted, broadcast_params, sync_grads, to_device
+from nanorl.stages.common import (
+    ENTROPY_ROWS,
+    Context,
+    Interrupted,
+    attention_entropy,
+    broadcast_params,
+    entropy_due,
+    sync_grads,
+    to_device,
+)
 
 STD_EPS = 1e-4  # added to the group std before dividing (TRL uses the same), so a tiny spread can't blow up A
 
@@ -222,6 +231,20 @@ def policy_gradient(
     if logp.requires_grad:
         loss.backward()
     return loss.detach(), stats, logp.detach()
+
+
+def rollout_entropy(ctx: Context, model, ro: Rollouts, G: int) -> dict[str, float]:
+    """The attention-entropy telemetry on the policy's own samples: the first completion of each of the first
+    ENTROPY_ROWS groups, after its prompt, measured at the completion's positions."""
+    rows = [ro.prompt_ids[i] + list(ro.samples[i * G].tokens) for i in range(min(ENTROPY_ROWS, len(ro.prompt_ids)))]
+    if not rows:
+        return {}
+    T = min(max(len(r) for r in rows), ctx.cfg.model.seq_len)
+    idx = to_device([r[:T] + [0] * (T - len(r[:T])) for r in rows], torch.long, ctx.device)
+    counted = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        counted[b, len(ro.prompt_ids[b]) : min(len(r), T)] = True
+    return attention_entropy(ctx, model, idx, counted)
 
 
 # Completion rows per forward + backward of the update at most (a GPU takes fewer where they do not fit:
@@ -534,6 +557,8 @@ def run(ctx: Context) -> dict[str, Any]:
                 answers=ro.answers, rewards=ro.rewards.view(-1).tolist(), correct=ro.correct, scorer=scorer,
             )  # fmt: skip
             last.update(ctx.bus.rollouts("rl", hook_batch))
+        if entropy_due(ctx, done, steps):
+            last.update(rollout_entropy(ctx, model, every, G))
         if rcfg.eval_every and done % rcfg.eval_every == 0 and done != steps:
             from nanorl.stages.eval import evaluate
 
