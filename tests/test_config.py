@@ -191,6 +191,12 @@ def test_run_toml_round_trip(tmp_path):
     assert back == cfg
     assert to_toml(back) == to_toml(cfg)
 
+    # a run.toml written by an earlier version, with a key this one retired, still loads
+    toml = path / "run.toml"
+    toml.write_text(toml.read_text().replace("[checkpoint]\n", "[checkpoint]\nkeep = 3\n"))
+    assert "keep = 3" in toml.read_text()
+    assert from_toml_file(toml) == cfg
+
 
 def test_config_hash_tracks_the_architecture_only():
     a = resolve(preset="tiny")

@@ -209,7 +209,6 @@ class TelemetryConfig:
 @dataclass
 class CheckpointConfig:
     store: str = _f("", "also mirror checkpoints to this store, e.g. s3://bucket/prefix ('' : local only)")
-    keep: int = _f(1, "intermediate checkpoints kept per stage (the final one is always kept)", ge=1)
 
 
 @dataclass
@@ -658,6 +657,11 @@ def to_toml(cfg: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Keys that earlier versions wrote into run.toml and this one no longer has: a run folder from before still loads.
+# checkpoint.keep: accepted, but every stage always kept exactly one checkpoint (its latest).
+RETIRED_KEYS = frozenset({"checkpoint.keep"})
+
+
 def from_toml_file(path: str | Path) -> RunConfig:
     """Read a resolved run.toml back (no preset is re-applied: every value is in the file).
 
@@ -666,6 +670,8 @@ def from_toml_file(path: str | Path) -> RunConfig:
     cfg = RunConfig()
     try:
         for k, v in _flatten(load_toml(path), str(path)):
+            if k in RETIRED_KEYS:
+                continue
             set_value(cfg, k, v)
         derive(cfg)
         validate(cfg)
