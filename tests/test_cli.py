@@ -186,6 +186,18 @@ def test_piped_output_is_wide_enough_not_to_cut_tables(tmp_path):
     assert f"'{long_dir}'" not in r.stdout
 
 
+def test_piped_stage_lines_are_as_wide_as_the_rest(tmp_path):
+    # the stages' own lines (batch layouts, warnings, what a rerun changed) go through the pipeline's console:
+    # piped, they are laid out 200 columns wide like every other output, not split at 80
+    args = ("pipeline", "--preset", "tiny", "--only", "tokenizer", "tokenizer.train_chars=20000")
+    assert run_piped(*args).returncode == 0
+    changed = ("base.steps=3", "mid.steps=3", "sft.steps=3", "rl.steps=3", "eval.max_examples=3", "eval.samples=0")
+    r = run_piped(*args, *changed)
+    assert r.returncode == 0, r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("run.toml:")]
+    assert line.rstrip().endswith("eval.samples 4 -> 0"), r.stderr
+
+
 def test_warnings_are_one_yellow_line_each(tmp_path):
     data = tmp_path / "aqua"
     data.mkdir()
