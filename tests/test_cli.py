@@ -198,6 +198,14 @@ def test_piped_stage_lines_are_as_wide_as_the_rest(tmp_path):
     assert line.rstrip().endswith("eval.samples 4 -> 0"), r.stderr
 
 
+def test_cloud_launch_without_setup_hints_at_one_that_installs_the_default_commands_task():
+    # the default command trains `--task aqua`, which the nanorl distribution alone does not have: the example
+    # --setup installs the aqua plugin beside it (a subdirectory of the same repository)
+    r = run_cli("cloud", "launch", "gpu_1x_h100_pcie", "--yes", env={"NANORL_CLOUD_SETUP": ""})
+    assert r.returncode == 2 and "--setup (or NANORL_CLOUD_SETUP)" in r.stderr
+    assert "nanorl@COMMIT#subdirectory=plugins/aqua" in r.stderr
+
+
 def test_warnings_are_one_yellow_line_each(tmp_path):
     data = tmp_path / "aqua"
     data.mkdir()
