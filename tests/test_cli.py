@@ -186,6 +186,26 @@ def test_piped_output_is_wide_enough_not_to_cut_tables(tmp_path):
     assert f"'{long_dir}'" not in r.stdout
 
 
+def test_piped_stage_lines_are_as_wide_as_the_rest(tmp_path):
+    # the stages' own lines (batch layouts, warnings, what a rerun changed) go through the pipeline's console:
+    # piped, they are laid out 200 columns wide like every other output, not split at 80
+    args = ("pipeline", "--preset", "tiny", "--only", "tokenizer", "tokenizer.train_chars=20000")
+    assert run_piped(*args).returncode == 0
+    changed = ("base.steps=3", "mid.steps=3", "sft.steps=3", "rl.steps=3", "eval.max_examples=3", "eval.samples=0")
+    r = run_piped(*args, *changed)
+    assert r.returncode == 0, r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("run.toml:")]
+    assert line.rstrip().endswith("eval.samples 4 -> 0"), r.stderr
+
+
+def test_cloud_launch_without_setup_hints_at_one_that_installs_the_default_commands_task():
+    # the default command trains `--task aqua`, which the nanorl distribution alone does not have: the example
+    # --setup installs the aqua plugin beside it (a subdirectory of the same repository)
+    r = run_cli("cloud", "launch", "gpu_1x_h100_pcie", "--yes", env={"NANORL_CLOUD_SETUP": ""})
+    assert r.returncode == 2 and "--setup (or NANORL_CLOUD_SETUP)" in r.stderr
+    assert "nanorl@COMMIT#subdirectory=plugins/aqua" in r.stderr
+
+
 def test_warnings_are_one_yellow_line_each(tmp_path):
     data = tmp_path / "aqua"
     data.mkdir()

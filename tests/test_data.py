@@ -370,6 +370,26 @@ def test_a_run_with_fineweb_shards_downloads_them_before_its_tokenizer(server, t
     assert len(fineweb_shards()) == 3
 
 
+def test_a_pipeline_on_fineweb_downloads_its_shards_instead_of_refusing(server, monkeypatch, capsys):
+    """`nanorl pipeline ... data.corpus=fineweb` with no shard on disk yet: the checks before the run accept the
+    corpus the run will download (data.fineweb_shards), and the tokenizer stage fetches it; with
+    data.fineweb_shards=0 the same run is refused at once."""
+    from nanorl.cli import main
+
+    monkeypatch.setenv("NANORL_FINEWEB_URL", server.url)
+    args = ["pipeline", "--preset", "tiny", "--only", "tokenizer", "data.corpus=fineweb", "model.vocab_size=300"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "data.fineweb_shards=0"])
+    assert e.value.code == 1 and "no FineWeb-EDU shards" in capsys.readouterr().err and not server.requests
+    code = 0
+    try:
+        main([*args, "data.fineweb_shards=2"])
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None), capsys.readouterr().err
+    assert [p.name for p in fineweb_shards()] == [shard_name(0), shard_name(1)]
+
+
 def test_fineweb_shards_zero_downloads_nothing(server, monkeypatch):
     from nanorl.config import resolve
     from nanorl.data import open_run_corpus

@@ -2,7 +2,8 @@
 
     nanorl cloud types                                   # what is free now, and its price
     nanorl cloud estimate gpu_1x_h100_pcie --hours 4
-    nanorl cloud launch gpu_1x_h100_pcie --setup "pip install git+https://github.com/YOU/nanorl@COMMIT"
+    nanorl cloud launch gpu_1x_h100_pcie --setup "pip install git+https://github.com/YOU/nanorl@COMMIT \
+        git+https://github.com/YOU/nanorl@COMMIT#subdirectory=plugins/aqua"
     nanorl cloud list | status ID | logs ID | terminate ID
 
 The commands are the same for every backend (`CloudBackend` in nanorl.api); `--backend` picks one when several
@@ -222,7 +223,9 @@ def register(app: typer.Typer) -> None:
             # no default: an install by bare package name would run whatever owns that name next to your secrets
             raise NanorlError(
                 "say how to install nanorl on the machine: --setup (or NANORL_CLOUD_SETUP)",
-                hint='e.g. --setup "pip install git+https://github.com/YOU/nanorl@COMMIT"',
+                hint='e.g. --setup "pip install git+https://github.com/YOU/nanorl@COMMIT'
+                ' git+https://github.com/YOU/nanorl@COMMIT#subdirectory=plugins/aqua" (nanorl, and the aqua plugin'
+                " the default command trains with)",
                 exit_code=2,
             )
         b = _backend(backend)

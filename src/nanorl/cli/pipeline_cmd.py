@@ -16,7 +16,7 @@ from nanorl.cli.config_cmd import (
     TaskOpt,
     build_config,
 )
-from nanorl.cli.ui import console, esc, print_json
+from nanorl.cli.ui import console, err_console, esc, print_json
 
 
 def parse_steps(items: list[str] | None) -> dict[str, int]:
@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         if kl_every is not None:
             overrides = [*(overrides or []), f"rl.kl_every={kl_every}"]
         cfg = build_config(preset, depth, config, task, name, overrides, data_dir=data_dir)
-        results = run_pipeline(cfg, from_stage=from_stage, only=only, steps=parse_steps(steps))
+        results = run_pipeline(cfg, from_stage=from_stage, only=only, steps=parse_steps(steps), console=err_console)
         if as_json:
             print_json(results)
         else:

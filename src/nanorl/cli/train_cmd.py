@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from nanorl.cli.config_cmd import OverridesArg
-from nanorl.cli.ui import print_json
+from nanorl.cli.ui import err_console, print_json
 
 
 def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
@@ -93,7 +93,9 @@ def register(app: typer.Typer) -> None:
         init = {}
         if checkpoint:
             init[stage] = resolve_checkpoint(checkpoint, run_dir(run) / f"{stage}-init")
-        results = run_pipeline(cfg, only=stage, steps={stage: steps} if steps is not None else None, init_from=init)
+        results = run_pipeline(
+            cfg, only=stage, steps={stage: steps} if steps is not None else None, init_from=init, console=err_console
+        )
         if as_json:
             print_json(results)
         else:

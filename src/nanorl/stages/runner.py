@@ -177,14 +177,16 @@ def preflight(
     cfg: RunConfig, stages: list[str], init_from: dict[str, Path] | None = None
 ) -> tuple[Task, dict[str, list[Example]]]:
     """Check what `stages` (the stages about to run) need, before anything is written or deleted: the task; the
-    corpus (tokenizer, base: that it exists); the rewards (rl); the task's data (the train split for mid, sft and
-    rl, dev for sft's validation, the eval splits for eval) and `data.chat` (mid); and the stages they start from
-    (the tokenizer, an earlier model stage), finished or about to run. Returns the task and the examples loaded
-    (for the Context's cache)."""
+    corpus (tokenizer, base: that it exists, unless the run downloads it: FineWeb with data.fineweb_shards > 0);
+    the rewards (rl); the task's data (the train split for mid, sft and rl, dev for sft's validation, the eval
+    splits for eval) and `data.chat` (mid); and the stages they start from (the tokenizer, an earlier model
+    stage), finished or about to run. Returns the task and the examples loaded (for the Context's cache)."""
     from nanorl.plugins import get_plugins
 
     task = get_plugins().task(cfg.task)
-    if "tokenizer" in stages or "base" in stages:
+    # FineWeb shards the run downloads itself (data.fineweb_shards > 0) need not be on disk yet
+    fetched = cfg.data.corpus == "fineweb" and cfg.data.fineweb_shards > 0
+    if ("tokenizer" in stages or "base" in stages) and not fetched:
         from nanorl.data import open_corpus
 
         open_corpus(cfg.data.corpus, task=task, skip_bad=cfg.data.skip_bad)  # the files are read later, lazily

@@ -38,7 +38,7 @@ SPLITS = {
     "test": ("test", ("test",)),
 }
 HOW_TO_GET = (
-    "set data.data_dir=DIR (`--data-dir DIR` on `nanorl data`) to a folder holding train.json / dev.json / "
+    "set data.data_dir=DIR (`--data-dir DIR` on the command line) to a folder holding train.json / dev.json / "
     "test.json from https://github.com/google-deepmind/AQuA, or run once online so that the Hugging Face copy "
     "is cached"
 )

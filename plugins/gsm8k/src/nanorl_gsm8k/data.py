@@ -34,7 +34,7 @@ SPLITS = ("train", "dev", "validation", "test")
 # 1 in DEV_SHARE train problems is dev: ~498 of 7,473, the size of a dev set that tells 5 points apart
 DEV_SHARE = 15
 HOW_TO_GET = (
-    "set data.data_dir=DIR to a folder holding train.jsonl / test.jsonl from "
+    "set data.data_dir=DIR (`--data-dir DIR` on the command line) to a folder holding train.jsonl / test.jsonl from "
     "https://github.com/openai/grade-school-math (grade_school_math/data), or run once online so that the "
     "Hugging Face copy is cached"
 )
