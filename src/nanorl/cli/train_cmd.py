@@ -30,9 +30,7 @@ def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
         for stage in ("rl", "sft", "mid", "base"):
             if ckpt.is_done(run / stage):
                 return run / stage
-        raise NanorlError(
-            f"run {spec!r} has no finished model stage yet", hint="run the pipeline first", exit_code=2
-        )
+        raise NanorlError(f"run {spec!r} has no finished model stage yet", hint="run the pipeline first", exit_code=2)
     raise NanorlError(
         f"no checkpoint at {spec!r}",
         hint="give a run name, RUN/STAGE (e.g. arith-tiny/sft), a stage folder, or s3://bucket/prefix",
