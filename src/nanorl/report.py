@@ -5,7 +5,6 @@ matplotlib is not a dependency: without it the report is the same markdown, with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,8 @@ from nanorl.telemetry import read_metrics
 SHOWN = ("loss", "val_bpb", "val_loss", "reward", "acc", "completion_len", "zero_var_frac", "kl", "tok_per_s")
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
+    """A metric for a table cell: 4 significant digits, thousands without decimals (12,345), the rest as str."""
     if isinstance(v, float):
         return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     return str(v)
@@ -85,13 +85,13 @@ def _plots(run: Path, records: list[dict[str, Any]]) -> list[str]:
     return figs
 
 
-def _entropy_table(stages: dict[str, dict[str, Any]]) -> list[str]:
+def _entropy_table(entropy: dict[str, Any]) -> list[str]:
     """Attention entropy by layer (rows) and stage (columns), each stage's last measurement (telemetry's
     `attn_entropy*` metrics); nothing when no stage measured it."""
-    cols = [s for s, row in stages.items() if "attn_entropy" in row]
+    by_stage, layers = entropy["stages"], entropy["layers"]
+    cols = list(by_stage)
     if not cols:
         return []
-    layers = sorted({int(k.rsplit("L", 1)[1]) for s in cols for k in stages[s] if k.startswith("attn_entropy/L")})
     lines = [
         "## Attention entropy",
         "",
@@ -101,45 +101,194 @@ def _entropy_table(stages: dict[str, dict[str, Any]]) -> list[str]:
         "| layer | " + " | ".join(cols) + " |",
         "|---" * (1 + len(cols)) + "|",
     ]
-    rows = [(f"L{i}", f"attn_entropy/L{i}") for i in layers]
-    rows += [
-        ("mean", "attn_entropy"),
-        ("normalised", "attn_entropy_norm"),
-        ("lowest head, normalised", "attn_entropy_min_head"),
-    ]
+    rows = [(f"L{i}", f"attn_entropy/L{i}") for i in layers] + list(ENTROPY_SUMMARY)
     for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(_fmt(stages[s].get(key, "")) for s in cols) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt_value(by_stage[s].get(key, "")) for s in cols) + " |")
     return [*lines, ""]
 
 
+# ---- the run as data: what report.md and `nanorl runs show` both render ------------------------------------------
+# The rows of the entropy table after the layers: (label, metric)
+ENTROPY_SUMMARY = (
+    ("mean", "attn_entropy"),
+    ("normalised", "attn_entropy_norm"),
+    ("lowest head, normalised", "attn_entropy_min_head"),
+)
+
+
+def _read_json(path: Path) -> Any:
+    """A small JSON file's content, or None when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _config(run: Path) -> dict[str, Any]:
+    """The run's task, seed, device, model shape and parameter count, from run.toml (no torch: `model.counts`)."""
+    from nanorl.api import NanorlError
+    from nanorl.config import from_toml_file
+    from nanorl.model.counts import count_params
+
+    toml = run / "run.toml"
+    if not toml.is_file():
+        return {"error": f"no run.toml in {run}"}
+    try:
+        cfg = from_toml_file(toml)
+    except NanorlError as e:
+        return {"error": e.message}
+    m = cfg.model
+    steps = {s: getattr(cfg, s).steps for s in ("base", "mid", "sft", "rl")}
+    return {
+        "task": cfg.task,
+        "preset": cfg.preset,
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "store": cfg.checkpoint.store or None,
+        "model": {
+            "depth": m.depth,
+            "width": m.n_embd,
+            "n_head": m.n_head,
+            "n_kv_head": m.n_kv_head,
+            "vocab_size": m.vocab_size,
+            "seq_len": m.seq_len,
+            "params": count_params(m),
+        },
+        "steps": {s: n for s, n in steps.items() if n > 0},  # -1: the stage's budget rule decides at its start
+    }
+
+
+def _stage(run: Path, stage: str, row: dict[str, Any] | None, starts: dict, ends: dict, steps: dict) -> dict:
+    """One stage's status: done (DONE), partial (a checkpoint or logged steps, no DONE) or not started; its step
+    (done: the last; partial: the last checkpoint's, where a resume starts), of how many, wall seconds, and the
+    last logged metrics of SHOWN."""
+    d = run / stage
+    done = (run / "report.md").is_file() if stage == "report" else (d / "DONE").is_file()
+    state = _read_json(d / "state.json")
+    checkpoint_step = state.get("step") if isinstance(state, dict) else None
+    logged = row is not None
+    logged_step = row.get("steps") if logged else None
+    total = starts.get(stage, steps.get(stage, 1 if stage == "tokenizer" else None))
+    info = _read_json(d / "DONE") if done else None
+    wall = info.get("wall_s") if isinstance(info, dict) else None
+    if done:
+        status, step = "done", ends.get(stage, logged_step)
+    elif checkpoint_step is not None or stage in starts:
+        status, step = "partial", checkpoint_step if checkpoint_step is not None else 0
+    else:
+        status, step = "not started", None
+    return {
+        "stage": stage,
+        "status": status,
+        "step": step,
+        "total_steps": total,
+        "checkpoint_step": checkpoint_step,
+        "logged_step": logged_step,
+        "wall_s": wall,
+        "logged": logged,
+        "metrics": {k: row[k] for k in SHOWN if k in row} if logged else {},
+    }
+
+
+def _evals(run: Path) -> list[dict[str, Any]]:
+    """Every eval/*.json (sorted by name): its model stage and, per mode, the summary's scalars and interval
+    (no per-question records); the paired comparisons. A file that is not JSON: {"file", "error"}."""
+    out = []
+    for path in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
+        res = _read_json(path)
+        if not isinstance(res, dict) or not isinstance(res.get("modes"), dict):
+            out.append({"file": path.name, "error": "not an eval result (unreadable, or half-written)"})
+            continue
+        modes = {
+            mode: {k: v for k, v in s.items() if not isinstance(v, (dict, list)) or k.endswith("_ci95")}
+            for mode, s in res["modes"].items()
+            if isinstance(s, dict)
+        }
+        out.append(
+            {
+                "file": path.name,
+                "task": res.get("task"),
+                "split": res.get("split"),
+                "stage": res.get("stage"),
+                "checkpoint": res.get("checkpoint"),
+                "modes": modes,
+                "compare": res.get("compare") or {},
+            }
+        )
+    return out
+
+
+def run_overview(run: str | Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A run's summary as data, from its files only (run.toml, metrics.jsonl, the stages' DONE and state.json,
+    eval/*.json): what report.md and `nanorl runs show` (a table, or --json) render. Imports no torch.
+
+    {"name", "path", "config": {task, seed, device, dtype, model: {depth, width, ..., params}} or {"error"},
+     "stages": [{stage, status, step, total_steps, checkpoint_step, logged_step, wall_s, logged, metrics}],
+     "shown": the SHOWN metrics some stage logged, "attention_entropy": {"layers", "stages": {stage: metrics}},
+     "evals": [{file, task, split, stage, checkpoint, modes: {mode: summary}, compare: {mode: paired test}}]}
+    `records`: metrics.jsonl's, when the caller read them already."""
+    from nanorl.config import STAGES
+
+    run = Path(run)
+    records = read_metrics(run) if records is None else records
+    rows = _stage_rows(records)
+    starts: dict[str, Any] = {}
+    ends: dict[str, Any] = {}
+    for rec in records:
+        stage, kind = rec.get("stage"), rec.get("kind")
+        if kind == "start":
+            starts[stage] = rec.get("metrics", {}).get("total_steps")
+            ends.pop(stage, None)
+        elif kind == "end":
+            ends[stage] = rec.get("step")
+    config = _config(run)
+    names = [*STAGES, *(s for s in rows if s not in STAGES)]  # a plugin's stage after the pipeline's
+    stages = [_stage(run, s, rows.get(s), starts, ends, config.get("steps", {})) for s in names]
+    cols = [s for s in names if "attn_entropy" in rows.get(s, {})]
+    layers = sorted({int(k.rsplit("L", 1)[1]) for s in cols for k in rows[s] if k.startswith("attn_entropy/L")})
+    entropy = {
+        "layers": layers,
+        "stages": {s: {k: v for k, v in rows[s].items() if k.startswith("attn_entropy")} for s in cols},
+    }
+    return {
+        "name": run.name,
+        "path": str(run),
+        "config": config,
+        "stages": stages,
+        "shown": [k for k in SHOWN if any(k in row for row in rows.values())],
+        "attention_entropy": entropy,
+        "evals": _evals(run),
+    }
+
+
+# ---- report.md -------------------------------------------------------------------------------------------------
 def write_report(run: str | Path) -> Path:
     run = Path(run)
     records = read_metrics(run)
+    data = run_overview(run, records)
     lines = [f"# nanorl run `{run.name}`", ""]
     toml = run / "run.toml"
     if toml.is_file():
         head = [ln for ln in toml.read_text().splitlines() if ln and not ln.startswith("[")][:6]
         lines += ["Run config (excerpt of run.toml):", "", "```toml", *head, "```", ""]
 
-    stages = _stage_rows(records)
-    if stages:
-        keys = [k for k in SHOWN if any(k in row for row in stages.values())]
+    logged = [e for e in data["stages"] if e["logged"]]
+    if logged:
+        keys = data["shown"]
         lines += ["## Stages", "", "| stage | steps | wall s | " + " | ".join(keys) + " |"]
         lines += ["|---" * (3 + len(keys)) + "|"]
-        for stage, row in stages.items():
-            done = run / stage / "DONE"
-            wall = ""
-            if done.is_file():
-                with contextlib.suppress(json.JSONDecodeError):
-                    wall = _fmt(json.loads(done.read_text()).get("wall_s", ""))
-            cells = [_fmt(row.get(k, "")) for k in keys]
-            lines.append(f"| {stage} | {_fmt(row.get('steps', ''))} | {wall} | " + " | ".join(cells) + " |")
+        for e in logged:
+            wall = fmt_value(e["wall_s"]) if e["wall_s"] is not None else ""
+            step = fmt_value(e["logged_step"]) if e["logged_step"] is not None else ""
+            cells = [fmt_value(e["metrics"].get(k, "")) for k in keys]
+            lines.append(f"| {e['stage']} | {step} | {wall} | " + " | ".join(cells) + " |")
         lines.append("")
 
-    lines += _entropy_table(stages)
+    lines += _entropy_table(data["attention_entropy"])
 
-    evals = sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
-    if evals:
+    evals = [e for e in data["evals"] if "error" not in e]
+    if data["evals"]:
         lines += [
             "## Evaluation",
             "",
@@ -147,30 +296,26 @@ def write_report(run: str | Path) -> Path:
         ]
         lines += ["|---|---|---|---|---|---|---|---|---|"]
         compares, sampled = [], []
-        for path in evals:
-            try:
-                res = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                continue
-            for mode, s in res.get("modes", {}).items():
+        for ev in evals:
+            name = ev["file"]
+            for mode, s in ev["modes"].items():
                 ci = s.get("accuracy_ci95") or ["", ""]
                 if mode == "sampled":
                     k = s.get("samples")
                     sampled.append(
-                        f"- {path.name}: {k} completions per question at temperature {_fmt(s.get('temperature'))}:"
-                        f" pass@1 {_fmt(s.get('accuracy'))}, pass@{k} {_fmt(s.get('pass_at_k'))},"
-                        f" maj@{k} {_fmt(s.get('maj_at_k'))}"
+                        f"- {name}: {k} completions per question at temperature {fmt_value(s.get('temperature'))}:"
+                        f" pass@1 {fmt_value(s.get('accuracy'))}, pass@{k} {fmt_value(s.get('pass_at_k'))},"
+                        f" maj@{k} {fmt_value(s.get('maj_at_k'))}"
                     )
                 lines.append(
-                    f"| {path.name} | {res.get('stage', '')} | {mode} | {s.get('n')} | {_fmt(s.get('accuracy'))} | "
-                    f"{_fmt(ci[0])}–{_fmt(ci[1])} | {_fmt(s.get('chance_baseline', ''))} | "
-                    f"{_fmt(s.get('majority_baseline', ''))} | {_fmt(s.get('format_rate', ''))} |"
+                    f"| {name} | {ev['stage'] or ''} | {mode} | {s.get('n')} | {fmt_value(s.get('accuracy'))} | "
+                    f"{fmt_value(ci[0])}–{fmt_value(ci[1])} | {fmt_value(s.get('chance_baseline', ''))} | "
+                    f"{fmt_value(s.get('majority_baseline', ''))} | {fmt_value(s.get('format_rate', ''))} |"
                 )
-            for mode, c in (res.get("compare") or {}).items():
-                test = "McNemar" if c.get("test", "McNemar").startswith("McNemar") else "sign test"
+            for mode, c in ev["compare"].items():
                 compares.append(
-                    f"- {path.name} [{mode}]: {c['a']} {c['accuracy_a']:.3f} vs {c['b']} {c['accuracy_b']:.3f} "
-                    f"(diff {c['diff']:+.3f}, {test} p = {c['p_value']:.3g}, n = {c['n']})"
+                    f"- {name} [{mode}]: {c['a']} {c['accuracy_a']:.3f} vs {c['b']} {c['accuracy_b']:.3f} "
+                    f"(diff {c['diff']:+.3f}, {paired_test_name(c)} p = {c['p_value']:.3g}, n = {c['n']})"
                 )
         lines.append("")
         if sampled:
@@ -185,3 +330,8 @@ def write_report(run: str | Path) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def paired_test_name(c: dict[str, Any]) -> str:
+    """A paired comparison's test, short: McNemar (greedy modes) or the sign test (sampled)."""
+    return "McNemar" if c.get("test", "McNemar").startswith("McNemar") else "sign test"

@@ -11,7 +11,7 @@ from nanorl.cli.config_cmd import ConfigOpt, DepthOpt, NameOpt, OverridesArg, Pr
 from nanorl.cli.ui import console, print_json
 
 
-def _human(n: float) -> str:
+def human_count(n: float) -> str:
     for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f} {unit}"
@@ -79,9 +79,9 @@ def register(app: typer.Typer) -> None:
         table.add_section()
         for k in ("embedding", "matrices", "unembedding", "total"):
             style = "bold" if k == "total" else None
-            table.add_row(f"params: {k}", f"{counts[k]:,} ({_human(counts[k])})", style=style)
+            table.add_row(f"params: {k}", f"{counts[k]:,} ({human_count(counts[k])})", style=style)
         table.add_section()
-        table.add_row(f"FLOPs/token (fwd+bwd, T={m.seq_len})", f"{fpt:,} ({_human(fpt)})")
+        table.add_row(f"FLOPs/token (fwd+bwd, T={m.seq_len})", f"{fpt:,} ({human_count(fpt)})")
         table.add_section()
         gib = 2**30
         table.add_row("GPU training: weights + optimizer", f"{memory['weights_and_optimizer_bytes'] / gib:.2f} GiB")

@@ -1,6 +1,7 @@
 """`nanorl runs ...`: the runs in $NANORL_HOME, and moving them to and from a store (S3 or a folder).
 
     nanorl runs list                                  # every run: task, model, stages done, final accuracy
+    nanorl runs show aqua-d8                          # one run: model, stages, evals with baselines, entropy
     nanorl runs push aqua-d8 s3://bucket/prefix       # the whole run folder to s3://bucket/prefix/aqua-d8/
     nanorl runs pull s3://bucket/prefix/aqua-d8       # back into $NANORL_HOME/runs/aqua-d8/
 
@@ -64,6 +65,170 @@ def run_summary(run: Path) -> dict:
     return row
 
 
+def _is_run_folder(d: Path) -> bool:
+    from nanorl.config import STAGES
+
+    return d.is_dir() and (
+        (d / "run.toml").is_file() or (d / "metrics.jsonl").is_file() or any((d / s).is_dir() for s in STAGES)
+    )
+
+
+def locate_run(spec: str) -> Path:
+    """A run folder: a path to one (it holds run.toml, metrics.jsonl or a stage folder), else a run's name under
+    $NANORL_HOME/runs. Unknown: a NanorlError (exit 2) naming where it looked."""
+    from nanorl.api import NanorlError
+    from nanorl.config import nanorl_home, run_dir
+
+    p = Path(spec).expanduser()
+    looked = [p.resolve()]
+    if not p.is_absolute() and spec not in (".", ".."):
+        looked.append(run_dir(spec))
+    for d in looked:
+        if _is_run_folder(d):
+            return d
+    looked = list(dict.fromkeys(looked))
+    where = " and ".join(str(d) for d in looked)
+    empty = [d for d in looked if d.is_dir()]
+    why = f" ({', '.join(map(str, empty))}: no run.toml, metrics.jsonl or stage folder)" if empty else ""
+    raise NanorlError(
+        f"no run {spec!r}: looked for a run folder at {where}{why}",
+        hint=f"`nanorl runs list` lists the runs in {nanorl_home() / 'runs'}; or give a run folder's path",
+        exit_code=2,
+    )
+
+
+def _num(v, spec: str = ".3f") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def show_run(data: dict) -> None:
+    """`runs show`'s tables, from `nanorl.report.run_overview`'s data."""
+    from rich.table import Table
+
+    from nanorl.cli.model_cmd import human_count
+    from nanorl.report import ENTROPY_SUMMARY, fmt_value, paired_test_name
+
+    # the run: where, what, which model
+    head = Table(title=f"run {esc(data['name'])}", title_justify="left", show_header=False)
+    head.add_column("key", style="cyan")
+    head.add_column("value")
+    head.add_row("path", esc(data["path"]))
+    cfg = data["config"]
+    if "error" in cfg:
+        head.add_row("run.toml", f"[red]{esc(cfg['error'])}[/]")
+    else:
+        m = cfg["model"]
+        n = m["params"]
+        head.add_row("task", esc(str(cfg["task"])) + (f" (preset {esc(cfg['preset'])})" if cfg.get("preset") else ""))
+        head.add_row(
+            "model",
+            f"depth {m['depth']}, width {m['width']}, {m['n_head']} heads ({m['n_kv_head']} kv), "
+            f"vocab {m['vocab_size']}, context {m['seq_len']}",
+        )
+        head.add_row(
+            "parameters",
+            f"{human_count(n['total'])} ({n['total']:,}: embedding {human_count(n['embedding'])}, "
+            f"matrices {human_count(n['matrices'])}, unembedding {human_count(n['unembedding'])})",
+        )
+        head.add_row("device, dtype", f"{esc(cfg['device'])}, {esc(cfg['dtype'])} [dim](as run.toml sets them)[/]")
+        head.add_row("seed", str(cfg["seed"]))
+        if cfg.get("store"):
+            head.add_row("store", esc(cfg["store"]))
+    console.print(head)
+
+    # the stages
+    table = Table(title="stages", title_justify="left")
+    for col in ("stage", "status", "steps", "wall s", "last metrics"):
+        table.add_column(col, justify="right" if col in ("steps", "wall s") else "left")
+    partial = False
+    for e in data["stages"]:
+        of = f" of {e['total_steps']}" if e["total_steps"] is not None else ""
+        if e["status"] == "done":
+            status, steps = "[green]done[/]", e["step"]
+        elif e["status"] == "partial":
+            partial = True
+            status, steps = f"[yellow]partial at step {e['step']}{of}[/]", e["logged_step"]
+        else:
+            status, steps = "[dim]not started[/]", None
+        shown = ", ".join(f"{k} {fmt_value(v)}" for k, v in e["metrics"].items())
+        wall = f"{e['wall_s']:.0f}" if isinstance(e["wall_s"], (int, float)) else ""
+        table.add_row(esc(e["stage"]), status, "" if steps is None else str(steps), wall, esc(shown))
+    console.print(table)
+    if partial:
+        console.print(
+            "[dim]partial: the step of its last checkpoint, where the pipeline resumes; steps: the last step logged[/]"
+        )
+    if not any(e["logged"] for e in data["stages"]):
+        console.print(f"[dim]no metrics logged yet ({esc(data['path'])}/metrics.jsonl)[/]", highlight=False)
+
+    # attention entropy, a row per stage
+    ent = data["attention_entropy"]
+    if ent["stages"]:
+        layers = ent["layers"]
+        t = Table(title="attention entropy, nats (normalised: H / log(keys seen))", title_justify="left")
+        t.add_column("stage")
+        for label, _ in ENTROPY_SUMMARY:
+            t.add_column(label, justify="right")
+        if layers:
+            t.add_column(f"by layer, L{layers[0]}..L{layers[-1]}")
+        for stage, row in ent["stages"].items():
+            cells = [_num(row.get(key)) for _, key in ENTROPY_SUMMARY]
+            if layers:
+                cells.append(" ".join(_num(row.get(f"attn_entropy/L{i}"), ".2f") for i in layers))
+            t.add_row(esc(stage), *cells)
+        console.print(t)
+
+    # the evaluations: every accuracy beside its baselines
+    evals = [e for e in data["evals"] if "error" not in e]
+    for e in data["evals"]:
+        if "error" in e:
+            console.print(f"[yellow]eval/{esc(e['file'])}: {esc(e['error'])}[/]", highlight=False)
+    if not evals:
+        console.print("[dim]no eval files yet (eval/*.json): nanorl eval --checkpoint RUN[/]")
+        return
+    t = Table(title="evaluation (accuracy with its 95% Wilson CI and baselines)", title_justify="left")
+    for col in ("file", "model", "mode", "n", "accuracy", "95% CI", "chance", "majority", "beats majority", "format"):
+        t.add_column(col, justify="right" if col in ("n", "accuracy", "chance", "majority", "format") else "left")
+    for e in evals:
+        for mode, s in e["modes"].items():
+            ci = s.get("accuracy_ci95") or [None, None]
+            beats = s.get("beats_majority")
+            t.add_row(
+                esc(e["file"]), esc(str(e["stage"] or "-")), esc(mode), str(s.get("n", "-")), _num(s.get("accuracy")),
+                f"{_num(ci[0])}-{_num(ci[1])}", _num(s.get("chance_baseline")), _num(s.get("majority_baseline")),
+                "-" if beats is None else ("[green]yes[/]" if beats else "no"), _num(s.get("format_rate")),
+            )  # fmt: skip
+    console.print(t)
+    sampled = [(e, e["modes"]["sampled"]) for e in evals if "sampled" in e["modes"]]
+    if sampled:
+        t = Table(title="sampled mode (k completions per question; accuracy = pass@1)", title_justify="left")
+        for col in ("file", "model", "k", "temperature", "pass@1", "pass@k", "maj@k"):
+            t.add_column(col, justify="left" if col in ("file", "model") else "right")
+        for e, s in sampled:
+            t.add_row(
+                esc(e["file"]), esc(str(e["stage"] or "-")), str(s.get("samples", "-")),
+                _num(s.get("temperature"), "g"), _num(s.get("accuracy")), _num(s.get("pass_at_k")),
+                _num(s.get("maj_at_k")),
+            )  # fmt: skip
+        console.print(t)
+    compares = [(e, mode, c) for e in evals for mode, c in e["compare"].items() if isinstance(c, dict)]
+    if compares:
+        t = Table(title="paired comparison on the same questions (a - b)", title_justify="left")
+        for col in ("file", "mode", "a", "b", "acc a", "acc b", "diff", "95% CI", "p", "test"):
+            t.add_column(col, justify="right" if col in ("acc a", "acc b", "diff", "p") else "left")
+        for e, mode, c in compares:
+            lo, hi = c.get("diff_ci95") or [None, None]
+            t.add_row(
+                esc(e["file"]), esc(mode), esc(str(c.get("a"))), esc(str(c.get("b"))), _num(c.get("accuracy_a")),
+                _num(c.get("accuracy_b")), _num(c.get("diff"), "+.3f"), f"{_num(lo, '+.3f')} to {_num(hi, '+.3f')}",
+                _num(c.get("p_value"), ".3g"), paired_test_name(c),
+            )  # fmt: skip
+        console.print(t)
+    report = Path(data["path"]) / "report.md"
+    if report.is_file():
+        console.print(f"[dim]report: {esc(str(report))}[/]", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     runs = typer.Typer(help="List runs, and push or pull them to and from a store (S3 or a folder).")
     app.add_typer(runs, name="runs")
@@ -99,6 +264,21 @@ def register(app: typer.Typer) -> None:
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(r["modified"])),
             )  # fmt: skip
         console.print(table)
+
+    @runs.command("show")
+    def show(
+        run: str = typer.Argument(..., help="A run name in $NANORL_HOME/runs, or a run folder's path."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """One run at a glance: its model, each stage's status and last metrics, every eval file's accuracy with
+        its baselines, the paired comparisons, attention entropy by stage (the data report.md is built from)."""
+        from nanorl.report import run_overview
+
+        data = run_overview(locate_run(run))
+        if as_json:
+            print_json(data)
+            return
+        show_run(data)
 
     @runs.command("push")
     def push(
