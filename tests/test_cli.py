@@ -176,6 +176,14 @@ def test_file_system_errors_name_the_path_exit_2_without_calling_it_a_bug(tmp_pa
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 
+def test_fineweb_download_offline_fails_at_once_saying_how_to_go_on(tmp_path):
+    # the tests' HF_HUB_OFFLINE=1 (conftest): no 30 s of retries against the hub, one error and a way on
+    r = run_cli("data", "download", "fineweb", "--shards", "2", env={"NANORL_FINEWEB_URL": ""})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "error: downloading 2 FineWeb-EDU shards from the Hugging Face hub needs the network" in r.stderr
+    assert "hint: unset HF_HUB_OFFLINE to download" in r.stderr and "data/fineweb" in r.stderr
+
+
 def test_piped_output_is_wide_enough_not_to_cut_tables(tmp_path):
     # `nanorl ... | cat`: rich would squeeze to 80 columns and cut cells ("generat…"); a table that fits is whole
     long_dir = "/data/" + "x" * 100

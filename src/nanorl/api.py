@@ -415,6 +415,7 @@ TASKDATA = (
     "find_data_file",
     "read_rows",
     "hub_rows",
+    "hf_offline",
     "collect_examples",
     "warn_bad_rows",
 )
