@@ -315,6 +315,18 @@ def test_cloud_bad_ids_and_dead_machines_are_clear(tmp_path):
         assert "pip install" not in r.stderr
 
 
+def test_stage_start_line_prints_a_description_as_it_is_and_steps_in_english(capsys):
+    from nanorl.api import StageInfo
+    from nanorl.builtin.sinks import ConsoleSink
+
+    sink = ConsoleSink()  # stderr is not a terminal: plain lines
+    sink.on_stage_start(StageInfo("r", "/tmp/r", "tokenizer", "t", {}, 1, "a BPE on data/[ab]*.txt"))
+    sink.on_stage_start(StageInfo("r", "/tmp/r", "base", "t", {}, 1))
+    sink.on_stage_start(StageInfo("r", "/tmp/r", "rl", "t", {}, 30))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["tokenizer: a BPE on data/[ab]*.txt", "base: 1 step", "rl: 30 steps"]
+
+
 def test_progress_lines_print_a_plugin_task_name_as_it_is(capsys):
     from nanorl.api import EvalResult, StageInfo
     from nanorl.builtin.sinks import ConsoleSink

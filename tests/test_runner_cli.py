@@ -217,6 +217,25 @@ def test_only_eval_keeps_the_other_eval_files_and_rebuilds_the_report():
     assert (evdir / "arith-test-sft.json").is_file()
 
 
+def test_stage_start_lines_say_what_the_tokenizer_and_eval_do_and_count_steps_in_english(capsys):
+    """Piped (plain lines), a stage announces itself: a training stage with its steps ("1 step", not "1 steps"),
+    the tokenizer and eval, which have no steps, with what they work on."""
+    _fake_run("lines")
+    on = ("telemetry.console=true", "eval.splits=dev,test")
+    capsys.readouterr()
+    run_pipeline(_cfg("lines", *on), only="tokenizer")
+    run_pipeline(_cfg("lines", *on), only="eval")  # the fake run's rl and sft models
+    run_pipeline(_cfg("lines", *on, "sft.steps=1"), only="sft")
+    stages = ("tokenizer", "base", "mid", "sft", "rl", "eval")
+    err = capsys.readouterr().err.splitlines()
+    starts = [x for x in err if x.split(":")[0] in stages and "tokens a step" not in x]  # not the batch layout
+    assert starts == [
+        "tokenizer: a 1,024-token BPE on the arith task's text (at most 20,000 characters)",
+        "eval: the rl and sft models on dev, test (generative)",
+        "sft: 1 step",
+    ], starts
+
+
 def test_the_report_line_is_printed_only_when_there_is_a_report(monkeypatch, tmp_path):
     from nanorl.cli import pipeline_cmd
 

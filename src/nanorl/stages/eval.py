@@ -276,7 +276,9 @@ def run(ctx: Context) -> dict[str, Any]:
 
         raise NanorlError("nothing to evaluate: no model stage of this run has finished", hint="run the pipeline")
     stages = [final] + (["sft"] if final == "rl" and ckpt.is_done(ctx.stage_dir("sft")) else [])
-    info = ctx.info("eval", len(stages) * len(ecfg.splits))
+    models = " and ".join(stages) + (" models" if len(stages) > 1 else " model")
+    modes = "generative and categorical" if ecfg.mode == "both" else ecfg.mode
+    info = ctx.info("eval", len(stages) * len(ecfg.splits), f"the {models} on {', '.join(ecfg.splits)} ({modes})")
     ctx.bus.stage_start(info)
     out: dict[str, Any] = {}
     for split in ecfg.splits:
