@@ -194,6 +194,24 @@ def test_piped_output_is_wide_enough_not_to_cut_tables(tmp_path):
     assert f"'{long_dir}'" not in r.stdout
 
 
+def test_piped_help_and_usage_errors_are_as_wide_as_the_rest():
+    # typer lays out --help and its usage box at its own width (80 in a pipe, cutting option help to "s3://…"):
+    # piped, they are ui.PIPE_WIDTH wide like every other output; COLUMNS and typer's TERMINAL_WIDTH still rule
+    def widest(text: str) -> int:
+        return max(len(line) for line in text.splitlines())
+
+    env = {"TERMINAL_WIDTH": None}
+    r = run_piped("eval", "--help", env=env)
+    assert r.returncode == 0 and widest(r.stdout) == 200, r.stdout
+    assert "or s3://bucket/prefix/RUN[/STAGE]. [required]" in r.stdout  # one line, whole
+    r = run_piped("data", env=env)  # a group given no command shows its help
+    assert widest(r.stdout) == 200, r.stdout
+    r = run_piped("eval", env=env)  # no --checkpoint: typer's usage box, on stderr
+    assert r.returncode == 2 and "Missing option '--checkpoint'" in r.stderr and widest(r.stderr) == 200, r.stderr
+    assert widest(run_piped("eval", "--help", env={**env, "COLUMNS": "80"}).stdout) == 80
+    assert widest(run_piped("eval", "--help", env={"TERMINAL_WIDTH": "120"}).stdout) == 120
+
+
 def test_piped_stage_lines_are_as_wide_as_the_rest(tmp_path):
     # the stages' own lines (batch layouts, warnings, what a rerun changed) go through the pipeline's console:
     # piped, they are laid out 200 columns wide like every other output, not split at 80
