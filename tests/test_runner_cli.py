@@ -264,6 +264,21 @@ def test_eval_finds_the_compare_checkpoint_before_evaluating(monkeypatch, capsys
     assert (code, calls) == (2, []) and "no checkpoint at 'nosuch'" in err
 
 
+def test_eval_of_the_validation_split_writes_the_dev_file(capsys):
+    """`--split validation` and `--split dev` are one split: one file name (as the eval stage writes), and the
+    same example ids inside, so either file compares with the other."""
+    _fake_run("val")
+    args = ("eval", "--checkpoint", "val/sft", "--max-examples", "1", "--no-compile", "--json")
+    code, out, err = _main(capsys, *args, "--split", "validation")
+    assert code == 0, err
+    evdir = run_dir("val") / "eval"
+    assert sorted(p.name for p in evdir.glob("*.json")) == ["arith-dev-sft.json"]
+    ids = [r["id"] for r in json.loads(out)["modes"]["generative"]["records"]]
+    code, out, err = _main(capsys, *args, "--split", "dev")
+    assert code == 0 and [r["id"] for r in json.loads(out)["modes"]["generative"]["records"]] == ids
+    assert sorted(p.name for p in evdir.glob("*.json")) == ["arith-dev-sft.json"]
+
+
 def test_bad_eval_and_train_arguments_exit_2(capsys):
     code, _, err = _main(capsys, "eval", "--checkpoint", "x", "--max-examples", "-5")
     assert code == 2 and "--max-examples" in err

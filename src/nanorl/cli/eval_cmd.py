@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
             raise NanorlError(f"--mode {mode!r}: generative, categorical or both", exit_code=2)
         if split not in ("dev", "test", "validation", "train"):
             raise NanorlError(f"--split {split!r}: dev, validation, test or train", exit_code=2)
-        from nanorl.stages.eval import evaluate, write_json
+        from nanorl.stages.eval import evaluate, split_label, write_json
 
         if shuffle_k < 0:
             raise NanorlError(f"--shuffle-options {shuffle_k}: give K >= 1 (0: off)", exit_code=2)
@@ -208,7 +208,7 @@ def register(app: typer.Typer) -> None:
         dist_finished()  # (under torchrun) every rank got here: the process group is left cleanly at exit
         # a run pulled from a store for this command lives in a temporary folder: its file would not be kept
         kept = not checkpoint.startswith("s3://")
-        out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split}-{stage_dir.name}.json"
+        out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split_label(split)}-{stage_dir.name}.json"
         if kept:
             write_json(out, res)
         if as_json:
