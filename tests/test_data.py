@@ -130,6 +130,20 @@ def _write_parquet(path, texts, row_group_size=2):
     pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group_size)
 
 
+def test_a_task_without_a_corpus_says_how_to_give_it_one():
+    """The hint serves both readers: a user (another corpus) and the task's author (a corpus() method)."""
+    from nanorl.api import Task
+
+    class QuizTask(Task):
+        name = "quiz"
+
+    with pytest.raises(NanorlError, match="task 'quiz' has no pretraining corpus of its own") as err:
+        open_corpus("task", task=QuizTask())
+    assert err.value.exit_code == 2
+    assert "data.corpus=fineweb" in err.value.hint and "or a path" in err.value.hint
+    assert "give QuizTask a corpus(split) method" in err.value.hint and "docs/plugins.md" in err.value.hint
+
+
 def test_local_files_dirs_and_globs(tmp_path):
     (tmp_path / "a.txt").write_text("first doc\nstill first\n\n\nsecond doc\n")
     (tmp_path / "b.jsonl").write_text('{"text": "third"}\n\n{"text": "fourth", "id": 4}\n')
