@@ -279,6 +279,42 @@ def test_eval_of_the_validation_split_writes_the_dev_file(capsys):
     assert sorted(p.name for p in evdir.glob("*.json")) == ["arith-dev-sft.json"]
 
 
+def test_eval_on_its_own_tells_the_telemetry_hooks_as_the_eval_stage_does(monkeypatch, capsys):
+    """A plugin's on_eval (one that uploads results, say) hears of `nanorl eval` too, once per mode, and what it
+    returns goes into the run's metrics.jsonl with the evaluation, as in the pipeline's eval stage."""
+    from nanorl.api import TelemetryHook
+    from nanorl.telemetry import Telemetry, read_metrics
+
+    seen = []
+
+    class Uploader(TelemetryHook):
+        name = "test.uploader"
+
+        def on_eval(self, result):
+            seen.append(result)
+            return {"uploaded": 1}
+
+    registered = Telemetry._registered_hooks
+    monkeypatch.setattr(Telemetry, "_registered_hooks", staticmethod(lambda cfg: [*registered(cfg), Uploader()]))
+    _fake_run("hooked")
+    args = ("eval", "--checkpoint", "hooked/sft", "--max-examples", "2", "--mode", "both", "--no-compile", "--json")
+    code, out, err = _main(capsys, *args)
+    assert code == 0, err
+    res = json.loads(out)
+    assert [(r.task, r.split, r.metrics["mode"], r.metrics["model_stage"]) for r in seen] == [
+        ("arith", "dev", "generative", "sft"),
+        ("arith", "dev", "categorical", "sft"),
+    ]
+    accuracy = [res["modes"][m]["accuracy"] for m in ("generative", "categorical")]
+    assert [r.metrics["accuracy"] for r in seen] == accuracy
+    assert "records" not in seen[0].metrics  # the summaries, as the eval stage hands them over
+    evals = [r for r in read_metrics(run_dir("hooked")) if r.get("kind") == "eval"]
+    assert [(r["stage"], r["metrics"]["accuracy"], r["metrics"]["uploaded"]) for r in evals] == [
+        ("eval", accuracy[0], 1),
+        ("eval", accuracy[1], 1),
+    ]
+
+
 def test_bad_eval_and_train_arguments_exit_2(capsys):
     code, _, err = _main(capsys, "eval", "--checkpoint", "x", "--max-examples", "-5")
     assert code == 2 and "--max-examples" in err
