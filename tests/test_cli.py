@@ -176,6 +176,14 @@ def test_file_system_errors_name_the_path_exit_2_without_calling_it_a_bug(tmp_pa
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 
+def test_fineweb_download_offline_fails_at_once_saying_how_to_go_on(tmp_path):
+    # the tests' HF_HUB_OFFLINE=1 (conftest): no 30 s of retries against the hub, one error and a way on
+    r = run_cli("data", "download", "fineweb", "--shards", "2", env={"NANORL_FINEWEB_URL": ""})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "error: downloading 2 FineWeb-EDU shards from the Hugging Face hub needs the network" in r.stderr
+    assert "hint: unset HF_HUB_OFFLINE to download" in r.stderr and "data/fineweb" in r.stderr
+
+
 def test_piped_output_is_wide_enough_not_to_cut_tables(tmp_path):
     # `nanorl ... | cat`: rich would squeeze to 80 columns and cut cells ("generat…"); a table that fits is whole
     long_dir = "/data/" + "x" * 100
@@ -184,6 +192,24 @@ def test_piped_output_is_wide_enough_not_to_cut_tables(tmp_path):
     # COLUMNS still rules when set
     r = run_piped("config", "show", "--data-dir", long_dir, env={"COLUMNS": "80"})
     assert f"'{long_dir}'" not in r.stdout
+
+
+def test_piped_help_and_usage_errors_are_as_wide_as_the_rest():
+    # typer lays out --help and its usage box at its own width (80 in a pipe, cutting option help to "s3://…"):
+    # piped, they are ui.PIPE_WIDTH wide like every other output; COLUMNS and typer's TERMINAL_WIDTH still rule
+    def widest(text: str) -> int:
+        return max(len(line) for line in text.splitlines())
+
+    env = {"TERMINAL_WIDTH": None}
+    r = run_piped("eval", "--help", env=env)
+    assert r.returncode == 0 and widest(r.stdout) == 200, r.stdout
+    assert "or s3://bucket/prefix/RUN[/STAGE]. [required]" in r.stdout  # one line, whole
+    r = run_piped("data", env=env)  # a group given no command shows its help
+    assert widest(r.stdout) == 200, r.stdout
+    r = run_piped("eval", env=env)  # no --checkpoint: typer's usage box, on stderr
+    assert r.returncode == 2 and "Missing option '--checkpoint'" in r.stderr and widest(r.stderr) == 200, r.stderr
+    assert widest(run_piped("eval", "--help", env={**env, "COLUMNS": "80"}).stdout) == 80
+    assert widest(run_piped("eval", "--help", env={"TERMINAL_WIDTH": "120"}).stdout) == 120
 
 
 def test_piped_stage_lines_are_as_wide_as_the_rest(tmp_path):
@@ -305,6 +331,18 @@ def test_cloud_bad_ids_and_dead_machines_are_clear(tmp_path):
         r = run_piped("cloud", "types", env={**env, "NANORL_PLUGINS": ""})
         assert r.returncode == 2 and "NANORL_PLUGINS='' leaves out the installed plugins" in r.stderr
         assert "pip install" not in r.stderr
+
+
+def test_stage_start_line_prints_a_description_as_it_is_and_steps_in_english(capsys):
+    from nanorl.api import StageInfo
+    from nanorl.builtin.sinks import ConsoleSink
+
+    sink = ConsoleSink()  # stderr is not a terminal: plain lines
+    sink.on_stage_start(StageInfo("r", "/tmp/r", "tokenizer", "t", {}, 1, "a BPE on data/[ab]*.txt"))
+    sink.on_stage_start(StageInfo("r", "/tmp/r", "base", "t", {}, 1))
+    sink.on_stage_start(StageInfo("r", "/tmp/r", "rl", "t", {}, 30))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["tokenizer: a BPE on data/[ab]*.txt", "base: 1 step", "rl: 30 steps"]
 
 
 def test_progress_lines_print_a_plugin_task_name_as_it_is(capsys):

@@ -130,6 +130,20 @@ def _write_parquet(path, texts, row_group_size=2):
     pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group_size)
 
 
+def test_a_task_without_a_corpus_says_how_to_give_it_one():
+    """The hint serves both readers: a user (another corpus) and the task's author (a corpus() method)."""
+    from nanorl.api import Task
+
+    class QuizTask(Task):
+        name = "quiz"
+
+    with pytest.raises(NanorlError, match="task 'quiz' has no pretraining corpus of its own") as err:
+        open_corpus("task", task=QuizTask())
+    assert err.value.exit_code == 2
+    assert "data.corpus=fineweb" in err.value.hint and "or a path" in err.value.hint
+    assert "give QuizTask a corpus(split) method" in err.value.hint and "docs/plugins.md" in err.value.hint
+
+
 def test_local_files_dirs_and_globs(tmp_path):
     (tmp_path / "a.txt").write_text("first doc\nstill first\n\n\nsecond doc\n")
     (tmp_path / "b.jsonl").write_text('{"text": "third"}\n\n{"text": "fourth", "id": 4}\n')
@@ -398,3 +412,70 @@ def test_fineweb_shards_zero_downloads_nothing(server, monkeypatch):
     with pytest.raises(NanorlError, match="no FineWeb-EDU shards") as err:
         open_run_corpus(resolve(overrides=["data.corpus=fineweb", "data.fineweb_shards=0"]), None)
     assert "data.fineweb_shards" in err.value.hint and not server.requests
+
+
+@pytest.mark.parametrize("var,value", [("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "true")])
+def test_offline_variables_stop_a_hub_download_at_once(var, value, tmp_path, monkeypatch, capsys):
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE (any true value): no request to the hub, no retries, one error saying
+    how to go on (unset it, or put the shards where data.corpus=fineweb reads them); the shards on disk still do."""
+    import io
+    import urllib.request
+
+    from rich.console import Console
+
+    from nanorl.config import resolve
+    from nanorl.data import fineweb_dir, open_run_corpus
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a request was made while offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.delenv("NANORL_FINEWEB_URL", raising=False)  # the hub's URL
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, value)
+    with pytest.raises(NanorlError, match=f"needs the network, and {var}={value}") as err:
+        download_fineweb(2, retries=5, backoff=10.0)  # retried, this would take minutes
+    assert f"unset {var}" in err.value.hint and str(fineweb_dir()) in err.value.hint
+    assert not fineweb_dir().exists()  # refused before anything was made
+    with pytest.raises(NanorlError, match="needs the network"):  # one shard, asked for directly
+        download_shard(f"https://huggingface.co/x/{shard_name(0)}", tmp_path / shard_name(0), retries=5, backoff=10.0)
+    # a run's own fetch (data.fineweb_shards) refuses before it says it is downloading
+    cfg = resolve(overrides=["data.corpus=fineweb", "data.fineweb_shards=2"])
+    with pytest.raises(NanorlError, match="downloading 2 FineWeb-EDU shards from the Hugging Face hub"):
+        open_run_corpus(cfg, None, console=(console := Console(file=io.StringIO())))
+    assert "downloading" not in console.file.getvalue()
+    # shards already on disk need no network: offline, they are checked and used
+    fineweb_dir().mkdir(parents=True)
+    for i in range(2):
+        (fineweb_dir() / shard_name(i)).write_bytes(_shard_bytes(tmp_path, i))
+    assert [p.name for p in download_fineweb(2)] == [shard_name(0), shard_name(1)]
+    assert len(list(open_run_corpus(cfg, None).docs())) == 100
+
+
+def test_offline_variables_leave_a_mirror_of_your_own_alone(server, monkeypatch):
+    """The offline variables close the Hugging Face hub, not a base URL of the user's own (a mirror, a local
+    server): the conftest sets both, and the shards still come from the local server."""
+    assert download_fineweb(1, base_url=server.url, backoff=0.01)[0].name == shard_name(0)
+    assert server.requests == [(shard_name(0), None)]
+
+
+def test_hub_rows_says_offline_for_any_true_value(monkeypatch):
+    """hub_rows's error reads the offline variables as the Hugging Face libraries do (1, on, yes, true)."""
+    import datasets
+
+    from nanorl.taskdata import hf_offline, hub_rows
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "True")
+    with pytest.raises(NanorlError, match=r"offline and not cached \(HF_HUB_OFFLINE=True\)") as err:
+        hub_rows("org/data", None, "train", hint="give --data-dir")
+    assert err.value.hint == "give --data-dir"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert hf_offline() is None
+    with pytest.raises(NanorlError, match="ConnectionError: Couldn't reach the hub"):
+        hub_rows("org/data", None, "train", hint="give --data-dir")

@@ -217,6 +217,25 @@ def test_only_eval_keeps_the_other_eval_files_and_rebuilds_the_report():
     assert (evdir / "arith-test-sft.json").is_file()
 
 
+def test_stage_start_lines_say_what_the_tokenizer_and_eval_do_and_count_steps_in_english(capsys):
+    """Piped (plain lines), a stage announces itself: a training stage with its steps ("1 step", not "1 steps"),
+    the tokenizer and eval, which have no steps, with what they work on."""
+    _fake_run("lines")
+    on = ("telemetry.console=true", "eval.splits=dev,test")
+    capsys.readouterr()
+    run_pipeline(_cfg("lines", *on), only="tokenizer")
+    run_pipeline(_cfg("lines", *on), only="eval")  # the fake run's rl and sft models
+    run_pipeline(_cfg("lines", *on, "sft.steps=1"), only="sft")
+    stages = ("tokenizer", "base", "mid", "sft", "rl", "eval")
+    err = capsys.readouterr().err.splitlines()
+    starts = [x for x in err if x.split(":")[0] in stages and "tokens a step" not in x]  # not the batch layout
+    assert starts == [
+        "tokenizer: a 1,024-token BPE on the arith task's text (at most 20,000 characters)",
+        "eval: the rl and sft models on dev, test (generative)",
+        "sft: 1 step",
+    ], starts
+
+
 def test_the_report_line_is_printed_only_when_there_is_a_report(monkeypatch, tmp_path):
     from nanorl.cli import pipeline_cmd
 
@@ -243,6 +262,57 @@ def test_eval_finds_the_compare_checkpoint_before_evaluating(monkeypatch, capsys
     monkeypatch.setattr(ev, "evaluate", evaluate)
     code, _, err = _main(capsys, "eval", "--checkpoint", "cmp", "--compare", "nosuch")
     assert (code, calls) == (2, []) and "no checkpoint at 'nosuch'" in err
+
+
+def test_eval_of_the_validation_split_writes_the_dev_file(capsys):
+    """`--split validation` and `--split dev` are one split: one file name (as the eval stage writes), and the
+    same example ids inside, so either file compares with the other."""
+    _fake_run("val")
+    args = ("eval", "--checkpoint", "val/sft", "--max-examples", "1", "--no-compile", "--json")
+    code, out, err = _main(capsys, *args, "--split", "validation")
+    assert code == 0, err
+    evdir = run_dir("val") / "eval"
+    assert sorted(p.name for p in evdir.glob("*.json")) == ["arith-dev-sft.json"]
+    ids = [r["id"] for r in json.loads(out)["modes"]["generative"]["records"]]
+    code, out, err = _main(capsys, *args, "--split", "dev")
+    assert code == 0 and [r["id"] for r in json.loads(out)["modes"]["generative"]["records"]] == ids
+    assert sorted(p.name for p in evdir.glob("*.json")) == ["arith-dev-sft.json"]
+
+
+def test_eval_on_its_own_tells_the_telemetry_hooks_as_the_eval_stage_does(monkeypatch, capsys):
+    """A plugin's on_eval (one that uploads results, say) hears of `nanorl eval` too, once per mode, and what it
+    returns goes into the run's metrics.jsonl with the evaluation, as in the pipeline's eval stage."""
+    from nanorl.api import TelemetryHook
+    from nanorl.telemetry import Telemetry, read_metrics
+
+    seen = []
+
+    class Uploader(TelemetryHook):
+        name = "test.uploader"
+
+        def on_eval(self, result):
+            seen.append(result)
+            return {"uploaded": 1}
+
+    registered = Telemetry._registered_hooks
+    monkeypatch.setattr(Telemetry, "_registered_hooks", staticmethod(lambda cfg: [*registered(cfg), Uploader()]))
+    _fake_run("hooked")
+    args = ("eval", "--checkpoint", "hooked/sft", "--max-examples", "2", "--mode", "both", "--no-compile", "--json")
+    code, out, err = _main(capsys, *args)
+    assert code == 0, err
+    res = json.loads(out)
+    assert [(r.task, r.split, r.metrics["mode"], r.metrics["model_stage"]) for r in seen] == [
+        ("arith", "dev", "generative", "sft"),
+        ("arith", "dev", "categorical", "sft"),
+    ]
+    accuracy = [res["modes"][m]["accuracy"] for m in ("generative", "categorical")]
+    assert [r.metrics["accuracy"] for r in seen] == accuracy
+    assert "records" not in seen[0].metrics  # the summaries, as the eval stage hands them over
+    evals = [r for r in read_metrics(run_dir("hooked")) if r.get("kind") == "eval"]
+    assert [(r["stage"], r["metrics"]["accuracy"], r["metrics"]["uploaded"]) for r in evals] == [
+        ("eval", accuracy[0], 1),
+        ("eval", accuracy[1], 1),
+    ]
 
 
 def test_bad_eval_and_train_arguments_exit_2(capsys):

@@ -208,6 +208,9 @@ class StageInfo:
     task: str
     config: dict[str, Any]
     total_steps: int
+    #: what a stage without training steps (tokenizer, eval) works on, e.g. "the rl and sft models on dev
+    #: (generative)"; the console prints it instead of a step count. Empty for the training stages.
+    description: str = ""
 
 
 class Scorer(Protocol):
@@ -415,6 +418,7 @@ TASKDATA = (
     "find_data_file",
     "read_rows",
     "hub_rows",
+    "hf_offline",
     "collect_examples",
     "warn_bad_rows",
 )

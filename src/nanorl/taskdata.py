@@ -23,6 +23,9 @@ from nanorl.api import Example, NanorlError
 SUFFIXES = (".json", ".jsonl", ".parquet")
 # bad rows named in the warning; the rest are counted
 SHOWN_BAD_ROWS = 20
+# the variables that keep the Hugging Face libraries off the network, and the values they read as true
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")
 
 
 class BadRowsWarning(UserWarning):
@@ -85,6 +88,17 @@ def read_rows(path: Path) -> list[tuple[int, Any]]:
     return rows
 
 
+def hf_offline() -> str | None:
+    """`NAME=value` of the first of HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set to a true value (1, on, yes or true,
+    as the Hugging Face libraries read them), or None when neither is: our own downloads from the hub (FineWeb
+    shards) refuse to start then, as `datasets` and `huggingface_hub` do."""
+    for name in OFFLINE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.strip().upper() in TRUE_VALUES:
+            return f"{name}={value}"
+    return None
+
+
 def hub_rows(name: str, config: str | None, split: str, hint: str) -> list[tuple[int, Any]]:
     """(row number, row) of a Hugging Face dataset split, cached under $NANORL_HOME/datasets; offline without
     a cached copy, or with the hub unreachable, a NanorlError that says so and how to give the data instead."""
@@ -97,8 +111,8 @@ def hub_rows(name: str, config: str | None, split: str, hint: str) -> list[tuple
     try:
         ds = datasets.load_dataset(name, config, split=split, cache_dir=str(nanorl_home() / "datasets"))
     except Exception as e:  # offline, no cache, hub down: all the user can do is the same
-        offline = any(os.environ.get(v) == "1" for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-        why = "offline and not cached" if offline else f"{type(e).__name__}: {e}"
+        offline = hf_offline()
+        why = f"offline and not cached ({offline})" if offline else f"{type(e).__name__}: {e}"
         raise NanorlError(f"cannot load {name} ({split}) from the Hugging Face hub: {why}", hint=hint) from e
     return list(enumerate(ds.to_list(), start=1))
 

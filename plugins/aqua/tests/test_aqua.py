@@ -45,6 +45,9 @@ def test_dev_and_validation_are_one_split(tmp_path):
     _write_lines(tmp_path / "validation.jsonl", [ROW])  # JSONL under the hub's name
     assert [e.answer for e in load_split("dev", tmp_path)] == ["E"]
     assert [e.answer for e in load_split("validation", tmp_path)] == ["E"]
+    # one name in the ids, whichever was asked for: evaluations of the two pair up by id (--compare)
+    assert [e.id for e in load_split("validation", tmp_path)] == [e.id for e in load_split("dev", tmp_path)]
+    assert [e.id for e in AquaTask().load("validation", str(tmp_path))] == ["aqua-dev-1"]
 
 
 def test_loads_parquet(tmp_path):

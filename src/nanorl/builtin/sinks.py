@@ -52,6 +52,14 @@ def _fmt(metrics: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _what(info: StageInfo) -> str:
+    """What a stage-start line says: the step count of a training stage ("1 step", "300 steps"); what a stage
+    without steps works on (its `description`: the tokenizer's corpus, the models and splits eval answers)."""
+    if info.description:
+        return info.description
+    return f"{info.total_steps} step" + ("" if info.total_steps == 1 else "s")
+
+
 class ConsoleSink(TelemetryHook):
     """A rich progress bar per stage (step, loss, tokens/s, ETA); plain lines when stderr is not a terminal."""
 
@@ -73,6 +81,7 @@ class ConsoleSink(TelemetryHook):
 
     def on_stage_start(self, info: StageInfo) -> None:
         from rich.console import Console
+        from rich.markup import escape as esc
 
         self.on = bool(info.config.get("telemetry", {}).get("console", True))
         if not self.on:
@@ -96,9 +105,9 @@ class ConsoleSink(TelemetryHook):
                 transient=False,
             )
             self.progress.start()
-            self.task_id = self.progress.add_task(info.stage, total=self.total, info="")
+            self.task_id = self.progress.add_task(info.stage, total=self.total, info=esc(info.description))
         else:
-            self.console.print(f"[bold cyan]{info.stage}[/]: {info.total_steps} steps", highlight=False)
+            self.console.print(f"[bold cyan]{esc(info.stage)}[/]: {esc(_what(info))}", highlight=False)
         return None
 
     def on_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:

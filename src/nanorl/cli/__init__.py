@@ -74,6 +74,18 @@ def _debug_first(argv: list[str]) -> list[str]:
     return ["--debug", *(a for a in argv[:end] if a != "--debug"), *argv[end:]]
 
 
+def _typer_width(stderr: bool) -> None:
+    """Typer's help (on stdout) and usage errors (on stderr) as wide as the rest of the output: ui.PIPE_WIDTH in a
+    pipe (`nanorl --help | less`), not 80 columns. Typer lays them out at `rich_utils.MAX_WIDTH` (None: rich's
+    own width), which its TERMINAL_WIDTH variable sets, and which is left alone when that is set."""
+    from typer import rich_utils
+
+    from nanorl.cli.ui import console, err_console, pipe_width
+
+    if not os.environ.get("TERMINAL_WIDTH"):
+        rich_utils.MAX_WIDTH = pipe_width(err_console if stderr else console)
+
+
 def _run(argv: list[str]) -> int:
     """Run the app the way typer's standalone mode does, except that Ctrl-C reaches `main` as KeyboardInterrupt
     (typer turns it into a silent exit 130). Returns the exit code."""
@@ -85,6 +97,7 @@ def _run(argv: list[str]) -> int:
         from click import ClickException as UsageProblem
 
     command = typer.main.get_command(app)
+    _typer_width(stderr=False)  # --help, and the help a group given no command shows
     try:
         with command.make_context("nanorl", list(argv)) as ctx:
             command.invoke(ctx)
@@ -93,9 +106,11 @@ def _run(argv: list[str]) -> int:
     except typer.Abort as e:
         if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C at a prompt
             raise KeyboardInterrupt from None
+        _typer_width(stderr=True)
         rich_utils.rich_abort_error()  # "Aborted!": a question answered no
         return 1
     except UsageProblem as e:  # usage errors (exit 2), shown as typer shows them
+        _typer_width(stderr=True)
         rich_utils.rich_format_error(e)
         return e.exit_code
     return 0

@@ -163,15 +163,15 @@ def register(app: typer.Typer) -> None:
         compile_: bool = CompileOpt,
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
-        """Evaluate a checkpoint and write eval/<task>-<split>-<stage>.json in its run folder (not for a run in a
-        store: pull it first to keep the file)."""
+        """Evaluate a checkpoint and write eval/<task>-<split>-<stage>.json in its run folder, telemetry hooks told
+        as by the eval stage (not for a run in a store: pull it first to keep the file)."""
         from nanorl.api import NanorlError
 
         if mode not in ("generative", "categorical", "both"):
             raise NanorlError(f"--mode {mode!r}: generative, categorical or both", exit_code=2)
         if split not in ("dev", "test", "validation", "train"):
             raise NanorlError(f"--split {split!r}: dev, validation, test or train", exit_code=2)
-        from nanorl.stages.eval import evaluate, write_json
+        from nanorl.stages.eval import evaluate, publish, split_label, write_json
 
         if shuffle_k < 0:
             raise NanorlError(f"--shuffle-options {shuffle_k}: give K >= 1 (0: off)", exit_code=2)
@@ -185,6 +185,8 @@ def register(app: typer.Typer) -> None:
         # both checkpoints found before either is evaluated: a typo in --compare fails at once
         other_dir = locate_checkpoint(compare_to) if compare_to else None
         ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_, sampling)
+        # a run pulled from a store for this command lives in a temporary folder: its file would not be kept
+        kept = not checkpoint.startswith("s3://")
         if ctx.cfg.engine.compile and ctx.device.type == "cpu" and not as_json:
             console.print("[dim]compiling the decode step on first use: 20-40 s, once per process and batch layout[/]")
         with eval_progress(disable=as_json) as progress:
@@ -192,10 +194,12 @@ def register(app: typer.Typer) -> None:
                 res = evaluate(ctx, model, split, mode, max_examples, ctx.cfg.seed, progress=progress(stage_dir.name))
                 if shuffle_k:
                     shuffle_check(ctx, model, res, shuffle_k, seed=ctx.cfg.seed)
+                res["stage"] = stage_dir.name
+                res["checkpoint"] = str(stage_dir)
+                if kept:  # through the run's metrics bus, as the eval stage's: metrics.jsonl and the hooks' on_eval
+                    publish(ctx, "eval", res)
             finally:
                 ctx.bus.close()
-            res["stage"] = stage_dir.name
-            res["checkpoint"] = str(stage_dir)
             if compare_to:
                 del model  # one model in memory at a time
                 other_task = task or ctx.task.name
@@ -206,9 +210,7 @@ def register(app: typer.Typer) -> None:
         from nanorl.device import dist_finished
 
         dist_finished()  # (under torchrun) every rank got here: the process group is left cleanly at exit
-        # a run pulled from a store for this command lives in a temporary folder: its file would not be kept
-        kept = not checkpoint.startswith("s3://")
-        out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split}-{stage_dir.name}.json"
+        out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split_label(split)}-{stage_dir.name}.json"
         if kept:
             write_json(out, res)
         if as_json:

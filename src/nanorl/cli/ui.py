@@ -16,17 +16,23 @@ from rich.console import Console
 from rich.markup import escape as esc
 from rich.text import Text
 
-__all__ = ["console", "err_console", "esc", "print_error", "print_json", "print_warning", "state"]
+__all__ = ["console", "err_console", "esc", "pipe_width", "print_error", "print_json", "print_warning", "state"]
 
 # Width for output that goes to a pipe or a file (`nanorl eval ... | cat`, a CI log): rich would squeeze it to 80
 # columns, truncating table cells and splitting the commands users copy. A table only takes the width it needs.
 PIPE_WIDTH = 200
 
 
+def pipe_width(c: Console) -> int | None:
+    """The width output through `c` is laid out to: PIPE_WIDTH when it goes to a pipe or a file and COLUMNS is
+    not set; None (rich's own: the terminal's width, or COLUMNS) otherwise."""
+    return PIPE_WIDTH if not c.is_terminal and not os.environ.get("COLUMNS") else None
+
+
 def _console(stderr: bool = False) -> Console:
     c = Console(stderr=stderr)
-    if not c.is_terminal and not os.environ.get("COLUMNS"):
-        c.width = PIPE_WIDTH
+    if width := pipe_width(c):
+        c.width = width
     return c
 
 

@@ -191,7 +191,9 @@ def open_corpus(spec: str, task: Task | None = None, skip_bad: bool = False, spl
         if task.corpus(split) is None:
             raise NanorlError(
                 f"task {task.name!r} has no pretraining corpus of its own",
-                hint="use data.corpus=fineweb (after `nanorl data download fineweb`) or a path",
+                hint="use data.corpus=fineweb (after `nanorl data download fineweb`) or a path; the task's"
+                f" author can give {type(task).__name__} a corpus(split) method that returns its text"
+                " (nanorl.api.Task.corpus, docs/plugins.md)",
                 exit_code=2,
             )
         return Corpus([lambda: task.corpus(split)], name=f"task:{task.name}", skip_bad=skip_bad)

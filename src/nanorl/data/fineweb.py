@@ -8,6 +8,10 @@ A shard is written to `<name>.part`; an interrupted download resumes from there 
 once complete its parquet footer must read back (pyarrow) before it is renamed to its final name, so a file
 with the final name is always a whole shard. Network errors and dropped connections are retried with
 exponential backoff; a shard that keeps arriving corrupt, or a missing one (HTTP 404), is a `NanorlError`.
+
+With HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set to a true value, a shard that would come from the hub is not
+asked for: the download stops at once with a `NanorlError` saying how to proceed (shards already on disk are
+still checked and used; a base URL of your own, off the hub, is still fetched).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import http.client
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +28,7 @@ from pathlib import Path
 
 from nanorl.api import NanorlError
 from nanorl.config import nanorl_home
+from nanorl.taskdata import hf_offline
 
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 CHUNK = 1 << 20  # bytes per read: large enough that Python overhead is nothing next to the network
@@ -30,6 +36,11 @@ CHUNK = 1 << 20  # bytes per read: large enough that Python overhead is nothing 
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
+
+
+def shards_url(url: str | None = None) -> str:
+    """Where the shards come from: `url`, else $NANORL_FINEWEB_URL, else the Hugging Face hub (FINEWEB_URL)."""
+    return (url or os.environ.get("NANORL_FINEWEB_URL") or FINEWEB_URL).rstrip("/")
 
 
 def fineweb_dir() -> Path:
@@ -40,6 +51,30 @@ def fineweb_shards(directory: Path | None = None) -> list[Path]:
     """The complete shards on disk (in-progress `.part` files are not listed), in order."""
     d = directory or fineweb_dir()
     return sorted(d.glob("shard_*.parquet")) if d.is_dir() else []
+
+
+def on_hub(url: str) -> bool:
+    """Whether `url` is on the Hugging Face hub (huggingface.co, hf.co), which the offline variables close."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    return any(host == h or host.endswith("." + h) for h in ("huggingface.co", "hf.co"))
+
+
+def refuse_offline(url: str, missing: int, directory: Path) -> None:
+    """A NanorlError, before any request, when `missing` shards would come from the hub (`url`) and a Hugging Face
+    offline variable is set (`nanorl.taskdata.hf_offline`); nothing when none is missing or the URL is elsewhere."""
+    offline = hf_offline()
+    if not offline or missing < 1 or not on_hub(url):
+        return
+    var = offline.split("=", 1)[0]
+    shards = "1 FineWeb-EDU shard" if missing == 1 else f"{missing} FineWeb-EDU shards"
+    where = f"into {directory}"
+    if Path(directory).absolute() == fineweb_dir().absolute():
+        where += ", where data.corpus=fineweb reads them (data.fineweb_shards=0: a run downloads none, uses those)"
+    raise NanorlError(
+        f"downloading {shards} from the Hugging Face hub needs the network, and {offline} says to stay offline",
+        hint=f"unset {var} to download; offline, copy the shards (shard_00000.parquet, ...) {where}; or point"
+        " NANORL_FINEWEB_URL / --url at a copy you can reach",
+    )
 
 
 class CorruptShard(Exception):
@@ -75,6 +110,7 @@ def download_shard(
             return path
         except CorruptShard:
             path.unlink()  # a damaged final file (disk trouble, a manual copy): fetch it again
+    refuse_offline(url, 1, path.parent)
     part = path.with_name(path.name + ".part")
     last_error = ""
     for attempt in range(retries + 1):
@@ -141,8 +177,10 @@ def download_fineweb(
     """Download shards `start .. start+shards-1` in parallel; return their paths once all are complete."""
     if shards < 1:
         raise NanorlError("--shards must be at least 1", exit_code=2)
-    base = (base_url or os.environ.get("NANORL_FINEWEB_URL") or FINEWEB_URL).rstrip("/")
+    base = shards_url(base_url)
     d = directory or fineweb_dir()
+    # offline, and shards to fetch from the hub: one error before any folder, thread or request
+    refuse_offline(base, sum(not (d / shard_name(i)).is_file() for i in range(start, start + shards)), d)
     d.mkdir(parents=True, exist_ok=True)
 
     def one(i: int) -> Path:

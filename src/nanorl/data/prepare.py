@@ -81,11 +81,12 @@ def fetch_fineweb(shards: int, console=None) -> list[Path]:
     """Download whichever of FineWeb-EDU's first `shards` shards are not on disk yet (nanorl.data.fineweb: parallel,
     resumable, checked; base URL $NANORL_FINEWEB_URL), with a progress bar on `console` (a rich Console) when
     given; return the shards that were missing. Nothing is fetched, or even asked, when all are there."""
-    from nanorl.data.fineweb import download_fineweb, fineweb_dir, shard_name
+    from nanorl.data.fineweb import download_fineweb, fineweb_dir, refuse_offline, shard_name, shards_url
 
     missing = [i for i in range(shards) if not (fineweb_dir() / shard_name(i)).is_file()]
     if not missing:
         return []
+    refuse_offline(shards_url(), len(missing), fineweb_dir())  # offline: an error, not a "downloading" line first
     if console is None:
         return [p for p in download_fineweb(shards) if int(p.stem.rsplit("_", 1)[1]) in missing]
     console.print(

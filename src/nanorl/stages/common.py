@@ -148,8 +148,11 @@ class Context:
             hint="run the pipeline from the start (nanorl pipeline ...) or give --checkpoint",
         )
 
-    def info(self, stage: str, total_steps: int) -> StageInfo:
-        return StageInfo(self.cfg.name, str(self.run_dir), stage, self.cfg.task, self.cfg.to_dict(), total_steps)
+    def info(self, stage: str, total_steps: int, description: str = "") -> StageInfo:
+        """The StageInfo of `stage`; `description`: what a stage without training steps works on."""
+        return StageInfo(
+            self.cfg.name, str(self.run_dir), stage, self.cfg.task, self.cfg.to_dict(), total_steps, description
+        )
 
     def store(self):
         if not self.cfg.checkpoint.store:

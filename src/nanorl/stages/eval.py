@@ -259,6 +259,12 @@ def publish(ctx: Context, stage: str, result: dict[str, Any], step: int | None =
         ctx.bus.eval(stage, step, EvalResult(result["task"], result["split"], metrics))
 
 
+def split_label(split: str) -> str:
+    """The split's name in eval file names: "validation" is "dev" (the name the built-in and bundled tasks give
+    that split in their example ids too), so that both spellings write one file."""
+    return "dev" if split == "validation" else split
+
+
 def final_stage(ctx: Context) -> str | None:
     for stage in reversed(MODEL_STAGES):
         if ckpt.is_done(ctx.stage_dir(stage)):
@@ -276,7 +282,9 @@ def run(ctx: Context) -> dict[str, Any]:
 
         raise NanorlError("nothing to evaluate: no model stage of this run has finished", hint="run the pipeline")
     stages = [final] + (["sft"] if final == "rl" and ckpt.is_done(ctx.stage_dir("sft")) else [])
-    info = ctx.info("eval", len(stages) * len(ecfg.splits))
+    models = " and ".join(stages) + (" models" if len(stages) > 1 else " model")
+    modes = "generative and categorical" if ecfg.mode == "both" else ecfg.mode
+    info = ctx.info("eval", len(stages) * len(ecfg.splits), f"the {models} on {', '.join(ecfg.splits)} ({modes})")
     ctx.bus.stage_start(info)
     out: dict[str, Any] = {}
     for split in ecfg.splits:
@@ -300,7 +308,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 for m in main["modes"]
             }
         if ctx.rank == 0:
-            split_name = "dev" if split == "validation" else split
+            split_name = split_label(split)
             for stage, res in results.items():
                 suffix = "" if stage == final else f"-{stage}"
                 write_json(ctx.run_dir / "eval" / f"{ctx.task.name}-{split_name}{suffix}.json", res)

@@ -51,7 +51,10 @@ def run_tokenizer(ctx: Context) -> dict[str, Any]:
     stages trained with a previous tokenizer of this run are cleared: their checkpoints could not be loaded."""
     from nanorl.data.prepare import train_run_tokenizer
 
-    info = ctx.info("tokenizer", 1)
+    cfg = ctx.cfg
+    corpus = f"the {cfg.task} task's text" if cfg.data.corpus == "task" else cfg.data.corpus
+    what = f"a {cfg.model.vocab_size:,}-token BPE on {corpus} (at most {cfg.tokenizer.train_chars:,} characters)"
+    info = ctx.info("tokenizer", 1, what)
     ctx.bus.stage_start(info)
     t0 = time.time()
     tok = train_run_tokenizer(ctx.cfg, ctx.task, ctx.stage_dir("tokenizer"), console=ctx.bus.console)

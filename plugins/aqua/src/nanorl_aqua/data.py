@@ -2,7 +2,8 @@
 
 A local directory holds the DeepMind repository's files (`train.json`, `dev.json`, `test.json`: one JSON
 object per line), or JSONL / parquet files with the same fields (`question`, `options`, `rationale`,
-`correct`) named after the split. `dev` and `validation` name the same split.
+`correct`) named after the split. `dev` and `validation` name the same split, and its examples are `aqua-dev-N`
+either way (as the built-in `arith` task's are), so that evaluations asked for either pair up by id.
 
 Every row is validated: a non-empty question, five options labelled A) .. E) in that order, `correct` one of
 A..E. Bad rows are skipped, counted and reported (a `BadRowsWarning` naming their line numbers, and the
@@ -49,6 +50,7 @@ def load_split(split: str, data_dir: str | os.PathLike | None = None) -> TaskExa
     if split not in SPLITS:
         raise NanorlError(f"aqua has no split {split!r}", hint=f"use one of: {', '.join(SPLITS)}", exit_code=2)
     hf_split, stems = SPLITS[split]
+    split = "dev" if split == "validation" else split  # one name in the ids (`--compare` pairs by id)
     if data_dir:
         path = find_data_file(data_dir, stems, "AQuA", HOW_TO_GET)
         return validate_rows(read_rows(path), split, str(path))
