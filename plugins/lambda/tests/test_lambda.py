@@ -98,6 +98,55 @@ def test_a_type_sold_out_between_the_look_and_the_launch_names_where_it_is_free(
         lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
     assert e.value.hint == "gpu_1x_a10 is free in: us-east-1, us-west-1"
 
+    def sold_out_then_down(path, body, once=False):
+        fake.fail_next = [(503, None)] * 5  # the second look at the types fails too: the capacity error stays
+        sold_out(path, body, once)
+
+    monkeypatch.setattr(lam.client, "post", sold_out_then_down)
+    with pytest.raises(NanorlError, match="Not enough capacity") as e:
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert "nanorl cloud types" in e.value.hint
+
+
+def test_a_launched_machine_is_never_lost_track_of(lam, fake, monkeypatch):
+    # Lambda accepted the launch, so the machine is billed: every later failure names it, and says how to end it
+    monkeypatch.setattr(backend_mod, "VISIBLE_TIMEOUT_S", 0.05)
+    fake.not_found_polls = 10**6  # never shows up within the wait
+    with pytest.raises(NanorlError) as e:
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert not isinstance(e.value, LambdaAPIError)  # not "does not exist" (a 404 the CLI reads as a wrong id)
+    assert "launched inst-0001, but cannot follow it: Lambda does not show it after" in e.value.message
+    assert "nanorl cloud terminate inst-0001" in e.value.hint and e.value.exit_code == 1
+    fake.not_found_polls = 0
+
+    def down(instance_id):
+        raise NanorlError("cannot reach the Lambda API at http://x: timed out")
+
+    monkeypatch.setattr(lam, "status", down)
+    with pytest.raises(NanorlError, match="launched inst-0002, but cannot follow it: cannot reach") as e:
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert "nanorl cloud terminate inst-0002" in e.value.hint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lam, "status", interrupted)
+    with pytest.raises(NanorlError, match="interrupted after launching inst-0003") as e:
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert e.value.exit_code == 130 and "nanorl cloud terminate inst-0003" in e.value.hint
+    monkeypatch.setattr(lam.client, "post", interrupted)  # Ctrl-C while the launch itself is under way
+    with pytest.raises(NanorlError, match="interrupted while Lambda was launching") as e:
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert e.value.exit_code == 130 and "nanorl cloud list" in e.value.hint
+
+
+@pytest.mark.parametrize("answer", [{}, {"instance_ids": []}, {"instance_ids": ["inst-a", "inst-b"]}, ["inst-a"]])
+def test_a_launch_answer_without_one_id_is_reported_not_a_crash(lam, fake, monkeypatch, answer):
+    monkeypatch.setattr(fake, "_launch", lambda body: answer)
+    with pytest.raises(NanorlError, match="launch answer holds no single instance id") as e:
+        lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert "nanorl cloud list" in e.value.hint and str(answer) in e.value.message  # what Lambda said, kept
+
 
 def test_an_api_error_keeps_its_message_and_gets_a_hint(lam, fake):
     bad = LambdaBackend(LambdaClient(api_key="wrong", base_url=fake.url))

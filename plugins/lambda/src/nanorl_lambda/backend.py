@@ -42,6 +42,8 @@ USER_DATA_MAX = 1_000_000  # the API's limit on user_data, in bytes
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # how long launch waits for a new id to become visible, and between looks
 VISIBLE_TIMEOUT_S, VISIBLE_POLL_S = 60.0, 2.0
+# a launch whose outcome is unknown (interrupted, or an answer without an id): the machine may exist
+MAYBE_LAUNCHED = "a machine may have been launched all the same: check `nanorl cloud list` (billed until terminated)"
 RUN_TAG = "nanorl-run"  # the tag by which a machine that ends itself finds its own instance id
 END_CALL = f"python3 ~/nanorl-end.py '{{why}}' >> {LOG} 2>&1"  # (why: a fixed text of ours, no quotes)
 # ~/nanorl-end.py: standard-library Python 3 that terminates the instance carrying this run's tag. It retries for
@@ -144,15 +146,39 @@ class LambdaBackend(CloudBackend):
         if spec.image:
             body["image"] = {"family": spec.image}
         try:
-            (instance_id,) = self.client.post("/instance-operations/launch", body, once=True)["instance_ids"]
+            answer = self.client.post("/instance-operations/launch", body, once=True)
         except LambdaAPIError as e:
             if e.code != "instance-operations/launch/insufficient-capacity":
                 raise
             # sold out between our look and the launch: say where it is free now
-            free = self._type(spec.instance_type).get("regions_with_capacity_available", [])
-            where = ", ".join(r["name"] for r in free) or "nowhere right now"
-            raise NanorlError(f"{e.detail} ({e.code})", hint=f"{spec.instance_type} is free in: {where}") from e
-        return self._await_visible(instance_id)
+            try:
+                free = self._type(spec.instance_type).get("regions_with_capacity_available", [])
+                hint = f"{spec.instance_type} is free in: {', '.join(r['name'] for r in free) or 'nowhere right now'}"
+            except NanorlError:  # (that second look failing must not hide the capacity error)
+                hint = e.hint or "`nanorl cloud types` shows where each type is free"
+            raise NanorlError(f"{e.detail} ({e.code})", hint=hint) from e
+        except KeyboardInterrupt:
+            raise NanorlError("interrupted while Lambda was launching", hint=MAYBE_LAUNCHED, exit_code=130) from None
+        ids = answer.get("instance_ids") if isinstance(answer, dict) else None
+        if not (isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], str) and ids[0]):
+            # the machine may well exist: never drop what the API said
+            raise NanorlError(
+                f"Lambda's launch answer holds no single instance id: {str(answer)[:300]}", hint=MAYBE_LAUNCHED
+            )
+        instance_id = ids[0]
+        # from here on a machine is rented: whatever goes wrong, the error names it
+        billed = f"billed until terminated: nanorl cloud status {instance_id}; nanorl cloud terminate {instance_id}"
+        try:
+            return self._await_visible(instance_id)
+        except KeyboardInterrupt:
+            raise NanorlError(f"interrupted after launching {instance_id}", hint=billed, exit_code=130) from None
+        except NanorlError as e:
+            why = (
+                f"Lambda does not show it after {VISIBLE_TIMEOUT_S:g} s"
+                if getattr(e, "status", None) == 404
+                else e.message
+            )
+            raise NanorlError(f"launched {instance_id}, but cannot follow it: {why}", hint=billed) from e
 
     def status(self, instance_id: str) -> Instance:
         return to_instance(self.client.get(f"/instances/{instance_id}"))
