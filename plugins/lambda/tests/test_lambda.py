@@ -236,6 +236,15 @@ def test_status_list_terminate(lam, fake):
     assert fake.instances[inst.id]["status"] == "terminated"
 
 
+@pytest.mark.parametrize("answer", [{"terminated_instances": []}, {}, {"terminated_instances": [{"id": "inst-9"}]}])
+def test_a_terminate_lambda_does_not_confirm_is_an_error(lam, fake, monkeypatch, answer):
+    inst = lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    monkeypatch.setattr(fake, "_terminate", lambda body: answer)
+    with pytest.raises(NanorlError, match=f"Lambda did not confirm terminating {inst.id}") as e:
+        lam.terminate(inst.id)
+    assert f"nanorl cloud status {inst.id}" in e.value.hint
+
+
 def test_logs_read_the_run_log_over_ssh(lam, fake, tmp_path, monkeypatch):
     fake.boot_polls = 2  # launch's own look is the first
     inst = lam.launch(LaunchSpec("gpu_1x_a10", command="x"))

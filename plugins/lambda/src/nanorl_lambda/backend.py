@@ -209,9 +209,15 @@ class LambdaBackend(CloudBackend):
         return out.stdout
 
     def terminate(self, instance_id: str) -> Instance:
-        body = {"instance_ids": [instance_id]}
-        (inst,) = self.client.post("/instance-operations/terminate", body)["terminated_instances"]
-        return to_instance(inst)
+        answer = self.client.post("/instance-operations/terminate", {"instance_ids": [instance_id]})
+        ended = answer.get("terminated_instances") if isinstance(answer, dict) else None
+        mine = [i for i in ended or [] if isinstance(i, dict) and i.get("id") == instance_id]
+        if not mine:  # never report an end that Lambda did not confirm: the machine may still be billed
+            raise NanorlError(
+                f"Lambda did not confirm terminating {instance_id}: {str(answer)[:300]}",
+                hint=f"check nanorl cloud status {instance_id}, and terminate it again if it is still up",
+            )
+        return to_instance(mine[0])
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _type(self, name: str, types: dict[str, Any] | None = None) -> dict[str, Any]:
