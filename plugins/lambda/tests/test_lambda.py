@@ -225,6 +225,65 @@ def test_odd_answers_and_settings_are_clear_errors(fake):
         LambdaClient(api_key="k", base_url="cloud.lambda.ai/api/v1").get("/instances")
 
 
+@pytest.fixture
+def raw_server():
+    """A server on 127.0.0.1 that answers every request with `answer[0]`: (status, headers, body, bytes to send)."""
+    import http.server
+    import threading
+
+    answer = [(200, {}, b"", None)]
+
+    class Raw(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            status, headers, body, sent = answer[0]
+            self.send_response(status)
+            for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body[:sent])  # fewer bytes than Content-Length: an answer cut short
+            self.close_connection = True
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Raw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield LambdaClient(api_key="k", base_url=f"http://127.0.0.1:{server.server_address[1]}/api/v1"), answer
+    finally:
+        server.shutdown()
+
+
+def test_a_broken_connection_or_answer_is_a_clear_error(raw_server):
+    client, answer = raw_server
+    answer[0] = (200, {}, b'{"data": {"instance_ids": ["inst-1"]}}', 10)  # the connection drops mid-answer
+    with pytest.raises(NanorlError, match="cannot reach the Lambda API") as e:
+        client.get("/instances")
+    assert "check the network" in e.value.hint
+    with pytest.raises(NanorlError, match="cannot reach the Lambda API") as e:
+        client.post("/instance-operations/launch", {}, once=True)
+    assert "nanorl cloud list" in e.value.hint  # a launch whose answer was lost may have gone through
+    answer[0] = (200, {}, b"<html>maintenance</html>", None)
+    with pytest.raises(NanorlError, match="not JSON") as e:
+        client.post("/instance-operations/launch", {}, once=True)
+    assert "nanorl cloud list" in e.value.hint
+    answer[0] = (200, {}, b"\xff\xfe", None)  # not even UTF-8
+    with pytest.raises(NanorlError, match="not JSON"):
+        client.get("/instances")
+
+
+def test_a_key_read_from_a_file_works(fake, monkeypatch):
+    # a key pasted with its newline, or from an env file with CRLF line ends: no HTTP header may hold either
+    monkeypatch.setenv("LAMBDA_API_KEY", "test-key\r\n")
+    monkeypatch.setenv("LAMBDA_API_URL", fake.url)
+    assert LambdaBackend().list() == []
+    monkeypatch.setenv("LAMBDA_API_KEY", " \n")
+    with pytest.raises(NanorlError, match="no Lambda API key"):
+        LambdaClient()
+
+
 def test_status_list_terminate(lam, fake):
     fake.boot_polls = 2  # launch's own look is the first
     inst = lam.launch(LaunchSpec("gpu_1x_a10", command="x"))

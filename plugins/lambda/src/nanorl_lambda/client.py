@@ -12,6 +12,7 @@ at a local fake server. Every failure becomes a `NanorlError` that says what to 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -48,7 +49,8 @@ class LambdaClient:
         retry_wait: float = 1.0,
         timeout: float = 30.0,
     ):
-        self.api_key = api_key or os.environ.get("LAMBDA_API_KEY", "")
+        # stripped: a key read from a file (`$(cat key)`) ends with a newline, which no HTTP header may hold
+        self.api_key = (api_key or os.environ.get("LAMBDA_API_KEY", "")).strip()
         if not self.api_key:
             raise NanorlError("no Lambda API key", hint=KEY_HINT)
         self.base_url = (base_url or os.environ.get("LAMBDA_API_URL") or DEFAULT_URL).rstrip("/")
@@ -78,15 +80,27 @@ class LambdaClient:
             req = urllib.request.Request(url, data=data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return _payload(resp.read())["data"]
+                    raw = resp.read()
             except urllib.error.HTTPError as e:
-                status, raw, retry_after = e.code, e.read(), e.headers.get("Retry-After")
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                reason = getattr(e, "reason", e)
+                status, retry_after = e.code, e.headers.get("Retry-After")
+                try:
+                    raw = e.read()
+                except (OSError, http.client.HTTPException):  # an error body cut short: the status still says it
+                    raw = b""
+            # any failure of the connection (refused, reset, timed out, TLS, an answer cut short): never a traceback
+            except (OSError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", None) or str(e) or type(e).__name__
                 raise NanorlError(
                     f"cannot reach the Lambda API at {self.base_url}: {reason}",
                     hint=maybe_done if once else "check the network, or LAMBDA_API_URL if you set it",
                 ) from e
+            else:
+                try:
+                    return _payload(raw)["data"]
+                except NanorlError as e:
+                    if once:  # an answer we cannot read to a launch: it may have gone through
+                        e.hint = maybe_done
+                    raise
             if status >= 500 and once:
                 err = _error(status, raw)
                 raise LambdaAPIError(status, err.code, err.detail, maybe_done)
@@ -103,7 +117,7 @@ class LambdaClient:
 def _payload(raw: bytes) -> dict[str, Any]:
     try:
         out = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # (not JSON, or not UTF-8)
         raise NanorlError(f"the Lambda API answered something that is not JSON: {raw[:200]!r}") from e
     if not isinstance(out, dict) or "data" not in out:
         raise NanorlError(f"the Lambda API answered without `data`: {str(out)[:200]}")
