@@ -145,7 +145,8 @@ class FakeLambda:
         self.ssh_keys: list[dict[str, Any]] = default_ssh_keys()
         self.instances: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str, dict | None, dict]] = []
-        self.fail_next: list[tuple[int, dict | None]] = []
+        # (status, error): an error object in the contract's body, None for a bare text body, a str for that page
+        self.fail_next: list[tuple[int, dict | str | None]] = []
         self.boot_polls = 1
         self.not_found_polls = 0
         self._polls: dict[str, int] = {}  # instance id -> GET /instances/{id} answered so far
@@ -388,7 +389,10 @@ class _Handler(BaseHTTPRequestHandler):
             forced = fake.fail_next.pop(0) if fake.fail_next else None
         if forced is not None:
             status, error = forced
-            self._send(status, {"error": error} if error is not None else None)
+            if isinstance(error, str):  # a page from something in front of the API (a gateway's HTML), as it is
+                self._send(status, None, error)
+            else:
+                self._send(status, {"error": error} if error is not None else None)
             return
         with fake.lock:
             try:
@@ -409,8 +413,10 @@ class _Handler(BaseHTTPRequestHandler):
                 status, payload = e.status, e.body()
         self._send(status, payload)
 
-    def _send(self, status: int, payload: dict | None) -> None:
-        if payload is None:
+    def _send(self, status: int, payload: dict | None, page: str | None = None) -> None:
+        if page is not None:
+            data, content_type = page.encode(), "text/html"
+        elif payload is None:
             # a forced failure without an error object: a bare body, as a gateway in front of the API would send
             data, content_type = f"{status} {self.responses.get(status, ('error',))[0]}\n".encode(), "text/plain"
         else:

@@ -180,6 +180,28 @@ def test_rate_limits_and_server_errors_are_retried_then_reported(fake):
             LambdaClient()
 
 
+def test_an_error_is_one_line_whatever_the_body(fake):
+    client = LambdaClient(api_key="test-key", base_url=fake.url, attempts=1)
+    page = "<!DOCTYPE html>\n<html><head><title>cloud.lambda.ai | 502:\n Bad gateway</title><style>\nb{}</style>"
+    fake.fail_next = [
+        (502, None),  # a gateway's plain "502 Bad Gateway\n"
+        (502, page + "</head><body>\n<h1>Bad gateway</h1>\n" + "x" * 5000 + "</body></html>"),
+        (400, {"code": "global/invalid-parameters", "message": "Invalid\n  name", "suggestion": "Use\nfewer."}),
+    ]
+    messages = []
+    for _ in range(3):
+        with pytest.raises(LambdaAPIError) as e:
+            client.get("/instances")
+        messages.append((e.value.message, e.value.hint))
+    assert messages[0][0] == "Lambda API: 502 Bad Gateway (http-502)"
+    assert messages[1][0] == "Lambda API: cloud.lambda.ai | 502: Bad gateway (http-502)"  # the page's title
+    assert messages[2] == ("Lambda API: Invalid name (global/invalid-parameters)", "Use fewer.")
+    fake.fail_next = [(403, page.replace("502:\n Bad gateway", "Attention Required!"))]  # a firewall's page
+    r = _cli(fake, "list")
+    assert r.returncode == 1 and r.stderr.count("\n") == 2 and "Traceback" not in r.stderr  # error, hint
+    assert r.stderr.startswith("error: Lambda API: cloud.lambda.ai | Attention Required! (http-403)\nhint: check")
+
+
 def test_a_launch_is_never_sent_twice(fake):
     # a 5xx or a timeout can come after Lambda created the machine: a retry could rent a second one
     client = LambdaClient(api_key="test-key", base_url=fake.url, retry_wait=0.01)

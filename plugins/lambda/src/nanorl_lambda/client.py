@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -127,15 +128,33 @@ def _payload(raw: bytes) -> dict[str, Any]:
 def _error(status: int, raw: bytes) -> LambdaAPIError:
     try:
         err = json.loads(raw).get("error")
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, AttributeError):  # (not JSON, not UTF-8, not an object)
         err = None
     if not isinstance(err, dict):  # a proxy's or an older API's error body: keep what it says as the message
         err = {"message": err} if isinstance(err, str) else {}
-    code = err.get("code") or ("rate-limited" if status == 429 else f"http-{status}")
-    message = err.get("message") or (raw.decode(errors="replace")[:200] or f"HTTP {status}")
-    hint = HINTS.get(code) or err.get("suggestion")
+    code = _one_line(err.get("code")) or ("rate-limited" if status == 429 else f"http-{status}")
+    message = _one_line(err.get("message")) or _body_text(raw) or f"HTTP {status}"
+    hint = HINTS.get(code) or _one_line(err.get("suggestion")) or None
+    # not the API's own error (no code): something in front of it, or a wrong URL
+    if not err.get("code") and not hint and status < 500 and status != 429:
+        hint = KEY_HINT if status == 401 else f"check LAMBDA_API_URL (default {DEFAULT_URL}) and any proxy between"
     if status == 429:
         hint = "Lambda allows about one request a second and one launch per 12 s: wait a moment and run it again"
     elif status >= 500 and not hint:
         hint = "Lambda's side failed repeatedly: try again in a few minutes"
     return LambdaAPIError(status, code, message, hint)
+
+
+def _one_line(value: Any, limit: int = 300) -> str:
+    """A text from the API as one line (an error is printed as one), cut to `limit` characters."""
+    text = " ".join(str(value).split()) if value is not None else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _body_text(raw: bytes) -> str:
+    """What a non-API error body (a gateway's page, plain text) says, as one line: an HTML page's title."""
+    text = raw.decode(errors="replace")
+    if "<html" in text[:500].lower() or text.lstrip().lower().startswith("<!doctype"):
+        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        return _one_line(title.group(1), 200) if title else ""
+    return _one_line(text, 200)
