@@ -6,7 +6,10 @@ launch validation (exactly one SSH key, name <= 64 chars, user_data <= 1 MB, cap
 
 Tests drive it through plain attributes: the catalogue (`instance_types`, `ssh_keys`), the `instances` it holds,
 every request it saw (`requests`), queued forced failures (`fail_next`) for retry tests, and how long a new
-instance stays invisible (`not_found_polls`) and booting (`boot_polls`) while it is polled.
+instance stays invisible (`not_found_polls`) and booting (`boot_polls`) while it is polled. The contract's one
+launch per 12 s is enforced when a test sets `launch_interval_s` (off by default, so that tests launch freely):
+a launch sooner is answered 429, with `Retry-After` unless `rate_limit_retry_after` is off; `clock` is what
+measures the interval, so a test can move time on instead of waiting.
 
     with FakeLambda() as fake:
         client = LambdaClient(api_key="test-key", base_url=fake.url)
@@ -19,7 +22,9 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import math
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -113,9 +118,12 @@ def _public(value: Any) -> Any:
 class ApiError(Exception):
     """An error answer: raised anywhere in a handler, turned into the contract's error body."""
 
-    def __init__(self, status: int, code: str, message: str, suggestion: str | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, suggestion: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.suggestion = status, code, message, suggestion
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         error = {"code": self.code, "message": self.message}
@@ -145,9 +153,14 @@ class FakeLambda:
         self.ssh_keys: list[dict[str, Any]] = default_ssh_keys()
         self.instances: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str, dict | None, dict]] = []
-        # (status, error): an error object in the contract's body, None for a bare text body, a str for that page
+        # (status, error[, headers]): error is an object for the contract's body, None for a bare text body, a str
+        # for that page (a gateway's HTML); headers, e.g. {"Retry-After": "2"}, go with the answer
         self.fail_next: list[tuple[int, dict | str | None]] = []
         self.boot_polls = 1
+        self.launch_interval_s = 0.0
+        self.rate_limit_retry_after = True
+        self.clock = time.monotonic
+        self._last_launch: float | None = None
         self.not_found_polls = 0
         self._polls: dict[str, int] = {}  # instance id -> GET /instances/{id} answered so far
         self._launched = 0
@@ -217,6 +230,7 @@ class FakeLambda:
         if method == "GET" and path.startswith("/instances/") and path.count("/") == 2:
             return self._poll(path.removeprefix("/instances/"))
         if method == "POST" and path == "/instance-operations/launch":
+            self._launch_rate_limit()
             return self._launch(body)
         if method == "POST" and path == "/instance-operations/terminate":
             return self._terminate(body)
@@ -242,6 +256,15 @@ class FakeLambda:
         # TEST-NET-1 addresses (192.0.2.0/24) can never be a real host; derived from the id so they stay stable
         digits = "".join(c for c in instance_id if c.isdigit())
         return int(digits) % 240 if digits else 0
+
+    def _launch_rate_limit(self) -> None:
+        now = self.clock()
+        if self.launch_interval_s > 0 and self._last_launch is not None:
+            left = self._last_launch + self.launch_interval_s - now
+            if left > 0:
+                headers = {"Retry-After": str(math.ceil(left))} if self.rate_limit_retry_after else None
+                raise ApiError(429, "global/rate-limited", "Too many launch requests.", headers=headers)
+        self._last_launch = now
 
     def _launch(self, body: dict | None) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -388,12 +411,13 @@ class _Handler(BaseHTTPRequestHandler):
             fake.requests.append((method, path, body, headers))
             forced = fake.fail_next.pop(0) if fake.fail_next else None
         if forced is not None:
-            status, error = forced
+            status, error, extra = (*forced, {}) if len(forced) == 2 else forced
             if isinstance(error, str):  # a page from something in front of the API (a gateway's HTML), as it is
-                self._send(status, None, error)
+                self._send(status, None, extra, error)
             else:
-                self._send(status, {"error": error} if error is not None else None)
+                self._send(status, {"error": error} if error is not None else None, extra)
             return
+        extra: dict = {}
         with fake.lock:
             try:
                 if not fake._authorized(headers):
@@ -410,10 +434,10 @@ class _Handler(BaseHTTPRequestHandler):
                 data = fake._route(method, path.removeprefix(API_PREFIX), body)
                 status, payload = 200, {"data": _public(data)}
             except ApiError as e:
-                status, payload = e.status, e.body()
-        self._send(status, payload)
+                status, payload, extra = e.status, e.body(), e.headers
+        self._send(status, payload, extra)
 
-    def _send(self, status: int, payload: dict | None, page: str | None = None) -> None:
+    def _send(self, status: int, payload: dict | None, headers: dict | None = None, page: str | None = None) -> None:
         if page is not None:
             data, content_type = page.encode(), "text/html"
         elif payload is None:
@@ -424,5 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)

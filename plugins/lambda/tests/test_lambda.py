@@ -202,6 +202,56 @@ def test_an_error_is_one_line_whatever_the_body(fake):
     assert r.stderr.startswith("error: Lambda API: cloud.lambda.ai | Attention Required! (http-403)\nhint: check")
 
 
+def _slept(monkeypatch, fake=None) -> list[float]:
+    """The client's waits, recorded instead of slept; each moves the fake's clock on by as much."""
+    import types
+
+    from nanorl_lambda import client as client_mod
+
+    waits, now = [], [0.0]
+    if fake is not None:
+        fake.clock = lambda: now[0]
+
+    def sleep(seconds):
+        waits.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(client_mod, "time", types.SimpleNamespace(sleep=sleep))
+    return waits
+
+
+def test_retry_after_is_honoured_in_every_form_and_a_long_one_reported(fake, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    waits = _slept(monkeypatch)
+    client = LambdaClient(api_key="test-key", base_url=fake.url, retry_wait=0.01)
+    in_30_s = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    limited = {"code": "global/rate-limited", "message": "slow down"}
+    fake.fail_next = [(429, limited, {"Retry-After": "1.5"}), (503, None, {"Retry-After": in_30_s})]
+    assert "gpu_1x_a10" in client.get("/instance-types")
+    assert waits[0] == 1.5 and 27 < waits[1] <= 30
+    waits.clear()
+    fake.fail_next = [(429, limited, {"Retry-After": "3600"})]  # an hour: not a silent wait, an error that says so
+    with pytest.raises(LambdaAPIError, match="slow down") as e:
+        client.get("/instance-types")
+    assert waits == [] and "wait 3600 s" in e.value.hint
+
+
+def test_launches_faster_than_one_per_12_s_wait_their_turn_and_launch_once(fake, monkeypatch):
+    fake.launch_interval_s = 12  # the contract's limit
+    waits = _slept(monkeypatch, fake)
+    lam = LambdaBackend(LambdaClient(api_key="test-key", base_url=fake.url))  # the default backoff (1 s, doubling)
+    monkeypatch.setattr(backend_mod, "VISIBLE_POLL_S", 0.01)
+    lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    lam.launch(LaunchSpec("gpu_1x_a10", command="x"))  # at once: refused (429, Retry-After: 12), then accepted
+    assert waits == [12] and len(fake.instances) == 2 and len(_launch_bodies(fake)) == 3
+    waits.clear()
+    fake.rate_limit_retry_after = False  # a 429 without Retry-After: the backoff alone outlasts the 12 s
+    lam.launch(LaunchSpec("gpu_1x_a10", command="x"))
+    assert waits == [1, 2, 4, 8] and len(fake.instances) == 3
+
+
 def test_a_launch_is_never_sent_twice(fake):
     # a 5xx or a timeout can come after Lambda created the machine: a retry could rent a second one
     client = LambdaClient(api_key="test-key", base_url=fake.url, retry_wait=0.01)

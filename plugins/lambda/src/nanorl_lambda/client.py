@@ -4,7 +4,8 @@ Standard library only (urllib). The base URL is configurable (`LAMBDA_API_URL`),
 at a local fake server. Every failure becomes a `NanorlError` that says what to do:
 
 - 429 (rate limit: about 1 request a second, one launch per 12 s) and 5xx (transient) are retried with
-  exponential backoff, `Retry-After` honoured, up to `attempts` tries;
+  exponential backoff, `Retry-After` honoured (seconds or a date; a wait over a minute is reported instead), up
+  to `attempts` tries;
 - the API's own errors (`{"error": {"code", "message", "suggestion"}}`) keep their message, and the codes a
   user can act on get a hint (a wrong key, an inactive account, the quota);
 - an unreachable server says which URL it tried.
@@ -12,8 +13,11 @@ at a local fake server. Every failure becomes a `NanorlError` that says what to 
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.client
 import json
+import math
 import os
 import re
 import time
@@ -25,6 +29,8 @@ from nanorl.api import NanorlError
 
 DEFAULT_URL = "https://cloud.lambda.ai/api/v1"
 KEY_HINT = "export LAMBDA_API_KEY=<key> (create one at https://cloud.lambda.ai/api-keys)"
+# the longest `Retry-After` honoured by waiting (silently); a longer one ends the command with the wait in the hint
+RETRY_AFTER_MAX_S = 60.0
 HINTS = {
     "global/invalid-api-key": f"the key in LAMBDA_API_KEY is wrong or revoked: {KEY_HINT}",
     "global/account-inactive": "the Lambda account is inactive: check its billing at https://cloud.lambda.ai",
@@ -105,14 +111,33 @@ class LambdaClient:
             if status >= 500 and once:
                 err = _error(status, raw)
                 raise LambdaAPIError(status, err.code, err.detail, maybe_done)
-            if (status == 429 or status >= 500) and attempt < self.attempts:
-                wait = self.retry_wait * 2 ** (attempt - 1)
-                if retry_after and retry_after.isdigit():
-                    wait = max(wait, float(retry_after))
-                time.sleep(wait)
+            asked = _retry_after(retry_after)
+            retry = (status == 429 or status >= 500) and attempt < self.attempts
+            if retry and (asked is None or asked <= RETRY_AFTER_MAX_S):
+                time.sleep(max(self.retry_wait * 2 ** (attempt - 1), asked or 0.0))
                 continue
-            raise _error(status, raw)
+            err = _error(status, raw)
+            if asked is not None and asked > RETRY_AFTER_MAX_S:  # longer than we wait unseen: say so, now
+                err.hint = f"Lambda asks to wait {asked:.0f} s before the next request: run it again then"
+            raise err
         raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a `Retry-After` header asks to wait: delay-seconds, or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # ("-0000": UTC)
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _payload(raw: bytes) -> dict[str, Any]:
