@@ -106,6 +106,11 @@ def default_ssh_keys() -> list[dict[str, str]]:
     return [{"id": "key-1", "name": "laptop", "public_key": "ssh-ed25519 AAAA test"}]
 
 
+def _actions(available: bool) -> dict[str, dict[str, Any]]:
+    """An instance's `actions`: every one the contract names, each available or not."""
+    return {a: {"available": available} for a in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")}
+
+
 def _public(value: Any) -> Any:
     """A deep copy without the private `_` keys, which are for tests only (`_user_data`) and never served."""
     if isinstance(value, dict):
@@ -330,16 +335,18 @@ class FakeLambda:
         instance_id = self._new_id()
         self.instances[instance_id] = {
             "id": instance_id,
-            "name": name,
             "status": "booting",
             "ssh_key_names": list(keys),
             "file_system_names": list(file_systems),
             "region": dict(region),
             "instance_type": copy.deepcopy(entry["instance_type"]),
             "tags": copy.deepcopy(tags),
-            "actions": {"terminate": {"available": True}},
+            "actions": _actions(available=True),
             "_user_data": user_data,
         }
+        # the optional fields are absent when not set, as the contract has them (never null)
+        if name is not None:
+            self.instances[instance_id]["name"] = name
         if hostname is not None:
             self.instances[instance_id]["hostname"] = hostname
         return {"instance_ids": [instance_id]}
@@ -366,7 +373,7 @@ class FakeLambda:
         for instance_id in ids:
             instance = self.instances[instance_id]
             instance["status"] = "terminated"
-            instance["actions"] = {"terminate": {"available": False}}
+            instance["actions"] = _actions(available=False)
             terminated.append(instance)
         return {"terminated_instances": terminated}
 

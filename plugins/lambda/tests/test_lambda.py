@@ -365,6 +365,10 @@ def test_status_list_terminate(lam, fake):
     assert [i.id for i in lam.list()] == [inst.id]
     assert lam.terminate(inst.id).status == "terminated"
     assert fake.instances[inst.id]["status"] == "terminated"
+    # the fake's instances have the contract's shape: optional fields absent (not null), every action named
+    raw = fake.instances[inst.id]
+    assert "name" not in raw and "hostname" not in raw and up.name is None
+    assert set(raw["actions"]) == {"migrate", "rebuild", "restart", "cold_reboot", "terminate"}
 
 
 @pytest.mark.parametrize("answer", [{"terminated_instances": []}, {}, {"terminated_instances": [{"id": "inst-9"}]}])
