@@ -7,7 +7,8 @@ What `launch` does, in order, so that a mistake fails before anything is billed:
 3. launches with a cloud-init script (`user_data`) that writes the run's environment to `~/.nanorl.env` (mode
    600), writes `~/nanorl-run.sh` (the setup, then the command, all output to `~/nanorl.log`), and starts it in
    tmux (nohup where tmux is missing);
-4. waits until the API shows the new instance (a just-launched id can be unknown for a few seconds).
+4. waits until the API shows the new instance (a just-launched id can be unknown for a few seconds); from the
+   launch's answer on, every error names the instance, which is billed until terminated.
 
 A machine can end itself (`--end-when-done`, `--end-after HOURS`): the launch tags it with a random run tag, and
 `~/nanorl-end.py` (standard-library Python, with the API's URL, the key and the tag in it, mode 700) terminates
