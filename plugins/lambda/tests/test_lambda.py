@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -156,6 +157,11 @@ def test_an_api_error_keeps_its_message_and_gets_a_hint(lam, fake):
     with pytest.raises(LambdaAPIError, match="does not exist") as e:
         lam.status("inst-9999")
     assert e.value.status == 404
+    fake.instances["inst-0001"] = {"id": "inst-0001", "status": "active"}
+    for typed in ("inst 1", "inst-0001?x", "inst-0001#", "inst-0001/"):  # asked about as typed: no such id
+        with pytest.raises(LambdaAPIError, match="does not exist") as e:
+            lam.status(typed)
+        assert fake.requests[-1][1] == "/api/v1/instances/" + quote(typed, safe="")
     fake.fail_next = [(400, {"code": "global/quota-exceeded", "message": "Quota exceeded for gpu_1x_a10"})]
     with pytest.raises(LambdaAPIError, match="Quota exceeded for gpu_1x_a10") as e:
         lam.list()

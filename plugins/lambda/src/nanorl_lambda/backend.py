@@ -30,6 +30,7 @@ import secrets
 import shlex
 import subprocess
 import time
+import urllib.parse
 from typing import Any
 
 from nanorl.api import CloudBackend, Estimate, Instance, InstanceType, LaunchSpec, NanorlError
@@ -182,7 +183,8 @@ class LambdaBackend(CloudBackend):
             raise NanorlError(f"launched {instance_id}, but cannot follow it: {why}", hint=billed) from e
 
     def status(self, instance_id: str) -> Instance:
-        return to_instance(self.client.get(f"/instances/{instance_id}"))
+        # quoted: an id as typed ("inst 1", "x?y") must be asked about as it is, not break or bend the URL
+        return to_instance(self.client.get(f"/instances/{urllib.parse.quote(instance_id, safe='')}"))
 
     def list(self) -> list[Instance]:
         return [to_instance(i) for i in self.client.get("/instances")]
