@@ -56,7 +56,7 @@ class LambdaClient:
         retry_wait: float = 1.0,
         timeout: float = 30.0,
     ):
-        # stripped: a key read from a file (`$(cat key)`) ends with a newline, which no HTTP header may hold
+        # stripped: a key pasted with its newline, or from an env file with CRLF ends: no HTTP header may hold those
         self.api_key = (api_key or os.environ.get("LAMBDA_API_KEY", "")).strip()
         if not self.api_key:
             raise NanorlError("no Lambda API key", hint=KEY_HINT)
