@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _free_port
 from testkit import SMALL
 
 from nanorl import checkpoint as ckpt
@@ -25,6 +24,12 @@ from nanorl.config import resolve, run_dir
 from nanorl.store import LocalStore, open_store
 from nanorl.store import runs as store_runs
 from nanorl.store.runs import checkpoint_mismatch, pull_run, push_run, run_files
+
+
+def _free_port() -> int:  # (not conftest's: with the plugins' tests collected too, `conftest` is another module)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _cfg(name: str, *extra: str):
