@@ -32,14 +32,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def moto_server(monkeypatch):
+def start_moto(monkeypatch, env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+    """A moto S3 server on 127.0.0.1 in its own process (`env`: its extra environment, e.g.
+    INITIAL_NO_AUTH_ACTION_COUNT=0 to check credentials), with this process's AWS settings pointed at it.
+    Returns its URL and process; the caller stops it (`stop_moto`)."""
     pytest.importorskip("moto")
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -59,6 +62,32 @@ def moto_server(monkeypatch):
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(k, v)
+    return url, proc
+
+
+def stop_moto(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def moto_server(monkeypatch):
+    url, proc = start_moto(monkeypatch)
     yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_moto(proc)
+
+
+@pytest.fixture
+def moto_factory(monkeypatch):
+    """`start(env=None) -> (url, process)`: moto servers a test starts (and may kill) itself; stopped after it."""
+    procs = []
+
+    def start(env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+        url, proc = start_moto(monkeypatch, env)
+        procs.append(proc)
+        return url, proc
+
+    yield start
+    for proc in procs:
+        stop_moto(proc)

@@ -1,6 +1,7 @@
 """`nanorl runs ...`: the runs in $NANORL_HOME, and moving them to and from a store (S3 or a folder).
 
     nanorl runs list                                  # every run: task, model, stages done, final accuracy
+    nanorl runs list s3://bucket/prefix               # the runs in a store: stages done, partial
     nanorl runs show aqua-d8                          # one run: model, stages, evals with baselines, entropy
     nanorl runs push aqua-d8 s3://bucket/prefix       # the whole run folder to s3://bucket/prefix/aqua-d8/
     nanorl runs pull s3://bucket/prefix/aqua-d8       # back into $NANORL_HOME/runs/aqua-d8/
@@ -34,7 +35,9 @@ def _store_and_name(url: str) -> tuple[object, str, str | None, str]:
         stage = p.name if p.name in STAGES else None
         p = p.parent if stage else p
         store_url, name = str(p.parent), p.name
-    return open_store(store_url), name, stage, store_url
+    store = open_store(store_url)
+    store.check()  # an unreachable store: one line saying what to fix, in seconds
+    return store, name, stage, store_url
 
 
 def run_summary(run: Path) -> dict:
@@ -229,19 +232,57 @@ def show_run(data: dict) -> None:
         console.print(f"[dim]report: {esc(str(report))}[/]", highlight=False)
 
 
+def list_store(url: str, as_json: bool) -> None:
+    """`runs list URL`: the runs a store holds (a folder with run.toml), the stages each finished, and those with
+    a checkpoint but no DONE (in progress, or stopped)."""
+    from rich.table import Table
+
+    from nanorl.store import open_store
+    from nanorl.store.runs import list_runs
+
+    url = url.rstrip("/")
+    store = open_store(url)
+    store.check()  # an unreachable store: one line saying what to fix, in seconds
+    rows = [{**r, "url": f"{url}/{r['name']}"} for r in list_runs(store)]
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print(f"no runs in {esc(url)}", highlight=False)
+        console.print("[dim]a run gets there with checkpoint.store=URL, or nanorl runs push RUN URL[/]")
+        return
+    table = Table(title=f"{len(rows)} run(s) in {esc(url)}", title_justify="left")
+    for col in ("run", "done up to", "partial", "files"):
+        table.add_column(col, justify="right" if col == "files" else "left")
+    for r in rows:
+        table.add_row(
+            esc(r["name"]), r["done"][-1] if r["done"] else "-", ", ".join(r["partial"]) or "-", str(r["files"])
+        )
+    console.print(table)
+    u = esc(url)
+    console.print(f"[dim]nanorl runs pull {u}/RUN    nanorl eval --checkpoint {u}/RUN[/]", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     runs = typer.Typer(help="List runs, and push or pull them to and from a store (S3 or a folder).")
     app.add_typer(runs, name="runs")
 
     @runs.command("list")
-    def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-        """Every run in $NANORL_HOME/runs: task, model, stages done, final accuracy, size."""
+    def list_(
+        url: str = typer.Argument(None, help="A store (s3://bucket/prefix or a folder): list the runs in it."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Every run in $NANORL_HOME/runs: task, model, stages done, final accuracy, size (or, given a store, the
+        runs there: stages done and partial)."""
         import time
 
         from rich.table import Table
 
         from nanorl.config import nanorl_home
 
+        if url:
+            list_store(url, as_json)
+            return
         root = nanorl_home() / "runs"
         found = sorted(p for p in root.iterdir() if (p / "run.toml").is_file()) if root.is_dir() else []
         rows = sorted((run_summary(p) for p in found), key=lambda r: -r["modified"])
@@ -295,8 +336,10 @@ def register(app: typer.Typer) -> None:
         d = run_dir(name)
         if not (d / "run.toml").is_file():
             raise NanorlError(f"no run named {name!r} ({d} has no run.toml)", hint="nanorl runs list")
+        store = open_store(url)
+        store.check()
         with console.status(f"uploading {esc(str(d))}..."):
-            sent = push_run(d, open_store(url), name)
+            sent = push_run(d, store, name)
         dest = f"{url.rstrip('/')}/{name}"
         if as_json:
             print_json({"run": name, "to": dest, "files": sent})

@@ -43,12 +43,15 @@ def pull_stage(url: str, workdir: Path) -> Path:
     folder `workdir`/RUN holding run.toml, the tokenizer and that stage; returns the stage's folder."""
     from nanorl.api import NanorlError
     from nanorl.store import open_store
-    from nanorl.store.runs import pull_run, split_url
+    from nanorl.store.runs import no_run, pull_run, split_url
 
     store_url, name, stage = split_url(url)
     store = open_store(store_url)
+    store.check()
     if stage is None:
         keys = set(store.list(f"{name}/"))
+        if f"{name}/run.toml" not in keys:
+            raise no_run(store, name, store_url)
         stage = next((s for s in ("rl", "sft", "mid", "base") if f"{name}/{s}/DONE" in keys), None)
         if stage is None:
             raise NanorlError(

@@ -50,7 +50,7 @@ class Context:
     init_from: dict[str, Path] = field(default_factory=dict)  # stage -> checkpoint to start from (nanorl train)
     _tokenizer: Any = None
     _data_cache: dict[str, list[Example]] = field(default_factory=dict)
-    _mirrored: dict[str, tuple] = field(default_factory=dict)  # run files sent to checkpoint.store (push_run)
+    _mirror: Any = None  # the run's Mirror in checkpoint.store (rank 0), made on first use
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -154,23 +154,34 @@ class Context:
             self.cfg.name, str(self.run_dir), stage, self.cfg.task, self.cfg.to_dict(), total_steps, description
         )
 
-    def store(self):
-        if not self.cfg.checkpoint.store:
-            return None
-        from nanorl.store import open_store
+    @property
+    def mirror(self):
+        """The run's `nanorl.store.runs.Mirror` in `checkpoint.store` on rank 0; None without a store, or on
+        other ranks (only rank 0 writes)."""
+        if self._mirror is None and self.cfg.checkpoint.store and self.rank == 0:
+            from nanorl.store import open_store
+            from nanorl.store.runs import Mirror
 
-        return open_store(self.cfg.checkpoint.store)
+            def warn(msg: str) -> None:
+                from rich.text import Text
 
-    def mirror_run(self) -> None:
-        """With `checkpoint.store`, send the run folder's new and changed files (run.toml, the tokenizer, DONE
-        markers, metrics, eval results, the report) to the store beside the checkpoints `save` mirrors, so the
-        run outlives its machine (`nanorl runs pull`). Rank 0 only."""
-        store = self.store()
-        if store is None or self.rank != 0:
+                self.bus.console.print(Text(msg, style="yellow"), highlight=False, soft_wrap=True)
+
+            url = self.cfg.checkpoint.store
+            self._mirror = Mirror(open_store(url), self.run_dir, self.cfg.name, url.rstrip("/"), warn)
+        return self._mirror
+
+    def mirror_run(self, start: bool = False) -> None:
+        """With `checkpoint.store`, send the run folder's new and changed files (run.toml, the tokenizer, the
+        checkpoints, DONE markers, metrics, eval results, the report) to the store, so the run outlives its
+        machine (`nanorl runs pull`). `start`: a failure is an error (nothing is trained yet); later it is a
+        warning and the mirror catches up at the next checkpoint or stage end. Rank 0 only."""
+        if self.mirror is None:
             return
-        from nanorl.store.runs import push_run
-
-        push_run(self.run_dir, store, self.cfg.name, skip_checkpoints=True, seen=self._mirrored)
+        if start:
+            self.mirror.start()
+        else:
+            self.mirror.sync()
 
     def save(self, stage: str, model, optimizers, state: dict[str, Any]) -> None:
         ckpt.save(
@@ -180,10 +191,10 @@ class Context:
             state,
             config_hash=self.model_hash,
             rank=self.rank,
-            store=self.store(),
-            store_prefix=f"{self.cfg.name}/{stage}",
             tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
+        if self.mirror is not None:  # the checkpoint's files, then its state.json (a failure: a warning)
+            self.mirror.sync(stage)
 
 
 def to_device(rows: list[list], dtype: torch.dtype, device) -> torch.Tensor:

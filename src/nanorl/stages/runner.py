@@ -8,14 +8,16 @@
   report after it.
 - `steps`: {stage: N} sets that stage's step count (a shorter run, same schedule shape).
 - Before anything is written or deleted, the config (with `steps`) is validated and the inputs of the stages
-  about to run are checked (`preflight`): the task, the rewards (rl), the task's data, and the stages they
-  need; a typo fails there, not after a finished stage has been removed.
+  about to run are checked (`preflight`): the task, the rewards (rl), the task's data, the stages they
+  need, and `checkpoint.store`; a typo fails there, not after a finished stage has been removed.
 - The resolved config is written to run.toml. A re-run whose model section differs from the run.toml on disk is
   refused (its checkpoints would not fit); anything else may change between runs (more steps, other eval), and
   the console says which values changed.
 
 With `checkpoint.store` the run folder is mirrored to the store at the start and after every stage
-(`Context.mirror_run`; checkpoints go as they are saved), so a run survives the loss of its machine.
+(`Context.mirror_run`; checkpoints go as they are saved), so a run survives the loss of its machine. The store is
+checked in the preflight; a failed upload later does not stop training (the console says the mirror is behind,
+later syncs catch up), but a run that ends with its mirror behind fails (`nanorl.store.runs.Mirror`).
 
 Distributed: under torchrun every rank runs the same stages (the data is sharded per rank); rank 0 writes files.
 The tokenizer stage runs on rank 0 while the other ranks wait at a barrier. The process group is destroyed at
@@ -63,7 +65,7 @@ def run_tokenizer(ctx: Context) -> dict[str, Any]:
     for stage in stale:
         clear_stage(ctx, stage)
     if stale:
-        (ctx.stage_dir("eval") / ckpt.DONE_FILE).unlink(missing_ok=True)
+        clear_stage(ctx, "eval")
         ctx.bus.console.print(
             f"[yellow]tokenizer changed: cleared {', '.join(stale)} (trained with the previous one)[/]",
             highlight=False,
@@ -183,7 +185,8 @@ def preflight(
     corpus (tokenizer, base: that it exists, unless the run downloads it: FineWeb with data.fineweb_shards > 0);
     the rewards (rl); the task's data (the train split for mid, sft and rl, dev for sft's validation, the eval
     splits for eval) and `data.chat` (mid); and the stages they start from (the tokenizer, an earlier model
-    stage), finished or about to run. Returns the task and the examples loaded (for the Context's cache)."""
+    stage), finished or about to run; and `checkpoint.store` (`check_store`). Returns the task and the examples
+    loaded (for the Context's cache)."""
     from nanorl.plugins import get_plugins
 
     task = get_plugins().task(cfg.task)
@@ -229,7 +232,29 @@ def preflight(
                 hint="run the pipeline from the start (nanorl pipeline ...) or give --checkpoint",
                 exit_code=2,
             )
+    check_store(cfg)
     return task, data
+
+
+def check_store(cfg: RunConfig) -> None:
+    """`checkpoint.store`, before anything is trained: the URL, then one quick request (credentials, bucket,
+    endpoint), each failure one line saying what to fix. A store holding a run of this name that this machine
+    lacks is refused too: mirroring into it would mix two runs' files (pull it first to resume it)."""
+    if not cfg.checkpoint.store:
+        return
+    from nanorl.store import open_store
+
+    url = cfg.checkpoint.store.rstrip("/")
+    store = open_store(url)
+    store.check()
+    if not (run_dir(cfg.name) / "run.toml").is_file() and store.exists(f"{cfg.name}/run.toml"):
+        raise NanorlError(
+            f"{url} holds a run {cfg.name!r} already, and this machine has none: this run would mix its files"
+            " with that one's",
+            hint=f"to resume it, pull it first (nanorl runs pull {url}/{cfg.name}); else name this run otherwise"
+            " (--name)",
+            exit_code=2,
+        )
 
 
 def warn_if_sized_for_a_gpu(ctx: Context) -> None:
@@ -254,6 +279,8 @@ def clear_stage(ctx: Context, stage: str) -> None:
             (d / ckpt.DONE_FILE).unlink(missing_ok=True)
         elif d.is_dir():
             shutil.rmtree(d)
+        if ctx.mirror is not None:  # the store's copy goes too (DONE first): a pull must not find it finished
+            ctx.mirror.forget(stage, (ckpt.DONE_FILE,) if stage == "eval" else None)
 
 
 def run_pipeline(
@@ -303,7 +330,7 @@ def run_pipeline(
         if changed:
             ctx.bus.console.print(f"[dim]run.toml: {', '.join(changed)}[/]", highlight=False)
         write_run_config(cfg)
-        ctx.mirror_run()
+        ctx.mirror_run(start=True)  # a store that fails now stops the run; later, a failure is a warning
     barrier()
     results: dict[str, Any] = {}
     try:
@@ -332,4 +359,6 @@ def run_pipeline(
     finally:
         ctx.bus.close()
     dist_finished()  # every stage finished on every rank: the process group is left cleanly at exit
+    if ctx.mirror is not None:
+        ctx.mirror.finish()  # still behind after one more try: an error naming the command that completes it
     return results

@@ -4,6 +4,7 @@
     store.put(local_file, "runs/x/base/model.safetensors")
     store.get("runs/x/base/model.safetensors", local_file)
     store.exists(key); store.list(prefix); store.delete(key)
+    store.check()                                 # reachable and usable? else a NanorlError saying what to fix
 
 The S3 endpoint comes from `NANORL_S3_ENDPOINT` (else boto3's own `AWS_ENDPOINT_URL`, else AWS), credentials
 from boto3's usual chain (environment, ~/.aws). Every failure is a `NanorlError` saying what to check.
@@ -11,6 +12,7 @@ from boto3's usual chain (environment, ~/.aws). Every failure is a `NanorlError`
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from nanorl.api import NanorlError
@@ -26,7 +28,13 @@ def open_store(url: str):
 
         bucket, _, prefix = url[len("s3://") :].partition("/")
         if not bucket:
-            raise NanorlError(f"invalid store URL {url!r}", hint="s3://bucket/prefix", exit_code=2)
+            raise NanorlError(f"invalid store URL {url!r}: no bucket", hint="s3://bucket/prefix", exit_code=2)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", bucket):  # botocore's rule, before any request
+            raise NanorlError(
+                f"invalid store URL {url!r}: {bucket!r} is not a bucket name",
+                hint="s3://bucket/prefix (a bucket name has 3-63 letters, digits, '.' and '-')",
+                exit_code=2,
+            )
         return S3Store(bucket, prefix.strip("/"))
     if "://" in url and not url.startswith("file://"):
         raise NanorlError(f"unsupported store {url!r}", hint="use s3://bucket/prefix or a local folder", exit_code=2)

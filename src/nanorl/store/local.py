@@ -19,6 +19,17 @@ class LocalStore:
             raise NanorlError(f"store key {key!r} escapes the store folder {self.root}")
         return p
 
+    def check(self) -> None:
+        """The folder, or the nearest folder above it that exists (`put` makes the rest), is a writable folder;
+        else a NanorlError saying so. Makes nothing."""
+        p = self.root.absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        if not p.is_dir():
+            raise NanorlError(f"store folder {self.root} cannot be made: {p} is not a folder", hint="check the path")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise NanorlError(f"store folder {self.root} is not writable ({p})", hint="check its permissions")
+
     def put(self, local: str | Path, key: str) -> None:
         dst = self._path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
