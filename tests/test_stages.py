@@ -89,6 +89,21 @@ def test_interrupted_and_resumed_equals_uninterrupted_then_rerun_skips():
     assert list(part) == ["rl", "eval", "report"]
 
 
+@pytest.mark.slow
+def test_from_a_stage_makes_every_later_stage_stale_at_once():
+    """--from sft interrupted during sft: the resume without --from must redo rl and eval, not skip them on
+    their old DONE markers (they were computed from the SFT model being replaced)."""
+    from nanorl import checkpoint as ckpt
+
+    run_pipeline(_cfg("redo"))
+    with pytest.raises(Interrupted):
+        run_pipeline(_cfg("redo"), from_stage="sft", stop_after={"sft": 2})
+    for stage in ("rl", "eval"):
+        assert not ckpt.is_done(run_dir("redo") / stage), stage
+    resumed = run_pipeline(_cfg("redo"))
+    assert [s for s, r in resumed.items() if r == "skipped"] == ["tokenizer", "base", "mid"]
+
+
 def test_a_different_model_in_an_existing_run_is_refused():
     from nanorl.api import NanorlError
     from nanorl.config import write_run_config

@@ -331,15 +331,18 @@ def run_pipeline(
             ctx.bus.console.print(f"[dim]run.toml: {', '.join(changed)}[/]", highlight=False)
         write_run_config(cfg)
         ctx.mirror_run(start=True)  # a store that fails now stops the run; later, a failure is a warning
+    # The stages to run afresh are stale from now on, all of them at once: cleared only when its turn came, a
+    # later stage kept its old DONE through an interruption on the way, and the resume (without --from) skipped
+    # it, here and in the store, and kept results computed from the model being replaced.
+    for stage in todo:
+        if stage in fresh:
+            clear_stage(ctx, stage)
     barrier()
     results: dict[str, Any] = {}
     try:
         for stage in todo:
             sdir = ctx.stage_dir(stage)
-            if stage in fresh:
-                clear_stage(ctx, stage)
-                barrier()
-            elif stage != "report" and ckpt.is_done(sdir):
+            if stage not in fresh and stage != "report" and ckpt.is_done(sdir):
                 results[stage] = "skipped"
                 if ctx.rank == 0:
                     ctx.bus.console.print(f"[dim]{stage}: done already, skipped[/]", highlight=False)
