@@ -2,8 +2,9 @@
 
 - A stage whose folder has a `DONE` marker is skipped on a re-run; one without it resumes from its last
   checkpoint (the stages themselves look for it).
-- `from_stage`: run that stage and every later one afresh (their DONE markers and checkpoints are removed; of
-  eval only its DONE marker: the stage rewrites its own files, and those `nanorl eval` wrote there stay).
+- `from_stage`: run that stage and every later one afresh (their DONE markers and checkpoints are removed, all
+  before the first of them runs; of eval only its DONE marker: the stage rewrites its own files, and those
+  `nanorl eval` wrote there stay).
 - `only`: run just that stage (afresh); the stages it needs must have finished. `only="eval"` rebuilds the
   report after it.
 - `steps`: {stage: N} sets that stage's step count (a shorter run, same schedule shape).
