@@ -14,6 +14,10 @@ from pathlib import Path
 
 from nanorl.api import NanorlError
 
+# The preflight check's timeouts (two tries of each at most): a silent endpoint is reported in ~20 s
+CHECK_CONNECT_TIMEOUT_S = 3
+CHECK_READ_TIMEOUT_S = 10
+
 CREDENTIAL_CODES = {
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden", "ExpiredToken",
     "InvalidToken", "TokenRefreshRequired", "InvalidClientTokenId",
@@ -94,7 +98,11 @@ class S3Store:
         from botocore.config import Config
 
         # two quick tries: a wrong endpoint is reported in seconds, before anything starts
-        quick = Config(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=10)
+        quick = Config(
+            retries={"total_max_attempts": 2, "mode": "standard"},
+            connect_timeout=CHECK_CONNECT_TIMEOUT_S,
+            read_timeout=CHECK_READ_TIMEOUT_S,
+        )
         try:
             client = self._session.client("s3", endpoint_url=self._endpoint, config=quick)
             client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), MaxKeys=1)
