@@ -462,7 +462,7 @@ def test_offline_variables_leave_a_mirror_of_your_own_alone(server, monkeypatch)
 
 def test_hub_rows_says_offline_for_any_true_value(monkeypatch):
     """hub_rows's error reads the offline variables as the Hugging Face libraries do (1, on, yes, true)."""
-    import datasets
+    datasets = pytest.importorskip("datasets")  # absent where only carried wheels are (a lent GPU's image)
 
     from nanorl.taskdata import hf_offline, hub_rows
 

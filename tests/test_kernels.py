@@ -154,12 +154,13 @@ def test_output_is_laid_out_as_the_model_reads_it():
 def test_model_on_the_triton_backend_keeps_no_more_than_on_sdpa():
     """What autograd keeps for the backward on the triton backend (what a GPU runs) equals what it keeps on sdpa
     (what counts.ACTIVATION_BYTES, the GPU batch-size estimate, was measured on): the kernel's output layout
-    used to cost a kept copy of it per layer, 2 more bytes a token and width per layer under autocast."""
+    used to cost a kept copy of it per layer, 2 more bytes a token and width per layer under autocast. On a GPU
+    both run on it, under CUDA's autocast (the triton backend refuses CPU tensors outside the interpreter)."""
     from nanorl.config import resolve
     from nanorl.model import GPT
     from nanorl.model.counts import saved_bytes
 
-    idx = torch.randint(0, 256, (2, 32))
+    idx = torch.randint(0, 256, (2, 32), device=DEV)
     saved = {}
     for backend in ("triton", "sdpa"):
         cfg = resolve(
@@ -167,7 +168,7 @@ def test_model_on_the_triton_backend_keeps_no_more_than_on_sdpa():
             + ["model.seq_len=32", f"model.attention={backend}"]
         ).model
         torch.manual_seed(0)
-        model = GPT(cfg)
+        model = GPT(cfg).to(DEV)
         model.init_weights()
         saved[backend] = saved_bytes(model, idx, mixed=True)
     assert saved["triton"] <= saved["sdpa"], saved

@@ -622,3 +622,37 @@ def test_training_memory_estimate_covers_what_autograd_keeps(mixed):
     inside_est, outside_est = ACTIVATION_BYTES["mixed" if mixed else "float32"]
     assert 0.9 * inside_est <= per_layer <= inside_est
     assert 0.75 * outside_est <= outside <= outside_est
+
+
+def test_saved_bytes_autocasts_on_the_inputs_device(monkeypatch):
+    """saved_bytes measures under the autocast of the device its input lives on: the CPU's here (where
+    ACTIVATION_BYTES were measured), CUDA's for a model on a GPU (tests/test_kernels.py compares the triton and
+    sdpa backends there, where the CPU's autocast would leave the forward in float32)."""
+    import warnings
+    from types import SimpleNamespace
+
+    from nanorl.model.counts import saved_bytes
+
+    seen = []
+    autocast = torch.autocast
+
+    def spy(device_type, *args, **kwargs):
+        seen.append((device_type, kwargs.get("enabled")))
+        return autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    assert saved_bytes(make_model(small_cfg(attention="sdpa")), torch.randint(0, 265, (2, 16))) > 0
+    assert seen[0] == ("cpu", True)
+
+    class Stub:  # what saved_bytes asks of a model, for an input on a CUDA device this machine may not have
+        def parameters(self):
+            return []
+
+        def __call__(self, x, y):
+            pass
+
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without a GPU torch says CUDA's autocast is off
+        saved_bytes(Stub(), SimpleNamespace(device=torch.device("cuda")), mixed=False)
+    assert seen == [("cuda", False)]

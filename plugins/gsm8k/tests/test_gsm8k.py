@@ -75,6 +75,7 @@ def test_missing_data_says_how_to_get_it(tmp_path):
     with pytest.raises(NanorlError, match="no GSM8K file for this split") as e:
         load_split("test", tmp_path)
     assert "grade-school-math" in e.value.hint
+    pytest.importorskip("datasets")  # without it the error says to install it (a lent GPU's image has none)
     with pytest.raises(NanorlError, match="offline and not cached") as e:  # the conftest sets HF_DATASETS_OFFLINE
         load_split("train")
     assert "--data-dir DIR" in e.value.hint  # `nanorl data show` takes no data.data_dir=DIR override, only the flag

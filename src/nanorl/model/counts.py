@@ -41,7 +41,8 @@ ACTIVATION_BYTES = {"mixed": (41, 11), "float32": (65, 15)}
 def saved_bytes(model, idx, mixed: bool = True) -> int:
     """What ACTIVATION_BYTES were measured from: the bytes of the distinct tensors autograd saves for the
     backward of one training forward of `model` on idx (the targets = idx), parameters left out, under bf16
-    autocast on the CPU (`mixed`) or in float32. Imports torch here: the module stays free of it."""
+    autocast on idx's device (`mixed`: the CPU's, where the constants were measured, or CUDA's) or in float32.
+    Imports torch here: the module stays free of it."""
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -55,7 +56,7 @@ def saved_bytes(model, idx, mixed: bool = True) -> int:
 
     with (
         torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed),
+        torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=mixed),
     ):
         model(idx, idx)
     return sum(kept.values())
