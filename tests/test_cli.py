@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from testkit import heavy_imports
+
 from nanorl import __version__
 
 
@@ -21,20 +23,7 @@ def test_version():
 
 
 def test_help_and_plugins_list_import_no_heavy_library():
-    code = (
-        "import sys\n"
-        "from nanorl.cli import main\n"
-        "for argv in (['--help'], ['plugins', 'list'], ['config', 'show']):\n"
-        "    try:\n"
-        "        main(argv)\n"
-        "    except SystemExit as e:\n"
-        "        assert e.code in (0, None), e.code\n"
-        "heavy = sorted(m for m in ('torch', 'datasets', 'wandb', 'triton', 'numpy', 'boto3') if m in sys.modules)\n"
-        "print('HEAVY=' + ','.join(heavy))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "HEAVY="
+    assert heavy_imports(["--help"], ["plugins", "list"], ["config", "show"]) == []
 
 
 def test_config_show_json_resolves_overrides():

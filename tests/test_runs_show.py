@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import heavy_imports
 
 from nanorl.config import resolve, run_dir, write_run_config
 from nanorl.report import run_overview, write_report
@@ -178,17 +179,4 @@ def test_an_unknown_run_exits_2_saying_where_it_looked_and_what_to_do(tmp_path):
 @pytest.mark.parametrize("json_out", [False, True])
 def test_runs_show_imports_no_heavy_library(json_out):
     run = make_run()
-    code = (
-        "import sys\n"
-        "from nanorl.cli import main\n"
-        f"argv = ['runs', 'show', {str(run)!r}] + (['--json'] if {json_out} else [])\n"
-        "try:\n"
-        "    main(argv)\n"
-        "except SystemExit as e:\n"
-        "    assert e.code in (0, None), e.code\n"
-        "heavy = sorted(m for m in ('torch', 'datasets', 'wandb', 'triton', 'numpy', 'boto3') if m in sys.modules)\n"
-        "print('HEAVY=' + ','.join(heavy))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "HEAVY="
+    assert heavy_imports(["runs", "show", str(run), *(["--json"] if json_out else [])]) == []

@@ -3,6 +3,9 @@ the path)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 
 from nanorl.config import resolve
@@ -64,3 +67,25 @@ def trained_one_step(width: int = 32):
     model(x, x).backward()
     opt.step()
     return cfg, model, opt, x
+
+
+HEAVY = ("torch", "datasets", "wandb", "triton", "numpy", "boto3")
+
+
+def heavy_imports(*argvs: list[str]) -> list[str]:
+    """The heavy libraries (HEAVY) loaded by running these CLI command lines one after another in a fresh
+    interpreter; each must exit 0. Commands that only read or print must load none: the CLI starts in ~0.2 s."""
+    code = (
+        "import sys\n"
+        "from nanorl.cli import main\n"
+        f"for argv in {[list(a) for a in argvs]!r}:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), e.code\n"
+        f"print('HEAVY=' + ','.join(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    return [m for m in line.removeprefix("HEAVY=").split(",") if m]

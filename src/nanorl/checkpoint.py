@@ -23,7 +23,6 @@ after each stage (`nanorl.store.runs`).
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -33,20 +32,13 @@ from typing import Any
 import torch
 
 from nanorl.api import NanorlError
+from nanorl.store import sha256_file
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.safetensors"
 STATE_FILE = "state.json"
 DONE_FILE = "DONE"
 FORMAT = "nanorl-ckpt-1"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,7 +50,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest
 
@@ -68,7 +60,7 @@ def _read_tensors(path: Path, expect_sha: str | None) -> dict[str, torch.Tensor]
 
     if not path.is_file():
         raise NanorlError(f"checkpoint file missing: {path}", hint="the checkpoint is incomplete; delete the folder")
-    if expect_sha is not None and _sha256(path) != expect_sha:
+    if expect_sha is not None and sha256_file(path) != expect_sha:
         raise NanorlError(
             f"checkpoint file {path} is corrupt (its sha256 does not match state.json)",
             hint=f"delete {path.parent} to retrain that stage, or restore it from the store",

@@ -12,11 +12,21 @@ from boto3's usual chain (environment, ~/.aws). Every failure is a `NanorlError`
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
 from nanorl.api import NanorlError
 from nanorl.store.local import LocalStore
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks: what checkpoints record in state.json, and what a pull checks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def open_store(url: str):

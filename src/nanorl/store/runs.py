@@ -22,7 +22,6 @@ loses its `DONE` in the store first, and a final checkpoint's save removes the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nanorl.api import NanorlError
+from nanorl.store import sha256_file
 
 CHECKPOINT_FILES = ("model.safetensors", "optim.safetensors", "state.json")
 TENSOR_FILES = CHECKPOINT_FILES[:2]
@@ -80,14 +80,6 @@ def push_run(
     return sent
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_mismatch(folder: Path) -> str | None:
     """Why the checkpoint in `folder` is not whole (a file its state.json names is missing, or its sha256 is not
     the recorded one), or None when it is whole, or when there is no readable state.json to judge by (loading
@@ -99,7 +91,7 @@ def checkpoint_mismatch(folder: Path) -> str | None:
     for fname, sha in (files or {}).items() if isinstance(files, dict) else ():
         if not (folder / fname).is_file():
             return f"{fname} is missing"
-        if sha and _sha256(folder / fname) != sha:
+        if sha and sha256_file(folder / fname) != sha:
             return f"{fname} is not the file its state.json names (sha256)"
     return None
 
