@@ -242,15 +242,7 @@ def test_rotary_tables_closed_form():  # md04
 
 
 def test_fused_mean_loss_gradient_matches_plain_autograd():  # md07
-    from nanorl.model import GPT
-
-    cfg = resolve(overrides=["model.depth=1", "model.n_embd=32", "model.n_head=1", "model.vocab_size=300"]).model
-    torch.manual_seed(0)
-    m = GPT(cfg)
-    m.init_weights()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    m = tiny_model(depth=1, width=32, heads=1, noise=0.05, dtype=torch.float32)
     x = torch.randint(0, 300, (2, 12))
     y = torch.randint(0, 300, (2, 12))
     y[0, :5] = -1

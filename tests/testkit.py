@@ -39,18 +39,19 @@ SMALL = [
 ]
 
 
-def tiny_model():
-    """A 2-layer GPT in float64, its identity init broken so that every layer matters."""
+def tiny_model(depth: int = 2, width: int = 64, heads: int = 2, noise: float = 0.02, dtype=torch.float64):
+    """A small GPT (vocabulary 300), float64 by default, its identity init broken by `noise` so that every layer
+    matters."""
     from nanorl.model import GPT
 
-    cfg = resolve(overrides=["model.depth=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=300"]).model
+    overrides = [f"model.depth={depth}", f"model.n_embd={width}", f"model.n_head={heads}", "model.vocab_size=300"]
     torch.manual_seed(0)
-    m = GPT(cfg)
+    m = GPT(resolve(overrides=overrides).model)
     m.init_weights()
     with torch.no_grad():
         for p in m.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return m.double()
+            p.add_(noise * torch.randn_like(p))
+    return m.to(dtype)
 
 
 def trained_one_step(width: int = 32):
