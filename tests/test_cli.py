@@ -334,6 +334,26 @@ def test_stage_start_line_prints_a_description_as_it_is_and_steps_in_english(cap
     assert lines == ["tokenizer: a BPE on data/[ab]*.txt", "base: 1 step", "rl: 30 steps"]
 
 
+def test_wandb_sink_logs_each_model_and_mode_of_an_eval_under_its_own_keys():
+    """The eval stage reports the sft and rl models in two modes each: four results whose accuracies must not
+    overwrite one another in wandb's summary."""
+    from nanorl.api import EvalResult
+    from nanorl.builtin.sinks import WandbSink
+
+    logged = []
+    sink = WandbSink()
+    sink.run = type("Run", (), {"log": lambda self, d: logged.append(d)})()  # a started run, without wandb
+    for stage, mode, acc in (("sft", "generative", 0.5), ("rl", "generative", 0.75), ("rl", "categorical", 0.25)):
+        sink.on_eval(EvalResult("arith", "dev", {"accuracy": acc, "model_stage": stage, "mode": mode}))
+    sink.on_eval(EvalResult("plug", "test", {"accuracy": 1.0}))  # a plugin's result without stage or mode
+    assert logged == [
+        {"eval/arith-dev/sft/generative/accuracy": 0.5},
+        {"eval/arith-dev/rl/generative/accuracy": 0.75},
+        {"eval/arith-dev/rl/categorical/accuracy": 0.25},
+        {"eval/plug-test/accuracy": 1.0},
+    ]
+
+
 def test_progress_lines_print_a_plugin_task_name_as_it_is(capsys):
     from nanorl.api import EvalResult, StageInfo
     from nanorl.builtin.sinks import ConsoleSink

@@ -281,22 +281,32 @@ def test_eval_of_the_validation_split_writes_the_dev_file(capsys):
 
 def test_eval_on_its_own_tells_the_telemetry_hooks_as_the_eval_stage_does(monkeypatch, capsys):
     """A plugin's on_eval (one that uploads results, say) hears of `nanorl eval` too, once per mode, and what it
-    returns goes into the run's metrics.jsonl with the evaluation, as in the pipeline's eval stage."""
+    returns goes into the run's metrics.jsonl with the evaluation, as in the pipeline's eval stage. The hooks
+    hear an eval stage start and end around it (the wandb sink opens its run on the start), which metrics.jsonl
+    does not record: the run's own eval stage was not re-run."""
     from nanorl.api import TelemetryHook
     from nanorl.telemetry import Telemetry, read_metrics
 
-    seen = []
+    seen, calls = [], []
 
     class Uploader(TelemetryHook):
         name = "test.uploader"
 
+        def on_stage_start(self, info):
+            calls.append(("start", info.stage, info.run_name, info.config["name"]))
+
         def on_eval(self, result):
             seen.append(result)
+            calls.append(("eval", result.metrics["mode"]))
             return {"uploaded": 1}
+
+        def on_stage_end(self, info, metrics):
+            calls.append(("end", info.stage))
 
     registered = Telemetry._registered_hooks
     monkeypatch.setattr(Telemetry, "_registered_hooks", staticmethod(lambda cfg: [*registered(cfg), Uploader()]))
     _fake_run("hooked")
+    calls.clear()  # (the fake run's own stages)
     args = ("eval", "--checkpoint", "hooked/sft", "--max-examples", "2", "--mode", "both", "--no-compile", "--json")
     code, out, err = _main(capsys, *args)
     assert code == 0, err
@@ -308,7 +318,15 @@ def test_eval_on_its_own_tells_the_telemetry_hooks_as_the_eval_stage_does(monkey
     accuracy = [res["modes"][m]["accuracy"] for m in ("generative", "categorical")]
     assert [r.metrics["accuracy"] for r in seen] == accuracy
     assert "records" not in seen[0].metrics  # the summaries, as the eval stage hands them over
-    evals = [r for r in read_metrics(run_dir("hooked")) if r.get("kind") == "eval"]
+    assert calls == [
+        ("start", "eval", "hooked", "hooked"),
+        ("eval", "generative"),
+        ("eval", "categorical"),
+        ("end", "eval"),
+    ]
+    records = read_metrics(run_dir("hooked"))
+    assert not [r for r in records if r.get("stage") == "eval" and r.get("kind") in ("start", "end")]
+    evals = [r for r in records if r.get("kind") == "eval"]
     assert [(r["stage"], r["metrics"]["accuracy"], r["metrics"]["uploaded"]) for r in evals] == [
         ("eval", accuracy[0], 1),
         ("eval", accuracy[1], 1),

@@ -112,11 +112,14 @@ class Telemetry:
         self._fh.write(json.dumps(rec) + "\n")
 
     # ---- the bus --------------------------------------------------------------------------------------------
-    def stage_start(self, info: StageInfo) -> None:
+    def stage_start(self, info: StageInfo, record: bool = True) -> None:
+        """`record=False`: tell the hooks only. A standalone `nanorl eval` does that: a hook (the wandb sink)
+        starts its run on a stage start, while a "start" record would mark the run's own eval stage as re-run."""
         if not self.enabled:
             return
         extra = self._call("on_stage_start", info)
-        self._write(info.stage, 0, {"total_steps": info.total_steps, **extra}, kind="start")
+        if record:
+            self._write(info.stage, 0, {"total_steps": info.total_steps, **extra}, kind="start")
 
     def log(self, stage: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Log one step's metrics (hooks may add some); returns the merged record."""
@@ -143,11 +146,13 @@ class Telemetry:
         self._write(stage, step, {"task": result.task, "split": result.split, **scalars, **extra}, kind="eval")
         return extra
 
-    def stage_end(self, info: StageInfo, metrics: dict[str, Any]) -> None:
+    def stage_end(self, info: StageInfo, metrics: dict[str, Any], record: bool = True) -> None:
+        """`record=False`: tell the hooks only (see stage_start)."""
         if not self.enabled:
             return
         extra = self._call("on_stage_end", info, metrics)
-        self._write(info.stage, info.total_steps, {**metrics, **extra}, kind="end")
+        if record:
+            self._write(info.stage, info.total_steps, {**metrics, **extra}, kind="end")
 
     def close(self) -> None:
         if self._fh is not None:

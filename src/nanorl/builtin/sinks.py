@@ -202,8 +202,14 @@ class WandbSink(TelemetryHook):
 
     def on_eval(self, result: EvalResult) -> None:
         if self.run is not None:
-            scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-            self.run.log({f"eval/{result.task}-{result.split}/{k}": v for k, v in scalars.items()})
+            # one key per model and mode (eval/arith-dev/rl/generative/accuracy): the eval stage reports each
+            # model stage in each mode, and under one key they would overwrite one another in wandb's summary
+            m = result.metrics
+            prefix = "/".join(
+                str(p) for p in (result.task + "-" + result.split, m.get("model_stage"), m.get("mode")) if p
+            )
+            scalars = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+            self.run.log({f"eval/{prefix}/{k}": v for k, v in scalars.items()})
         return None
 
 

@@ -196,8 +196,12 @@ def register(app: typer.Typer) -> None:
                     shuffle_check(ctx, model, res, shuffle_k, seed=ctx.cfg.seed)
                 res["stage"] = stage_dir.name
                 res["checkpoint"] = str(stage_dir)
-                if kept:  # through the run's metrics bus, as the eval stage's: metrics.jsonl and the hooks' on_eval
+                if kept:  # through the run's metrics bus, as the eval stage's: metrics.jsonl and the hooks' on_eval,
+                    # between a start and an end told to the hooks only (the wandb sink opens its run on the start)
+                    info = ctx.info("eval", 1, f"the {stage_dir.name} model on {split} ({mode})")
+                    ctx.bus.stage_start(info, record=False)
                     publish(ctx, "eval", res)
+                    ctx.bus.stage_end(info, {}, record=False)
             finally:
                 ctx.bus.close()
             if compare_to:
