@@ -613,3 +613,50 @@ def test_accumulated_passes_normalise_the_loss_over_the_whole_step():
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
         for a, p in zip(ref, model.parameters(), strict=True):
             torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_rl_logged_kl_and_clip_fraction_are_their_definitions(monkeypatch):
+    """With rl.ppo_epochs = 2 and beta = 0 (the KL a statistic, due every step): the logged kl is the mean k3 KL
+    over the step's kept tokens of the policy before the step (the first pass, the only one that scores the
+    reference), and clip_frac the share of kept tokens outside [1 - eps, 1 + eps] over the passes after the
+    first (where rho = 1, nothing can be clipped). Both recomputed from what each pass of the update returned."""
+    from nanorl.stages import rl
+    from nanorl.telemetry import Telemetry
+
+    calls, steps = [], []
+    orig_pg, orig_log = rl.policy_gradient, Telemetry.log
+
+    def recording(model, prompts, comps, adv, mask, *a):
+        loss, stats, logp = orig_pg(model, prompts, comps, adv, mask, *a)
+        calls.append((a[-2] is None, float(mask.sum()), {k: float(v) for k, v in stats.items()}))
+        return loss, stats, logp
+
+    def log(self, stage, step, metrics):
+        if stage == "rl":
+            steps.append((dict(metrics), list(calls)))
+            calls.clear()
+        return orig_log(self, stage, step, metrics)
+
+    def reward(example, completion, answer):
+        return float(len(completion) % 2)
+
+    monkeypatch.setattr(rl, "policy_gradient", recording)
+    monkeypatch.setattr(Telemetry, "log", log)
+    monkeypatch.setattr(rl, "resolve_rewards", lambda cfg, task: [(reward, 1.0)])
+    flags = ("rl.ppo_epochs=2", "rl.beta=0", "rl.kl_every=1", "rl.mask_truncated=false", "rl.steps=2",
+             "rl.epsilon=0.02", "eval.max_examples=1")  # fmt: skip
+    run_pipeline(_cfg("klfrac", *flags), only=None)
+    assert len(steps) == 2
+    for metrics, passes in steps:
+        first = [c for c in passes if c[0]]
+        later = [c for c in passes if not c[0]]
+        n = sum(c[1] for c in first)
+        assert n > 0 and sum(c[1] for c in later) == n
+        assert metrics["kl"] == pytest.approx(sum(c[2]["kl"] for c in first) / n, rel=1e-6)
+        assert all("kl" not in c[2] for c in later)  # beta = 0: the reference scores the first pass only
+        assert metrics["clip_frac"] == pytest.approx(sum(c[2]["clipped"] for c in later) / n, rel=1e-6)
+        assert all(c[2]["clipped"] == 0 for c in first)
+    # step 1 starts at the reference (KL 0); step 2's policy has moved, and its second pass clips some tokens
+    assert steps[0][0]["kl"] == 0 and steps[1][0]["kl"] > 0
+    assert steps[1][0]["clip_frac"] > 0
