@@ -8,7 +8,6 @@ import torch
 from nanorl.config import resolve
 from nanorl.optim import Muon, Optimizers, lr_schedule, orthogonalize
 
-
 # Jordan's quintic, as documented (written out here, not read from nanorl.optim)
 QUINTIC = (3.4445, -4.7750, 2.0315)
 
