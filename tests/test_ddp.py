@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
         "base.total_batch_tokens=512",
         "base.eval_every=0", "mid.steps=2", "mid.device_batch_size=2", "sft.steps=2", "sft.device_batch_size=2",
         "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.checkpoint_every=1",
-        "rl.kl_every=0", "rl.dynamic_sampling=true", "rl.max_sample_batches=3", "rl.mask_truncated=false",
+        "rl.kl_every=1", "rl.dynamic_sampling=true", "rl.max_sample_batches=3", "rl.mask_truncated=false",
         "rl.ppo_epochs=2",
         "eval.max_examples=5", "eval.max_new_tokens=8", "eval.mode=both", "telemetry.console=false", "device=cpu",
     ])
@@ -55,12 +55,12 @@ SCRIPT = textwrap.dedent(
     common.Context.save = save
     from nanorl.telemetry import Telemetry
 
-    logged = []  # every rank's logged RL losses (rank 0 alone writes them)
+    logged = []  # every rank's logged RL loss, KL and clip fraction (rank 0 alone writes them)
     orig_log = Telemetry.log
 
     def log(self, stage, step, metrics):
         if stage == "rl":
-            logged.append(metrics["loss"])
+            logged.append([metrics["loss"], metrics["kl"], metrics["clip_frac"]])
         return orig_log(self, stage, step, metrics)
 
     Telemetry.log = log
@@ -106,8 +106,10 @@ def test_two_ranks_stay_in_sync(tmp_path):
     assert r0["digests"] == r1["digests"]
     assert set(r0["digests"]) == {"base:2", "base:4", "mid:2", "sft:2", "rl:1", "rl:2"}
     assert r0["loss"] == r1["loss"]  # the logged loss is the mean over ranks
-    # RL's too (its end-of-stage "loss not finite" check reads it: every rank decides alike)
-    assert r0["rl"] == r1["rl"] and len(r0["rl"]) == 2 and any(r0["rl"]), (r0["rl"], r1["rl"])
+    # RL's too (its end-of-stage "loss not finite" check reads it: every rank decides alike), and its KL and clip
+    # fraction: the step's sums over both ranks / their token count, not one rank's own
+    assert r0["rl"] == r1["rl"] and len(r0["rl"]) == 2, (r0["rl"], r1["rl"])
+    assert any(loss for loss, _, _ in r0["rl"]) and r0["rl"][1][1] > 0, r0["rl"]
     # rank 0 wrote the checkpoint; its metrics say it trained on two ranks' tokens per step
     recs = [json.loads(line) for line in (tmp_path / "home/runs/ddp/metrics.jsonl").read_text().splitlines()]
     end = next(r for r in recs if r["stage"] == "base" and r.get("kind") == "end")

@@ -193,3 +193,65 @@ def test_sampling_under_autocast_casts_each_weight_once(monkeypatch):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     model.train()
     model(torch.tensor([PROMPTS[1]]), torch.tensor([PROMPTS[1][1:] + [0]])).backward()
+
+
+def test_sample_next_top_k_with_temperature_passes_a_chi_square_test():
+    # 30k draws from one logits vector at T = 0.7, top-3: only the 3 largest logits are drawn, with frequencies
+    # matching softmax(top-3 logits / 0.7) computed in float64 here (chi-square, 2 degrees of freedom: 18.4 is the
+    # 1e-4 critical value; the seed is fixed, so the test is deterministic)
+    logits = torch.tensor([[1.0, 2.5, -0.5, 2.0, 0.3, 1.9]])
+    n, T = 30_000, 0.7
+    g = torch.Generator().manual_seed(7)
+    draws = sample_next(logits.repeat(n, 1), T, 3, g)
+    counts = torch.bincount(draws, minlength=6).double()
+    top = [1, 3, 5]
+    assert counts[[0, 2, 4]].sum() == 0
+    p = torch.softmax(logits[0, top].double() / T, -1)
+    chi2 = ((counts[top] - n * p) ** 2 / (n * p)).sum().item()
+    assert chi2 < 18.4, (counts, n * p)
+    # and the test has power: the distribution without the temperature is far outside the bound
+    p1 = torch.softmax(logits[0, top].double(), -1)
+    assert ((counts[top] - n * p1) ** 2 / (n * p1)).sum().item() > 100
+
+
+def test_the_cache_after_a_forced_tool_span_equals_a_fresh_forward(monkeypatch):
+    # Rows write a calculator call at different steps (row r starts at step r), so a tool's output is force-fed
+    # to some rows while others sample. The logits of every step, cached, must equal those of a fresh forward of
+    # the whole sequence (use_cache=False): the forced tokens went into the KV cache at their positions.
+    import nanorl.engine as engine_mod
+
+    tok = ByteTok()
+    ps, pe = tok.special_id("<|python_start|>"), tok.special_id("<|python_end|>")
+    script = [ps, ord("7"), ord("*"), ord("6"), pe]
+    orig = engine_mod.sample_next
+
+    def run(use_cache: bool):
+        seen, step = [], [0]
+
+        def scripted(logits, temperature, top_k, gen):
+            seen.append(logits.clone())
+            out = orig(logits, temperature, top_k, gen)
+            t = step[0]
+            step[0] += 1
+            for r in range(out.size(0)):
+                if 0 <= t - r < len(script):
+                    out[r] = script[t - r]
+            return out
+
+        monkeypatch.setattr(engine_mod, "sample_next", scripted)
+        eng = Engine(_model(), tok, tools={"python": lambda code: str(eval(code))}, dtype=torch.float64)
+        groups = eng.sample(PROMPTS[:2], num_samples=2, max_new_tokens=14, temperature=1.0, seed=5,
+                            use_cache=use_cache)  # fmt: skip
+        return [s for g in groups for s in g], seen
+
+    cached, logits_c = run(True)
+    fresh, logits_f = run(False)
+    assert [s.tokens for s in cached] == [s.tokens for s in fresh]
+    # (the engine sorts prompts longest first: PROMPTS[0] is rows 0-1, PROMPTS[1] rows 2-3)
+    out = [tok.special_id(n) for n in ("<|output_start|>", "<|output_end|>")]
+    for r, s in enumerate(cached):
+        assert s.tokens[r : r + 9] == [*script, out[0], ord("4"), ord("2"), out[1]]
+        assert s.forced[r : r + 9] == [False] * 5 + [True] * 4
+    assert len(logits_c) == len(logits_f) == 14
+    for a, b in zip(logits_c, logits_f, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -286,3 +286,117 @@ def test_update_rows_are_built_on_the_host_and_copied_once(monkeypatch):
     t = to_device([[1, 2], [3, 4]], torch.long, torch.device("cuda", 1))
     assert t.tolist() == [[1, 2], [3, 4]]
     assert calls == ["pin", ("cuda:1", {"non_blocking": True})]
+
+
+def _grpo_reference(logp, old, ref, A, mask, eps, beta):
+    """The module docstring's loss, its gradient d loss / d logp and its statistics, token by token in float64
+    Python, with the gradient derived by hand (not by autograd): the unclipped term -rho*A is the min's when
+    rho*A <= clip(rho)*A, and then its gradient is -rho*A; otherwise the clipped term is, constant in logp
+    (rho is outside the band); the k3 KL's gradient is beta*(1 - exp(ref - logp))."""
+    R, C = len(logp), len(logp[0])
+    N = sum(map(sum, mask))
+    loss, clipped, kl_sum = 0.0, 0, 0.0
+    grad = [[0.0] * C for _ in range(R)]
+    for i in range(R):
+        for t in range(C):
+            if not mask[i][t]:
+                continue
+            rho, a = math.exp(logp[i][t] - old[i][t]), A[i]
+            clip = min(max(rho, 1 - eps), 1 + eps)
+            unclipped_is_min = rho * a <= clip * a
+            loss += -min(rho * a, clip * a)
+            g = -rho * a if unclipped_is_min else 0.0
+            clipped += abs(rho - 1) > eps
+            if ref is not None:
+                d = ref[i][t] - logp[i][t]
+                kl_sum += math.exp(d) - d - 1
+                loss += beta * (math.exp(d) - d - 1)
+                g += beta * (1 - math.exp(d))
+            grad[i][t] = g / N
+    return loss / N, grad, clipped, kl_sum
+
+
+@pytest.mark.parametrize(("with_ref", "beta"), [(False, 0.0), (True, 0.0), (True, 0.04)])
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_grpo_loss_gradient_on_both_sides_of_the_clip(eps, with_ref, beta):
+    # every case of the clipped surrogate: rho above the band with A > 0 (clipped: no gradient) and A < 0 (the
+    # unclipped term is the min: gradient), below it with A > 0 (gradient) and A < 0 (clipped), and inside it;
+    # with the reference and beta = 0 the KL is a statistic only (no gradient)
+    log_rho = [[0.5, -0.5, 0.05, 0.0], [0.5, -0.5, -0.05, 0.2], [0.0, 0.0, 0.0, 0.0]]
+    old = [[-1.0, -2.0, -0.3, -4.0], [-0.7, -1.1, -2.2, -0.9], [-1.5, -0.2, -0.6, -3.0]]
+    logp = [[o + d for o, d in zip(ro, rd, strict=True)] for ro, rd in zip(old, log_rho, strict=True)]
+    ref = [[-1.2, -1.8, -0.3, -3.0], [-0.6, -1.5, -2.0, -1.4], [-1.0, -0.9, -0.6, -2.5]] if with_ref else None
+    A = [1.3, -0.7, 0.0]  # the last row: a zero advantage (it adds only its KL)
+    mask = [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]  # row 0's last token: a tool's, or past the end
+    exp_loss, exp_grad, exp_clipped, exp_kl = _grpo_reference(logp, old, ref, A, mask, eps, beta)
+
+    f64 = dict(dtype=torch.float64)
+    lp = torch.tensor(logp, **f64, requires_grad=True)
+    ref_t = torch.tensor(ref, **f64) if with_ref else None
+    loss, stats = grpo_loss(lp, torch.tensor(old, **f64), torch.tensor(A, **f64), torch.tensor(mask, **f64), eps,
+                            beta, ref_t)  # fmt: skip
+    loss.backward()
+    assert loss.item() == pytest.approx(exp_loss, rel=1e-12, abs=1e-15)
+    torch.testing.assert_close(lp.grad, torch.tensor(exp_grad, **f64), rtol=1e-12, atol=1e-15)
+    assert stats["clipped"].item() == exp_clipped == (4 if eps == 0.3 else 5)
+    if with_ref:
+        assert stats["kl"].item() == pytest.approx(exp_kl, rel=1e-12)
+    else:
+        assert "kl" not in stats
+
+
+@pytest.mark.parametrize(("beta", "later_pass"), [(0.05, False), (0.0, True), (0.05, True)])
+def test_policy_gradient_through_the_model_matches_a_float64_reference(beta, later_pass):
+    # the autograd path of policy_gradient (beta > 0, or a later PPO pass whose old log-probs differ from the
+    # policy's): its loss, statistics and gradients against the formula on the plain model's float64 log-softmax
+    from nanorl.stages.rl import policy_gradient
+
+    model, reference = tiny_model(), tiny_model(noise=0.05)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 3)]
+    comps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (4, 2, 5, 3)]
+    G, C = 2, 5
+    A = torch.tensor([0.9, -0.9, -1.1, 1.1], dtype=torch.float64)
+    mask = torch.zeros(4, C, dtype=torch.float64)
+    for r, c in enumerate(comps):
+        mask[r, : len(c)] = 1.0
+    mask[2, 1] = 0.0  # a tool's token
+    N, eps = float(mask.sum()), 0.2
+
+    def plain_logp(m):
+        out = torch.zeros(4, C, dtype=torch.float64)
+        for r, c in enumerate(comps):
+            seq = torch.tensor([prompts[r // G] + c])
+            logits = m(seq[:, :-1]).double()
+            lp = torch.log_softmax(logits, -1)[0, -len(c) :].gather(1, torch.tensor(c)[:, None]).squeeze(1)
+            out = out.index_put((torch.tensor([r]), torch.arange(len(c))), lp)
+        return out
+
+    with torch.no_grad():
+        ref_lp = plain_logp(reference)
+        # a later pass: the sampling policy was elsewhere, on both sides of the clip band
+        shift = torch.tensor([[0.3, -0.3, 0.1, -0.25, 0.0]] * 4, dtype=torch.float64) if later_pass else 0.0
+        old = plain_logp(model) + shift
+    cpu = torch.device("cpu")
+    loss, stats, _ = policy_gradient(
+        model, prompts, comps, A, mask, N, cpu, torch.float64, eps, beta, old if later_pass else None,
+        (lambda: reference) if beta > 0 else None,
+    )  # fmt: skip
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    lp = plain_logp(model)
+    old_ref = old if later_pass else lp.detach()
+    exp_loss, _, exp_clipped, exp_kl = _grpo_reference(
+        lp.tolist(), old_ref.tolist(), ref_lp.tolist() if beta > 0 else None, A.tolist(), mask.tolist(), eps, beta
+    )
+    ratio = torch.exp(lp - old_ref)  # the reference loss again, with autograd for the model's gradient
+    surrogate = -torch.minimum(ratio * A[:, None], ratio.clamp(1 - eps, 1 + eps) * A[:, None])
+    d = ref_lp - lp
+    ((surrogate + beta * (torch.exp(d) - d - 1)) * mask).sum().div(N).backward()
+    assert loss.item() == pytest.approx(exp_loss, rel=1e-5)
+    assert stats["clipped"].item() == exp_clipped and (exp_clipped > 0) == later_pass
+    if beta > 0:
+        assert stats["kl"].item() == pytest.approx(exp_kl, rel=1e-4) and exp_kl > 0
+    for a, p in zip(got, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)

@@ -579,3 +579,37 @@ def test_attention_entropy_telemetry_averages_the_counted_positions():
     assert [d for d in range(1, 13) if entropy_due(ctx, d, 12)] == [5, 10, 12]
     ctx.rank = 1
     assert not any(entropy_due(ctx, d, 12) for d in range(1, 13))
+
+
+def test_accumulated_passes_normalise_the_loss_over_the_whole_step():
+    """SFT's passes count different numbers of targets (short and long answers): the step's loss is the mean over
+    every counted target of the step, as if its rows went through in one pass, whatever the split into passes.
+    (Averaging each pass's own mean would weight a token of the short pass 20/3 times as much.) The reference:
+    float64 log-softmax of the logits over all rows at once, by autograd."""
+    from types import SimpleNamespace
+
+    from testkit import tiny_model
+
+    from nanorl.stages.common import supervised_step
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 300, (4, 12), generator=g)
+    y = torch.randint(0, 300, (4, 12), generator=g)
+    y[:2, :] = -1  # the first pass (rows 0-1): 3 counted targets, an SFT answer of a few tokens
+    y[0, 9:] = torch.tensor([5, 6, 7])
+    y[3, :2] = -1  # the second pass (rows 2-3): 22
+    ctx = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float64)
+
+    logp = torch.log_softmax(model(x).double(), -1)  # float32 logits, as the model's loss computes them
+    kept = y >= 0
+    ref_loss = -logp[kept].gather(1, y[kept][:, None]).mean()
+    ref_loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    for passes in ([(x, y)], [(x[:2], y[:2]), (x[2:], y[2:])], [(x[i : i + 1], y[i : i + 1]) for i in range(4)]):
+        model.zero_grad()
+        loss, counted = supervised_step(ctx, model, passes)
+        assert int(counted) == 25
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+        for a, p in zip(ref, model.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-8)

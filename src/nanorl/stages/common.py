@@ -484,15 +484,9 @@ def train_supervised(
         t0 = time.time()
         lrf = lr_schedule(step, total_steps, tcfg.warmup_ratio, tcfg.warmdown_ratio, tcfg.final_lr_frac)
         opt.set_lr(lrf)
-        loss_sum = torch.zeros((), device=ctx.device)
-        n_tok_t = torch.zeros((), dtype=torch.long, device=ctx.device)  # read once a step: no sync per pass
-        for _ in range(accum):
-            x, y = next(loader)
-            with autocast(ctx.device, ctx.dtype):
-                loss = model(x, y)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-            n_tok_t += (y >= 0).sum()
+        batches = [next(loader) for _ in range(accum)]  # token ids only: small next to a pass's activations
+        loss_t, n_tok_t = supervised_step(ctx, model, batches)
+        x, y = batches[-1]
         if getattr(loader, "epoch", 0) > epoch:
             epoch = loader.epoch
             if ctx.rank == 0 and step + 1 < total_steps:  # the data ran out: say so (the last step's wrap is noise)
@@ -503,8 +497,8 @@ def train_supervised(
                 )
         sync_grads(opt.params)
         gnorm = opt.step()
-        loss_val = float(all_reduce_mean(loss_sum / accum))
-        n_tok = int(n_tok_t)
+        loss_val = float(loss_t)
+        n_tok = int(n_tok_t)  # read once a step: no sync per pass
         if not math.isfinite(loss_val):
             raise NanorlError(
                 f"{stage}: the loss became {loss_val} at step {step + 1}",
@@ -541,6 +535,28 @@ def train_supervised(
     }
     ctx.bus.stage_end(info, summary)
     return summary
+
+
+def supervised_step(ctx: Context, model, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Forward and backward of one optimizer step's passes (x, y), the gradients accumulated in `model`. Returns
+    (the step's loss, mean over ranks; this rank's counted targets), device tensors: nothing waits for the GPU.
+
+    The loss is the mean over every counted target (y >= 0) of the step, its passes and ranks together: each
+    pass's summed loss is divided by the step's count before its backward. The mean of each pass's own mean
+    would weight a token of a pass with few counted targets (SFT's short answers) more than one of a pass with
+    many, and the gradient would depend on how the rows were split into passes and ranks. (Base counts every
+    target, so there the two agree.) The ranks then average their gradients (`sync_grads`), so the count each
+    divides by is the mean over ranks: the average of the ranks' sums / mean count = the sum / total count."""
+    counted = sum((y >= 0).sum() for _, y in batches)
+    per_rank = all_reduce_mean(counted.to(torch.float64)).clamp_min(1)
+    loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for x, y in batches:
+        with autocast(ctx.device, ctx.dtype):
+            summed, _ = model(x, y, loss_weights=(y >= 0).float())  # the fused loss: no logits kept
+        part = summed / per_rank.to(summed.dtype)
+        part.backward()
+        loss += part.detach()
+    return all_reduce_mean(loss), counted
 
 
 def prepare_loader(loader) -> None:

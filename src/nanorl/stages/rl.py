@@ -511,7 +511,8 @@ def run(ctx: Context) -> dict[str, Any]:
                 old.setdefault(ci, logp)
                 sums["loss"] += float(loss)
                 sums["clipped"] += float(st["clipped"])
-                sums["kl"] += float(st.get("kl", 0.0))
+                if epoch == 0:  # the KL of the policy that sampled (with beta > 0 later passes score it too)
+                    sums["kl"] += float(st.get("kl", 0.0))
             if n_tokens == 0:
                 # no token to learn from on any rank: no step (a zero gradient would still move the weights
                 # through the optimizers' momentum)
@@ -522,7 +523,10 @@ def run(ctx: Context) -> dict[str, Any]:
 
         done = step + 1
         lens = [len(s.tokens) for s in every.samples]
-        denom = max(n_tokens, 1.0) * rcfg.ppo_epochs
+        # n_tokens is the mean over ranks of their kept tokens, so the mean over ranks of these ratios (below) is
+        # the step's sum over every rank / its total count. The first pass clips nothing (rho = 1): the clip
+        # fraction counts the passes after it.
+        n = max(n_tokens, 1.0)
         last = {
             # over everything sampled this step
             "reward": float(every.rewards.mean()),
@@ -533,16 +537,17 @@ def run(ctx: Context) -> dict[str, Any]:
             "signal_groups": float((~zero_var).sum()),  # the groups the update learnt from (rewards that differ)
             "sample_batches": len(sampled),
             "loss": sums["loss"] / rcfg.ppo_epochs,
-            "clip_frac": sums["clipped"] / denom,
+            "clip_frac": sums["clipped"] / (n * (rcfg.ppo_epochs - 1)) if rcfg.ppo_epochs > 1 else 0.0,
             "grad_norm": gnorm,
             "sample_s": t_sample,
             "train_s": t_train,
             "tok_per_s": sum(lens) / max(time.time() - t0, 1e-9),
         }
+        means = ["reward", "acc", "completion_len", "truncated_frac", "zero_var_frac", "signal_groups", "clip_frac"]
         if need_ref or rcfg.beta > 0:
-            last["kl"] = sums["kl"] / denom
+            last["kl"] = sums["kl"] / n
+            means.append("kl")
         # every rank's: one all-reduce for the means over ranks, and the total of signal groups
-        means = ("reward", "acc", "completion_len", "truncated_frac", "zero_var_frac", "signal_groups")
         avg = all_reduce_mean(torch.tensor([float(last[k]) for k in means], device=ctx.device)).tolist()
         last.update(zip(means, avg, strict=True))
         last["signal_groups"] *= ctx.world_size
