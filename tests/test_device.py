@@ -233,3 +233,16 @@ def test_the_group_is_left_at_exit_only_when_the_run_finished(one_rank_group, mo
     monkeypatch.delattr(sys, "last_value")
     devmod._leave_group()
     assert not dist.is_initialized()
+
+
+def test_exact_sums_are_float64_but_float32_on_mps():
+    """Token counts and validation nats are summed in float64, except on MPS, which has no float64 at all
+    (a float64 tensor there raises, so the validation pass and the SFT step would fail on a Mac)."""
+    import torch
+
+    from nanorl.device import exact_dtype
+
+    assert exact_dtype(torch.device("cpu")) == torch.float64
+    assert exact_dtype(torch.device("cuda", 0)) == torch.float64
+    assert exact_dtype(torch.device("mps")) == torch.float32
+    assert torch.tensor(float(2**24 - 1), dtype=exact_dtype(torch.device("mps"))).item() == 2**24 - 1

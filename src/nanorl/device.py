@@ -255,6 +255,12 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of a running sum that must stay exact (token counts, a validation pass's nats): float64, but
+    float32 on MPS, which has no float64 (float32 counts integers exactly below 2^24)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _reduce_floats(values: list[float], op: str) -> list[float]:
     """Element-wise max or min of `values` over ranks (float64, exact for integers below 2^53)."""
     if not is_distributed():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nanorl.device import all_reduce_mean, autocast
+from nanorl.device import all_reduce_mean, autocast, exact_dtype
 from nanorl.stages.common import Context, micro_batch, prepare_loader, train_supervised
 
 # batches of validation (per rank) behind each val_bpb figure: ~40k tokens at the tiny shape, enough for a
@@ -120,15 +120,15 @@ def _val_fn(ctx: Context, B: int, T: int):
             shuffle=False,
         )  # fmt: skip
         prepare_loader(loader)  # a rank whose share of a small dev corpus has no row raises with every other rank
-        nats = torch.zeros((), device=ctx.device, dtype=torch.float64)
-        nbytes = torch.zeros((), device=ctx.device, dtype=torch.float64)
+        nats = torch.zeros((), device=ctx.device, dtype=exact_dtype(ctx.device))
+        nbytes = torch.zeros((), device=ctx.device, dtype=exact_dtype(ctx.device))
         for _ in range(VAL_BATCHES):
             x, y = next(loader)
             with autocast(ctx.device, ctx.dtype):
                 loss = model(x, y, loss_reduction="none").float()
             b = tbytes[y]
-            nats += (loss * (b > 0)).sum().double()
-            nbytes += b.sum().double()
+            nats += (loss * (b > 0)).sum().to(nats.dtype)
+            nbytes += b.sum().to(nbytes.dtype)
             if loader.epoch > 0:  # a small dev corpus: one pass is all there is
                 break
         nats, nbytes = all_reduce_mean(nats), all_reduce_mean(nbytes)

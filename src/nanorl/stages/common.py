@@ -26,7 +26,14 @@ import torch
 from nanorl import checkpoint as ckpt
 from nanorl.api import Example, NanorlError, StageInfo, Task
 from nanorl.config import MODEL_STAGES, RunConfig, config_hash
-from nanorl.device import all_reduce_mean, autocast, check_training_dtype, is_distributed, raise_together
+from nanorl.device import (
+    all_reduce_mean,
+    autocast,
+    check_training_dtype,
+    exact_dtype,
+    is_distributed,
+    raise_together,
+)
 from nanorl.optim import Optimizers, lr_schedule
 from nanorl.telemetry import Telemetry
 
@@ -423,8 +430,8 @@ def attention_entropy(ctx: Context, model, idx: torch.Tensor, counted: torch.Ten
             _, ent = raw(idx, logits="none", return_entropy=True)  # (L, B, H, T), float32
     finally:
         raw.train(was_training)
-    ent = ent.double()
-    mask = counted.to(ent.device, torch.float64)[None, :, None, :]  # (1, B, 1, T)
+    ent = ent.to("cpu", torch.float64)  # a few numbers: summed on the CPU, exactly (MPS has no float64)
+    mask = counted.to("cpu", torch.float64)[None, :, None, :]  # (1, B, 1, T)
     n = mask.sum() * ent.size(2)
     if n == 0:
         return {}
@@ -548,8 +555,8 @@ def supervised_step(ctx: Context, model, batches: list[tuple[torch.Tensor, torch
     target, so there the two agree.) The ranks then average their gradients (`sync_grads`), so the count each
     divides by is the mean over ranks: the average of the ranks' sums / mean count = the sum / total count."""
     counted = sum((y >= 0).sum() for _, y in batches)
-    per_rank = all_reduce_mean(counted.to(torch.float64)).clamp_min(1)
-    loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    per_rank = all_reduce_mean(counted.to(exact_dtype(ctx.device))).clamp_min(1)
+    loss = torch.zeros((), dtype=exact_dtype(ctx.device), device=ctx.device)
     for x, y in batches:
         with autocast(ctx.device, ctx.dtype):
             summed, _ = model(x, y, loss_weights=(y >= 0).float())  # the fused loss: no logits kept
