@@ -127,6 +127,7 @@ def test_explicit_width_beats_the_depth_rule():
         ("rl.rewards=aqua.correct", "name:weight pairs"),
         ("optim.adam_beta2=1.0", "must be < 1"),
         ("eval.splits=dev,bogus", "eval.splits"),
+        ("sft.warmup_ratio=0.1", "sft.warmup_ratio=0.1 and sft.warmdown_ratio=1.0 add up to more than 1"),
     ],
 )
 def test_validation_names_the_bad_key_and_value(override, message):

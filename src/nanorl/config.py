@@ -603,6 +603,15 @@ def validate(cfg: RunConfig) -> None:
             hint=_heads_hint(m),
             exit_code=2,
         )
+    for stage in (f.name for f in fields(cfg) if isinstance(getattr(cfg, f.name), TrainConfig)):
+        t = getattr(cfg, stage)
+        if t.warmup_ratio + t.warmdown_ratio > 1:  # the factor would drop from 1 to the warmdown's middle at once
+            raise NanorlError(
+                f"{stage}.warmup_ratio={t.warmup_ratio} and {stage}.warmdown_ratio={t.warmdown_ratio} add up to more"
+                " than 1: the warmup would run into the warmdown",
+                hint="lower one of them so that the two add up to at most 1",
+                exit_code=2,
+            )
     check_run_name(cfg.name)
     for split in cfg.eval.splits:
         if split not in ("train", "dev", "validation", "test"):
