@@ -158,3 +158,50 @@ def test_an_error_on_one_rank_stops_both(tmp_path):
     # rank 1 raised its own error; rank 0, whose shard was fine, raised with it before any training step
     assert "[rank1]: nanorl.api.NanorlError: the corpus is too small" in proc.stderr, proc.stderr[-3000:]
     assert "[rank0]: nanorl.api.NanorlError: rank 1: the corpus is too small" in proc.stderr, proc.stderr[-3000:]
+
+
+LATER_EPOCH = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    from nanorl.config import resolve
+    from nanorl.data import loader
+    from nanorl.device import barrier
+    from nanorl.stages.runner import run_pipeline
+
+    out = Path(sys.argv[1])
+    # two long documents (several rows each) and two short ones (together less than a row). With seed 14 the
+    # shuffle deals rank 1 one long document in pass 1, only the short ones in passes 2 to 4, a long one in pass 5
+    doc = out / "four.txt"
+    if os.environ["RANK"] == "0":
+        long_doc = " ".join(f"{i} + {i} = {2 * i}." for i in range(40))
+        doc.write_text("\\n\\n".join([long_doc, long_doc.replace("+", "-"), "1 + 1 = 2.", "2 + 2 = 4."]))
+    overrides = [
+        "seed=14", "model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=64",
+        "tokenizer.train_chars=50000", "base.steps=8", "base.device_batch_size=2", "base.eval_every=0",
+        "telemetry.console=false", "device=cpu",
+    ]
+    run_pipeline(resolve(preset="tiny", overrides=["name=a", *overrides]), only="tokenizer")
+    barrier()
+    res = run_pipeline(resolve(preset="tiny", overrides=["name=a", *overrides, f"data.corpus={doc}"]), only="base")
+    (out / f"trained{os.environ['RANK']}.json").write_text(json.dumps(res["base"]["loss"]))
+    # a share that stays empty for MAX_EMPTY_EPOCHS passes is an error: on both ranks, at the same step
+    loader.MAX_EMPTY_EPOCHS = 2
+    run_pipeline(resolve(preset="tiny", overrides=["name=a", *overrides, f"data.corpus={doc}"]), from_stage="base")
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_rank_whose_share_empties_in_a_later_pass(tmp_path):
+    proc = _torchrun(tmp_path, LATER_EPOCH, timeout=120)
+    # rank 1 had no row in passes 2 to 4: it went on to pass 5, and both ranks trained the 8 steps
+    trained = [tmp_path / f"trained{r}.json" for r in (0, 1)]
+    assert all(p.exists() for p in trained), proc.stderr[-3000:]
+    assert trained[0].read_text() == trained[1].read_text()
+    # with at most 2 empty passes in a row, rank 1 fails mid-training, and rank 0 stops with it (not waiting for
+    # it in the gradients' all-reduce)
+    assert proc.returncode != 0
+    err = "the corpus is too small: not one row of 65 tokens for rank 1 of 2 in 2 passes in a row"
+    assert f"[rank1]: nanorl.api.NanorlError: {err}" in proc.stderr, proc.stderr[-3000:]
+    assert f"[rank0]: nanorl.api.NanorlError: rank 1: {err}" in proc.stderr, proc.stderr[-3000:]

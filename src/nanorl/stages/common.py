@@ -217,17 +217,24 @@ def broadcast_params(model) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def sync_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients over ranks (one all-reduce of a flat buffer); a no-op in a single process."""
+def sync_grads(params: list[torch.nn.Parameter], failed: bool = False) -> bool:
+    """Average the gradients over ranks (one all-reduce of a flat buffer); a no-op in a single process.
+
+    `failed`: this rank met an error while making its gradients. The flag travels in the same buffer, and the
+    return value says whether any rank failed, the same on every rank: they all stop together (the caller
+    raises with `raise_together`) instead of the healthy ones waiting for the failed one in their next
+    collective until the process group's timeout."""
     if not is_distributed():
-        return
+        return failed
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+    flag = torch.full((1,), float(failed), dtype=grads[0].dtype, device=grads[0].device)
+    flat = all_reduce_mean(torch.cat([*(g.reshape(-1) for g in grads), flag]))
     offset = 0
     for p, g in zip(params, grads, strict=False):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
+    return bool(flat[-1] > 0)
 
 
 # ---- conversations as training rows (mid and sft) ----------------------------------------------------------
@@ -486,13 +493,17 @@ def train_supervised(
         opt.set_lr(lrf)
         loss_sum = torch.zeros((), device=ctx.device)
         n_tok_t = torch.zeros((), dtype=torch.long, device=ctx.device)  # read once a step: no sync per pass
-        for _ in range(accum):
-            x, y = next(loader)
-            with autocast(ctx.device, ctx.dtype):
-                loss = model(x, y)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-            n_tok_t += (y >= 0).sum()
+        err = None
+        try:
+            for _ in range(accum):
+                x, y = next(loader)
+                with autocast(ctx.device, ctx.dtype):
+                    loss = model(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+                n_tok_t += (y >= 0).sum()
+        except Exception as e:  # noqa: BLE001 - raised again just below, on every rank (a rank's OOM, its data)
+            err = e
         if getattr(loader, "epoch", 0) > epoch:
             epoch = loader.epoch
             if ctx.rank == 0 and step + 1 < total_steps:  # the data ran out: say so (the last step's wrap is noise)
@@ -501,7 +512,8 @@ def train_supervised(
                     f" {total_steps}[/]",
                     highlight=False,
                 )
-        sync_grads(opt.params)
+        if sync_grads(opt.params, failed=err is not None):
+            raise_together(err)
         gnorm = opt.step()
         loss_val = float(all_reduce_mean(loss_sum / accum))
         n_tok = int(n_tok_t)
