@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,7 +95,17 @@ def _torchrun(tmp_path, code: str, timeout: int) -> subprocess.CompletedProcess:
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
         str(script), str(tmp_path),
     ]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # its own process group: a run that hangs is stopped whole (torchrun and both ranks), not left running
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.slow
@@ -205,3 +216,60 @@ def test_a_rank_whose_share_empties_in_a_later_pass(tmp_path):
     err = "the corpus is too small: not one row of 65 tokens for rank 1 of 2 in 2 passes in a row"
     assert f"[rank1]: nanorl.api.NanorlError: {err}" in proc.stderr, proc.stderr[-3000:]
     assert f"[rank0]: nanorl.api.NanorlError: rank 1: {err}" in proc.stderr, proc.stderr[-3000:]
+
+
+NODE_DISKS = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    from nanorl import checkpoint as ckpt
+    from nanorl.api import NanorlError
+    from nanorl.config import resolve
+    from nanorl.stages.runner import run_pipeline
+
+    out, rank = Path(sys.argv[1]), os.environ["RANK"]
+    cfg = resolve(preset="tiny", overrides=[
+        "name=disks", "model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=64",
+        "tokenizer.train_chars=50000", "base.steps=1", "base.device_batch_size=2", "mid.steps=1",
+        "telemetry.console=false", "device=cpu",
+    ])
+    errors = {}
+    # two "machines" whose run folders are not shared: each rank has its own NANORL_HOME
+    os.environ["NANORL_HOME"] = str(out / f"home{rank}")
+    try:
+        run_pipeline(cfg)
+    except NanorlError as e:
+        errors["unshared"] = e.message
+    # a shared folder, and a checkpoint that rank 1 alone cannot read (its node's copy is bad)
+    os.environ["NANORL_HOME"] = str(out / "home")
+    run_pipeline(cfg, only="tokenizer")
+    run_pipeline(cfg, only="base")
+    if rank == "1":
+        def unreadable(directory, *a, **k):
+            raise NanorlError(f"{directory}: model.safetensors is truncated")
+        ckpt.load = unreadable
+    try:
+        run_pipeline(cfg, only="mid")
+    except NanorlError as e:
+        errors["load"] = e.message
+    (out / f"errors{rank}.json").write_text(json.dumps(errors))
+    import torch.distributed as dist
+    dist.destroy_process_group()  # the runs ended in errors, which leave the group to the process's end
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_node_without_the_run_folder_stops_every_rank(tmp_path):
+    proc = _torchrun(tmp_path, NODE_DISKS, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [json.loads((tmp_path / f"errors{r}.json").read_text()) for r in (0, 1)]
+    # before anything is trained, both ranks stop with one error naming the rank that does not see the folder
+    host = socket.gethostname()
+    runs = tmp_path / "home0/runs"
+    expected = f"rank 1 (on {host}) does not see the runs folder that rank 0 (on {host}) writes, {runs}"
+    assert all(e["unshared"].startswith(expected) for e in errors), errors
+    assert not (tmp_path / "home0/runs/disks").exists()  # nothing was written
+    # rank 1 fails to load the base checkpoint mid starts from; rank 0 stops with it, before any collective
+    bad = f"{tmp_path / 'home/runs/disks/base'}: model.safetensors is truncated"
+    assert errors[1]["load"] == bad and errors[0]["load"] == f"rank 1: {bad}", errors

@@ -26,7 +26,15 @@ import torch
 from nanorl import checkpoint as ckpt
 from nanorl.api import Example, NanorlError, StageInfo, Task
 from nanorl.config import MODEL_STAGES, RunConfig, config_hash
-from nanorl.device import all_reduce_mean, autocast, check_training_dtype, is_distributed, raise_together
+from nanorl.device import (
+    all_reduce_mean,
+    any_rank,
+    autocast,
+    check_training_dtype,
+    is_distributed,
+    raise_together,
+    together,
+)
 from nanorl.optim import Optimizers, lr_schedule
 from nanorl.telemetry import Telemetry
 
@@ -470,8 +478,10 @@ def train_supervised(
     check_training_dtype(ctx.dtype, stage)
     opt = Optimizers(model, ctx.cfg.optim, lr_mult=tcfg.lr)
     start = 0
-    if ckpt.has_checkpoint(sdir):  # an interrupted run: continue exactly where the last checkpoint left off
-        state = ctx.load_checkpoint(sdir, model, opt, restore_rng=True)
+    # an interrupted run: continue exactly where the last checkpoint left off. Decided together: a rank that does
+    # not see the checkpoint (a node whose disk the run folder is not on) fails in the load, and every rank with it
+    if any_rank(ckpt.has_checkpoint(sdir)):
+        state = together(ctx.load_checkpoint, sdir, model, opt, restore_rng=True)
         start = int(state["step"])
         if state.get("loader") is not None:
             ls = state["loader"]
@@ -558,15 +568,8 @@ def train_supervised(
 def prepare_loader(loader) -> None:
     """Have the loader build its first batch's data now (`prepare`, when it has one), every rank together: a rank
     whose shard holds no data (PackedLoader: a corpus too small for a row on this rank) raises, and every other
-    rank raises with it (nanorl.device.raise_together) instead of waiting for it in the first collective."""
-    err = None
-    prepare = getattr(loader, "prepare", None)
-    if prepare is not None:
-        try:
-            prepare()
-        except NanorlError as e:
-            err = e
-    raise_together(err)
+    rank raises with it (nanorl.device.together) instead of waiting for it in the first collective."""
+    together(getattr(loader, "prepare", lambda: None))
 
 
 def _loader_state(ctx: Context, loader) -> Any:

@@ -40,7 +40,7 @@ import torch
 from nanorl import checkpoint as ckpt
 from nanorl.api import EvalResult, Example, NanorlError
 from nanorl.config import MODEL_STAGES
-from nanorl.device import all_gather_objects, autocast
+from nanorl.device import all_gather_objects, autocast, together
 from nanorl.stages.common import Context
 
 ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (nanorl.multichoice)
@@ -290,7 +290,7 @@ def run(ctx: Context) -> dict[str, Any]:
     for split in ecfg.splits:
         results = {}
         for stage in stages:
-            model = ctx.load_model(stage)
+            model = together(ctx.load_model, stage)
             res = evaluate(ctx, model, split, ecfg.mode, ecfg.max_examples, seed=ctx.cfg.seed)
             res["stage"] = stage
             res["checkpoint"] = str(ctx.stage_dir(stage))
