@@ -15,6 +15,17 @@ import textwrap
 
 import pytest
 
+SYNC_OVERRIDES = [
+    "name=ddp", "model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=64",
+    "tokenizer.train_chars=50000", "base.steps=4", "base.device_batch_size=2", "base.checkpoint_every=2",
+    "base.total_batch_tokens=512",
+    "base.eval_every=0", "mid.steps=2", "mid.device_batch_size=2", "sft.steps=2", "sft.device_batch_size=2",
+    "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.checkpoint_every=1",
+    "rl.kl_every=2", "rl.dynamic_sampling=true", "rl.max_sample_batches=3", "rl.mask_truncated=false",
+    "rl.ppo_epochs=2", "eval.max_examples=5", "eval.batch_size=2", "eval.max_new_tokens=8", "eval.mode=both",
+    "telemetry.console=false", "device=cpu",
+]  # fmt: skip
+
 SCRIPT = textwrap.dedent(
     """
     import hashlib, json, os, sys
@@ -25,16 +36,7 @@ SCRIPT = textwrap.dedent(
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
-    cfg = resolve(preset="tiny", overrides=[
-        "name=ddp", "model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=64",
-        "tokenizer.train_chars=50000", "base.steps=4", "base.device_batch_size=2", "base.checkpoint_every=2",
-        "base.total_batch_tokens=512",
-        "base.eval_every=0", "mid.steps=2", "mid.device_batch_size=2", "sft.steps=2", "sft.device_batch_size=2",
-        "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.checkpoint_every=1",
-        "rl.kl_every=0", "rl.dynamic_sampling=true", "rl.max_sample_batches=3", "rl.mask_truncated=false",
-        "rl.ppo_epochs=2",
-        "eval.max_examples=5", "eval.max_new_tokens=8", "eval.mode=both", "telemetry.console=false", "device=cpu",
-    ])
+    cfg = resolve(preset="tiny", overrides=__OVERRIDES__)
     from nanorl.stages import rl
 
     def reward(example, completion, answer):
@@ -56,12 +58,12 @@ SCRIPT = textwrap.dedent(
     common.Context.save = save
     from nanorl.telemetry import Telemetry
 
-    logged = []  # every rank's logged RL losses (rank 0 alone writes them)
+    logged = []  # every rank's logged RL loss, clipped share and KL (rank 0 alone writes them)
     orig_log = Telemetry.log
 
     def log(self, stage, step, metrics):
         if stage == "rl":
-            logged.append(metrics["loss"])
+            logged.append({k: metrics.get(k) for k in ("loss", "clip_frac", "kl")})
         return orig_log(self, stage, step, metrics)
 
     Telemetry.log = log
@@ -80,7 +82,7 @@ SCRIPT = textwrap.dedent(
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump({"digests": seen, "loss": res["base"]["loss"], "rl": logged, "asked": asked}, fh)
     """
-)
+).replace("__OVERRIDES__", repr(SYNC_OVERRIDES))
 
 
 def _torchrun(tmp_path, code: str, timeout: int) -> subprocess.CompletedProcess:
@@ -109,7 +111,7 @@ def _torchrun(tmp_path, code: str, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_two_ranks_stay_in_sync(tmp_path):
+def test_two_ranks_stay_in_sync(tmp_path, monkeypatch):
     proc = _torchrun(tmp_path, SCRIPT, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -117,25 +119,43 @@ def test_two_ranks_stay_in_sync(tmp_path):
     assert r0["digests"] == r1["digests"]
     assert set(r0["digests"]) == {"base:2", "base:4", "mid:2", "sft:2", "rl:1", "rl:2"}
     assert r0["loss"] == r1["loss"]  # the logged loss is the mean over ranks
-    # RL's too (its end-of-stage "loss not finite" check reads it: every rank decides alike)
-    assert r0["rl"] == r1["rl"] and len(r0["rl"]) == 2 and any(r0["rl"]), (r0["rl"], r1["rl"])
+    # RL's too (its end-of-stage "loss not finite" check reads it: every rank decides alike), and the clipped
+    # share and the KL (step 2) are over both ranks' tokens, not rank 0's
+    assert r0["rl"] == r1["rl"] and len(r0["rl"]) == 2 and any(m["loss"] for m in r0["rl"]), (r0["rl"], r1["rl"])
+    assert r0["rl"][0]["kl"] is None and r0["rl"][1]["kl"] > 0, r0["rl"]
     # rank 0 wrote the checkpoint; its metrics say it trained on two ranks' tokens per step
     recs = [json.loads(line) for line in (tmp_path / "home/runs/ddp/metrics.jsonl").read_text().splitlines()]
     end = next(r for r in recs if r["stage"] == "base" and r.get("kind") == "end")
     # 512 tokens a step: 2 ranks x 2 passes x 2 rows x 64 tokens (gradient accumulation within each rank)
     assert end["metrics"]["tokens_per_step"] == 512
 
-    # eval: each rank answered every other question (greedy, sampled and categorical, for RL's model and SFT's),
-    # and rank 0 wrote every question's records, in order
+    # eval: the ranks took every other batch of 2 questions (greedy, sampled and categorical, for RL's model and
+    # SFT's), and rank 0 wrote every question's records, in order
     ids = [f"arith-dev-{i}" for i in range(5)]
     assert sorted(r0["asked"] + r1["asked"]) == sorted(ids * 6)
-    assert set(r0["asked"]) == set(ids[0::2]) and set(r1["asked"]) == set(ids[1::2])
-    res = json.loads((tmp_path / "home/runs/ddp/eval/arith-dev.json").read_text())
+    assert set(r0["asked"]) == {ids[0], ids[1], ids[4]} and set(r1["asked"]) == {ids[2], ids[3]}
+    evals = tmp_path / "home/runs/ddp/eval"
+    res = json.loads((evals / "arith-dev.json").read_text())
     assert [r["id"] for r in res["modes"]["generative"]["records"]] == ids
     assert [r["id"] for r in res["modes"]["categorical"]["records"]] == ids
     assert [(r["id"], r["sample"]) for r in res["modes"]["sampled"]["records"]] == [
         (i, j) for i in ids for j in range(4)
     ]
+    # and the same evaluation in one process writes the same files: the same batches at the same seeds
+    two_ranks = {f.name: _without_seconds(json.loads(f.read_text())) for f in sorted(evals.glob("*.json"))}
+    monkeypatch.setenv("NANORL_HOME", str(tmp_path / "home"))
+    from nanorl.config import resolve
+    from nanorl.stages.runner import run_pipeline
+
+    run_pipeline(resolve(preset="tiny", overrides=SYNC_OVERRIDES), only="eval")
+    one = {f.name: _without_seconds(json.loads(f.read_text())) for f in sorted(evals.glob("*.json"))}
+    assert set(one) == {"arith-dev.json", "arith-dev-sft.json"}
+    assert one == two_ranks
+
+
+def _without_seconds(result: dict) -> dict:
+    """An eval file without its timings."""
+    return {**result, "modes": {m: {k: v for k, v in s.items() if k != "seconds"} for m, s in result["modes"].items()}}
 
 
 FAILING = textwrap.dedent(

@@ -548,8 +548,13 @@ def run(ctx: Context) -> dict[str, Any]:
         avg = all_reduce_mean(torch.tensor([float(last[k]) for k in means], device=ctx.device)).tolist()
         last.update(zip(means, avg, strict=True))
         last["signal_groups"] *= ctx.world_size
-        if is_distributed():  # the loss logged (and checked at the end) is the mean over ranks, the same on each
-            last["loss"] = float(all_reduce_mean(torch.tensor(last["loss"], dtype=torch.float64, device=ctx.device)))
+        if is_distributed():
+            # the loss logged (and checked at the end), the clipped share and the KL: each rank's sum over its
+            # tokens divided by the mean count over ranks, so their mean over ranks is the step's sum over every
+            # rank's tokens divided by their count, the same on each rank
+            summed = [k for k in ("loss", "clip_frac", "kl") if k in last]
+            reduced = all_reduce_mean(torch.tensor([last[k] for k in summed], dtype=torch.float64, device=ctx.device))
+            last.update(zip(summed, reduced.tolist(), strict=True))
         if rcfg.kl_every and done % rcfg.kl_every == 0:
             # the hooks see the step's first batch as sampled: the policy's rollouts, not a selection of them
             ro = sampled[0]
