@@ -16,8 +16,8 @@
   returns (rank, local_rank, world_size); otherwise (0, 0, 1) and no process group. The group is left
   (destroy_process_group) at exit when the run finished (`dist_finished`), not after an error, where leaving
   would wait on the other ranks.
-- `raise_together(err)` and `any_rank`/`max_over_ranks`: decisions every rank takes together, so that an error
-  met on one rank stops every rank instead of leaving the others waiting in their next collective.
+- `raise_together(err)`, `together(fn)` and `any_rank`/`max_over_ranks`: decisions every rank takes together, so
+  that an error met on one rank stops every rank instead of leaving the others waiting in their next collective.
 """
 
 from __future__ import annotations
@@ -309,6 +309,19 @@ def raise_together(err: BaseException | None) -> None:
         rank, (kind, message, hint) = failed[0]
         what = message if kind == "NanorlError" else f"{kind}: {message}"
         raise NanorlError(f"rank {rank}: {what}", hint=hint)
+
+
+def together(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` with the ranks deciding together (a collective: every rank calls it): an exception on
+    any rank raises on every rank (`raise_together`), so a rank that cannot read a file on its node (a checkpoint,
+    the tokenizer) stops the others instead of leaving them waiting in their next collective."""
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - raised again, on every rank
+        raise_together(e)
+        raise
+    raise_together(None)
+    return out
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -15,7 +15,9 @@ How rows are made (deterministic for a seed):
    after another document, without its own beginning in view, as in plain concatenation. No padding, so every
    target is a real token.
 4. A batch is the next batch_size rows; x = row[:-1], y = row[1:]. After the last block the next epoch starts,
-   with a new shuffle. The next block is tokenized and packed on a background thread while the current one is
+   with a new shuffle. In a small corpus a rank's share of a later epoch may give no row (only short
+   documents dealt to it): that rank goes on to the next epoch, `MAX_EMPTY_EPOCHS` such epochs in a row are an
+   error. The next block is tokenized and packed on a background thread while the current one is
    consumed (tiktoken releases the GIL), so the training loop rarely waits on it.
 
 The state is (epoch, block, row within the block): a few integers. Resuming re-reads the corpus up to that block
@@ -39,6 +41,8 @@ from nanorl.data.corpus import Corpus
 # Documents per rank per block: large enough that best-fit finds good fits and the shuffle mixes well, small
 # enough that a block tokenizes in well under a second (2048 FineWeb documents ~ 2M tokens).
 BLOCK_DOCS = 2048
+# Passes in a row that may give a rank no row (a small corpus, reshuffled each pass) before it is an error
+MAX_EMPTY_EPOCHS = 10
 
 
 class PackedLoader:
@@ -81,6 +85,7 @@ class PackedLoader:
         self._docs: Iterator[str] | None = None  # the corpus pass, positioned at block `_docs_block`
         self._docs_block = 0
         self._epoch_rows = 0  # rows produced so far in this epoch (an epoch with none: corpus too small)
+        self._empty_epochs = 0  # passes in a row, up to the last one ended, that gave this rank no row
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[tuple[int, int], Future] | None = None  # the block being built in the background
 
@@ -184,10 +189,18 @@ class PackedLoader:
             built = (ahead[1] if ahead else self._submit(*key)).result()
             self._ahead = None
             if built is None:  # end of the corpus: next epoch
-                if self._epoch_rows == 0 and self.block > 0:
+                self._empty_epochs = self._empty_epochs + 1 if self._epoch_rows == 0 else 0
+                # The first pass must give this rank a row (`prepare` checks it before training). A later pass
+                # may not, when the corpus is small: its shuffle can deal this rank only documents shorter than
+                # a row. The rank then takes the next pass, as the others go on with theirs; only a share that
+                # stays empty pass after pass is an error (met on this rank alone: the training loop makes
+                # every rank raise it together).
+                if self._empty_epochs and (self.epoch == 0 or self._empty_epochs >= MAX_EMPTY_EPOCHS):
+                    passes = f" in {self._empty_epochs} passes in a row" if self.epoch else ""
                     raise NanorlError(
-                        f"the corpus is too small: not one row of {self.seq_len + 1} tokens for rank {self.rank}",
-                        hint="use a longer corpus or a shorter model.seq_len",
+                        f"the corpus is too small: not one row of {self.seq_len + 1} tokens for rank {self.rank} of"
+                        f" {self.world_size}{passes}",
+                        hint="use a longer corpus, a shorter model.seq_len or fewer processes",
                     )
                 self.epoch, self.block, self.row, self._epoch_rows = self.epoch + 1, 0, 0, 0
                 continue
@@ -271,3 +284,4 @@ class PackedLoader:
         self.epoch, self.block, self.row = int(state["epoch"]), int(state["block"]), int(state["row"])
         # rows already came out of this epoch before the save when the position is past its start
         self._rows, self._docs, self._epoch_rows = None, None, self.block + self.row
+        self._empty_epochs = 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nanorl.device import all_reduce_mean, autocast, exact_dtype
+from nanorl.device import all_reduce_mean, autocast, exact_dtype, together
 from nanorl.stages.common import Context, micro_batch, prepare_loader, train_supervised
 
 # batches of validation (per rank) behind each val_bpb figure: ~40k tokens at the tiny shape, enough for a
@@ -96,7 +96,7 @@ def run(ctx: Context) -> dict[str, Any]:
     if ctx.rank == 0:
         announce_passes(ctx, corpus, tok, steps * B * T * accum * ctx.world_size)
     val_fn = _val_fn(ctx, B, T)
-    model = ctx.previous_model("base")
+    model = together(ctx.previous_model, "base")
     return train_supervised(ctx, "base", model, loader, steps, tcfg, val_fn=val_fn, accum=accum)
 
 

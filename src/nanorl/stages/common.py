@@ -28,11 +28,13 @@ from nanorl.api import Example, NanorlError, StageInfo, Task
 from nanorl.config import MODEL_STAGES, RunConfig, config_hash
 from nanorl.device import (
     all_reduce_mean,
+    any_rank,
     autocast,
     check_training_dtype,
     exact_dtype,
     is_distributed,
     raise_together,
+    together,
 )
 from nanorl.optim import Optimizers, lr_schedule
 from nanorl.telemetry import Telemetry
@@ -224,17 +226,24 @@ def broadcast_params(model) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def sync_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients over ranks (one all-reduce of a flat buffer); a no-op in a single process."""
+def sync_grads(params: list[torch.nn.Parameter], failed: bool = False) -> bool:
+    """Average the gradients over ranks (one all-reduce of a flat buffer); a no-op in a single process.
+
+    `failed`: this rank met an error while making its gradients. The flag travels in the same buffer, and the
+    return value says whether any rank failed, the same on every rank: they all stop together (the caller
+    raises with `raise_together`) instead of the healthy ones waiting for the failed one in their next
+    collective until the process group's timeout."""
     if not is_distributed():
-        return
+        return failed
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+    flag = torch.full((1,), float(failed), dtype=grads[0].dtype, device=grads[0].device)
+    flat = all_reduce_mean(torch.cat([*(g.reshape(-1) for g in grads), flag]))
     offset = 0
     for p, g in zip(params, grads, strict=False):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
+    return bool(flat[-1] > 0)
 
 
 # ---- conversations as training rows (mid and sft) ----------------------------------------------------------
@@ -470,8 +479,10 @@ def train_supervised(
     check_training_dtype(ctx.dtype, stage)
     opt = Optimizers(model, ctx.cfg.optim, lr_mult=tcfg.lr)
     start = 0
-    if ckpt.has_checkpoint(sdir):  # an interrupted run: continue exactly where the last checkpoint left off
-        state = ctx.load_checkpoint(sdir, model, opt, restore_rng=True)
+    # an interrupted run: continue exactly where the last checkpoint left off. Decided together: a rank that does
+    # not see the checkpoint (a node whose disk the run folder is not on) fails in the load, and every rank with it
+    if any_rank(ckpt.has_checkpoint(sdir)):
+        state = together(ctx.load_checkpoint, sdir, model, opt, restore_rng=True)
         start = int(state["step"])
         if state.get("loader") is not None:
             ls = state["loader"]
@@ -491,9 +502,18 @@ def train_supervised(
         t0 = time.time()
         lrf = lr_schedule(step, total_steps, tcfg.warmup_ratio, tcfg.warmdown_ratio, tcfg.final_lr_frac)
         opt.set_lr(lrf)
-        batches = [next(loader) for _ in range(accum)]  # token ids only: small next to a pass's activations
-        loss_t, n_tok_t = supervised_step(ctx, model, batches)
-        x, y = batches[-1]
+        # an error on one rank (its data, a pass's out-of-memory) is raised on every rank together, at the
+        # gradients' all-reduce: raised at once, it would leave the other ranks waiting in a collective
+        err = None
+        batches = []
+        try:
+            batches = [next(loader) for _ in range(accum)]  # token ids only: small next to a pass's activations
+        except Exception as e:  # noqa: BLE001 - raised again just below, on every rank
+            err = e
+        try:
+            loss_t, n_tok_t = supervised_step(ctx, model, batches)  # its one collective comes first: always reached
+        except Exception as e:  # noqa: BLE001 - as above
+            err = err or e
         if getattr(loader, "epoch", 0) > epoch:
             epoch = loader.epoch
             if ctx.rank == 0 and step + 1 < total_steps:  # the data ran out: say so (the last step's wrap is noise)
@@ -502,9 +522,11 @@ def train_supervised(
                     f" {total_steps}[/]",
                     highlight=False,
                 )
-        sync_grads(opt.params)
+        if sync_grads(opt.params, failed=err is not None):
+            raise_together(err)
+        x, y = batches[-1]  # the step's last rows: the attention entropy's
         gnorm = opt.step()
-        loss_val = float(loss_t)
+        loss_val = float(all_reduce_mean(loss_t))
         n_tok = int(n_tok_t)  # read once a step: no sync per pass
         if not math.isfinite(loss_val):
             raise NanorlError(
@@ -546,7 +568,10 @@ def train_supervised(
 
 def supervised_step(ctx: Context, model, batches: list[tuple[torch.Tensor, torch.Tensor]]):
     """Forward and backward of one optimizer step's passes (x, y), the gradients accumulated in `model`. Returns
-    (the step's loss, mean over ranks; this rank's counted targets), device tensors: nothing waits for the GPU.
+    (this rank's share of the step's loss: `all_reduce_mean` of it is the step's; this rank's counted targets),
+    device tensors: nothing waits for the GPU. Its one collective (the count) comes before any pass, so a rank
+    whose data failed (no batches) still reaches it, and a pass that fails leaves the ranks at the same point:
+    the caller raises the error on every rank at the gradients' all-reduce.
 
     The loss is the mean over every counted target (y >= 0) of the step, its passes and ranks together: each
     pass's summed loss is divided by the step's count before its backward. The mean of each pass's own mean
@@ -554,7 +579,7 @@ def supervised_step(ctx: Context, model, batches: list[tuple[torch.Tensor, torch
     many, and the gradient would depend on how the rows were split into passes and ranks. (Base counts every
     target, so there the two agree.) The ranks then average their gradients (`sync_grads`), so the count each
     divides by is the mean over ranks: the average of the ranks' sums / mean count = the sum / total count."""
-    counted = sum((y >= 0).sum() for _, y in batches)
+    counted = sum(((y >= 0).sum() for _, y in batches), torch.zeros((), dtype=torch.long, device=ctx.device))
     per_rank = all_reduce_mean(counted.to(exact_dtype(ctx.device))).clamp_min(1)
     loss = torch.zeros((), dtype=exact_dtype(ctx.device), device=ctx.device)
     for x, y in batches:
@@ -563,21 +588,14 @@ def supervised_step(ctx: Context, model, batches: list[tuple[torch.Tensor, torch
         part = summed / per_rank.to(summed.dtype)
         part.backward()
         loss += part.detach()
-    return all_reduce_mean(loss), counted
+    return loss, counted
 
 
 def prepare_loader(loader) -> None:
     """Have the loader build its first batch's data now (`prepare`, when it has one), every rank together: a rank
     whose shard holds no data (PackedLoader: a corpus too small for a row on this rank) raises, and every other
-    rank raises with it (nanorl.device.raise_together) instead of waiting for it in the first collective."""
-    err = None
-    prepare = getattr(loader, "prepare", None)
-    if prepare is not None:
-        try:
-            prepare()
-        except NanorlError as e:
-            err = e
-    raise_together(err)
+    rank raises with it (nanorl.device.together) instead of waiting for it in the first collective."""
+    together(getattr(loader, "prepare", lambda: None))
 
 
 def _loader_state(ctx: Context, loader) -> Any:

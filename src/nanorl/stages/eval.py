@@ -22,8 +22,9 @@ The stage evaluates the run's final model (`eval/<task>-<split>.json`) and, when
 (`eval/<task>-<split>-sft.json`); the final file then holds the paired comparison of the two per mode
 (`nanorl.multichoice.compare`: McNemar's test, or the sign test over questions for `sampled`).
 
-Under torchrun every rank answers every world_size-th question and every rank gets all the records
-(`sharded_records`), so N GPUs evaluate in ~1/N of the time; rank 0 writes the files.
+Under torchrun the ranks share the questions in batches of eval.batch_size and every rank gets all the records
+(`sharded_records`), so N GPUs evaluate in ~1/N of the time (with at least N batches) and the records equal a
+single process's; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from nanorl import checkpoint as ckpt
 from nanorl.api import EvalResult, Example, NanorlError
 from nanorl.config import MODEL_STAGES
-from nanorl.device import all_gather_objects, autocast
+from nanorl.device import all_gather_objects, autocast, together
 from nanorl.stages.common import Context
 
 ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (nanorl.multichoice)
@@ -173,18 +174,18 @@ def summary(records: list[dict[str, Any]], multiple_choice: bool, sampled: bool 
     return out
 
 
-# Rank r samples its questions with seeds offset by r times this (more than the offsets within a rank), so that
-# no two ranks draw the same random stream
-RANK_SEED_STRIDE = 10_000_019
-
-
 def sharded_records(ctx: Context, examples: list[Example], make) -> list[dict[str, Any]]:
-    """The records of `make(examples, seed_offset)` over all the examples: each rank makes those of every
-    world_size-th question (at its seed offset), and every rank gets all of them back, in the questions' order
-    (a question's records consecutive, as `make` returns them)."""
+    """The records of `make(examples, seed_offset)` over all the examples, every rank getting all of them back in
+    the questions' order (a question's records consecutive, as `make` returns them).
+
+    Under torchrun the questions go out in batches of eval.batch_size, batch k to rank k mod world_size, each made
+    at the offset of its first question: the batches, their seeds and so their records are those of a single
+    process (which makes batch k at that seed), and an evaluation does not depend on the number of ranks."""
     if ctx.world_size == 1:
         return make(examples, 0)
-    parts = all_gather_objects(make(examples[ctx.rank :: ctx.world_size], RANK_SEED_STRIDE * ctx.rank))
+    bs = ctx.cfg.eval.batch_size
+    mine = range(ctx.rank * bs, len(examples), ctx.world_size * bs)
+    parts = all_gather_objects([r for start in mine for r in make(examples[start : start + bs], start)])
     by_id: dict[str, list[dict[str, Any]]] = {}
     for part in parts:
         for r in part:
@@ -290,7 +291,7 @@ def run(ctx: Context) -> dict[str, Any]:
     for split in ecfg.splits:
         results = {}
         for stage in stages:
-            model = ctx.load_model(stage)
+            model = together(ctx.load_model, stage)
             res = evaluate(ctx, model, split, ecfg.mode, ecfg.max_examples, seed=ctx.cfg.seed)
             res["stage"] = stage
             res["checkpoint"] = str(ctx.stage_dir(stage))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nanorl.api import NanorlError
+from nanorl.device import together
 from nanorl.stages.common import Context, ConversationLoader, micro_batch, render_examples, train_supervised
 
 
@@ -54,5 +55,5 @@ def run(ctx: Context) -> dict[str, Any]:
         avg = sum(len(ids) for ids, _ in rendered) / len(rendered)
         per_row = max(1, int((T + 1) // avg))
         steps = max(1, math.ceil(len(rendered) / (per_row * B * accum * ctx.world_size)))
-    model = ctx.previous_model("mid")
+    model = together(ctx.previous_model, "mid")
     return train_supervised(ctx, "mid", model, loader, steps, tcfg, accum=accum)

@@ -45,11 +45,13 @@ import torch
 from nanorl.api import Example, NanorlError, Reward, RolloutBatch
 from nanorl.device import (
     all_reduce_mean,
+    any_rank,
     autocast,
     check_training_dtype,
     is_distributed,
     max_over_ranks,
     min_over_ranks,
+    together,
 )
 from nanorl.optim import Optimizers
 from nanorl.stages.common import (
@@ -426,12 +428,12 @@ def run(ctx: Context) -> dict[str, Any]:
     steps = rcfg.steps if rcfg.steps >= 0 else max(1, len(train) // (P * ctx.world_size))
     sdir = ctx.stage_dir("rl")
 
-    model = ctx.previous_model("rl")
+    model = together(ctx.previous_model, "rl")
     optim_cfg = dataclasses.replace(cfg.optim, matrix_lr=cfg.optim.matrix_lr * rcfg.matrix_lr_scale)
     opt = Optimizers(model, optim_cfg, lr_mult=rcfg.lr)
     start = batches = 0  # batches: prompt batches sampled so far, the position in the prompt stream
-    if ckpt.has_checkpoint(sdir):
-        state = ctx.load_checkpoint(sdir, model, opt, restore_rng=True)
+    if any_rank(ckpt.has_checkpoint(sdir)):  # decided together: a rank that lacks it fails in the load, with all
+        state = together(ctx.load_checkpoint, sdir, model, opt, restore_rng=True)
         start = int(state["step"])
         batches = int(state.get("batches", start))
     ref_holder: dict[str, Any] = {}

@@ -258,6 +258,54 @@ def check_store(cfg: RunConfig) -> None:
         )
 
 
+def check_shared_runs(cfg: RunConfig) -> None:
+    """Under torchrun, that every rank sees the runs folder rank 0 writes (`$NANORL_HOME/runs`): rank 0 alone
+    writes the tokenizer, checkpoints and DONE markers, and every rank reads them. On one machine it always
+    does; a run on several needs that folder on a disk they share, and a node that does not see it would fail
+    (or skip, or resume) alone. Rank 0 writes a probe file with a fresh token there, the others look for it: a
+    rank that does not find it stops every rank with one error naming its machine. A no-op in one process."""
+    from nanorl.device import all_gather_objects, is_distributed
+
+    if not is_distributed():
+        return
+    import secrets
+    import socket
+
+    import torch.distributed as dist
+
+    runs = run_dir(cfg.name).parent
+    token = all_gather_objects(secrets.token_hex(8))[0]  # rank 0's, on every rank
+    probe = runs / f".shared-{token}"
+    failed = None
+    if dist.get_rank() == 0:
+        try:
+            runs.mkdir(parents=True, exist_ok=True)
+            probe.write_text(token)
+        except OSError as e:
+            failed = f"{runs} cannot be written ({e.strerror or e})"
+    failed = all_gather_objects(failed)[0]  # a barrier too: the probe is written before any rank looks
+    if failed is not None:
+        raise NanorlError(f"rank 0: {failed}", hint="set NANORL_HOME to a folder this user can write")
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    seen_by = all_gather_objects((seen, socket.gethostname(), str(runs)))  # a barrier too: every rank looked
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, (ok, host, _) in enumerate(seen_by) if not ok]
+    if blind:
+        rank, host = blind[0]
+        _, host0, runs0 = seen_by[0]
+        raise NanorlError(
+            f"rank {rank} (on {host}) does not see the runs folder that rank 0 (on {host0}) writes, {runs0}:"
+            " a run on several machines needs it on a disk they all share",
+            hint="set NANORL_HOME on every machine to a folder on a shared filesystem (NFS, a cluster disk);"
+            " docs/training.md, 'Several machines'",
+            exit_code=2,
+        )
+
+
 def warn_if_sized_for_a_gpu(ctx: Context) -> None:
     """A depth >= 8 model with the default (GPU-sized) steps on the CPU: say so (a user may mean it)."""
     cfg = ctx.cfg
@@ -294,7 +342,7 @@ def run_pipeline(
     console=None,
 ) -> dict[str, Any]:
     """Run the pipeline (or part of it); returns {stage: summary or "skipped"}."""
-    from nanorl.device import barrier, dist_finished
+    from nanorl.device import barrier, dist_finished, dist_setup, resolve_device, together
 
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in STAGES:
@@ -311,7 +359,6 @@ def run_pipeline(
             raise NanorlError(f"--steps {stage}={n}: only base, mid, sft and rl have steps", exit_code=2)
         section.steps = int(n)
     validate(cfg)  # the steps above included: nothing invalid reaches run.toml
-    old = check_run_config(cfg)
     if only:
         todo = [only] + (["report"] if only == "eval" else [])  # the report shows the new evaluation
     elif from_stage:
@@ -319,8 +366,18 @@ def run_pipeline(
     else:
         todo = list(STAGES)
     fresh = {only} if only else set(todo) if from_stage else set()
-    to_run = stages_to_run(run_dir(cfg.name), todo, fresh)
-    task, data = preflight(cfg, to_run, init_from)
+    # Under torchrun the ranks join their process group first, so that what they read from disk before the
+    # stages (run.toml, DONE markers, the task's data, the store) is checked together: a rank that fails alone
+    # would leave the others waiting for it (in a run on several machines, until the group's timeout).
+    dist_setup(resolve_device(cfg.device))
+    check_shared_runs(cfg)
+
+    def check() -> tuple[RunConfig | None, list[str], Task, dict[str, list[Example]]]:
+        old = check_run_config(cfg)
+        to_run = stages_to_run(run_dir(cfg.name), todo, fresh)
+        return (old, to_run, *preflight(cfg, to_run, init_from))
+
+    old, to_run, task, data = together(check)
     dist_finished(False)  # until the stages below finish, an exit (an error) does not wait on the other ranks
     ctx = make_context(cfg, stop_after, init_from, console, task=task)
     ctx._data_cache.update(data)

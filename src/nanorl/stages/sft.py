@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from nanorl.device import all_reduce_mean, autocast
+from nanorl.device import all_reduce_mean, autocast, together
 from nanorl.stages.common import Context, ConversationLoader, micro_batch, render_examples, train_supervised
 
 
@@ -43,5 +43,5 @@ def run(ctx: Context) -> dict[str, Any]:
             count += (y >= 0).sum()
         return {"val_loss": float(all_reduce_mean(total / count.clamp_min(1)))}
 
-    model = ctx.previous_model("sft")
+    model = together(ctx.previous_model, "sft")
     return train_supervised(ctx, "sft", model, loader, steps, tcfg, val_fn=val if dev else None, accum=accum)
