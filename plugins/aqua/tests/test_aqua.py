@@ -84,6 +84,20 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path):
     assert "skipped 5 of 7 rows" in message and "line 5:" in message
 
 
+def test_an_empty_option_or_a_second_right_option_is_skipped(tmp_path):
+    rows = [
+        _row(options=["A)32400", "B)6000", "C) ", "D)60000", "E)9"]),  # 1: an empty option
+        _row(options=["A)32400", "B) 9", "C)600", "D)60000", "E)9"]),  # 2: B reads as the correct E
+        _row(options=["A)Rs 7925", "B)6000", "C)600", "D)rs  7925", "E)9"]),  # 3: twins, neither correct: kept
+        ROW,  # 4
+    ]
+    _write_lines(tmp_path / "dev.json", rows)
+    with pytest.warns(BadRowsWarning, match="skipped 2 of 4 rows"):
+        examples = load_split("dev", tmp_path)
+    assert [e.meta["line"] for e in examples] == [3, 4]
+    assert examples.bad_rows == [(1, "option C is empty"), (2, "option B reads as the correct option E ('9')")]
+
+
 def test_no_valid_row_is_an_error(tmp_path):
     _write_lines(tmp_path / "dev.json", [_row(correct="Q"), _row(options=[])])
     with pytest.raises(NanorlError, match="no valid AQuA row.*line 1"):
