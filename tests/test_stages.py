@@ -579,3 +579,36 @@ def test_attention_entropy_telemetry_averages_the_counted_positions():
     assert [d for d in range(1, 13) if entropy_due(ctx, d, 12)] == [5, 10, 12]
     ctx.rank = 1
     assert not any(entropy_due(ctx, d, 12) for d in range(1, 13))
+
+
+def test_sft_says_how_many_examples_its_seq_len_cuts():
+    """A target longer than model.seq_len loses its end, the answer line: the stage says how many, and the rows
+    it trains on are cut to seq_len + 1 as before."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from nanorl.api import Example
+    from nanorl.stages.common import render_examples
+    from nanorl.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["question answer words " * 20], vocab_size=300)
+    task = SimpleNamespace(
+        prompt=lambda ex: [{"role": "user", "content": ex.question}],
+        target=lambda ex: "words " * int(ex.answer) + "\nFinal Answer: A",
+    )
+    out = io.StringIO()
+    bus = SimpleNamespace(console=Console(file=out, width=300))
+    ctx = SimpleNamespace(tokenizer=lambda: tok, task=task, bus=bus, rank=0)
+    examples = [Example(id=str(n), question="question", answer=str(n)) for n in (2, 60, 3, 90)]
+    full = [len(tok.render_conversation([*task.prompt(e), {"role": "assistant", "content": task.target(e)}])[0])
+            for e in examples]  # fmt: skip
+    seq_len = 40
+    assert [n > seq_len + 1 for n in full] == [False, True, False, True]
+    rows = render_examples(ctx, examples, seq_len, "sft")
+    assert [len(ids) for ids, _ in rows] == [min(n, seq_len + 1) for n in full]
+    assert f"sft: 2 of 4 examples are longer than model.seq_len=40 tokens (the longest {max(full)})" in out.getvalue()
+    out.truncate(0)
+    render_examples(ctx, examples[::2], seq_len, "sft")  # none cut: nothing said
+    assert out.getvalue() == ""
