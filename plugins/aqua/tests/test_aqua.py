@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -113,6 +114,10 @@ def test_missing_data_errors(tmp_path):
     with pytest.raises(NanorlError) as e:
         load_split("holdout", tmp_path)
     assert e.value.exit_code == 2
+    (tmp_path / "dev.json").write_bytes(gzip.compress(json.dumps(ROW).encode()))  # a compressed download
+    with pytest.raises(NanorlError, match="cannot read .*dev.json") as e:
+        load_split("dev", tmp_path)
+    assert "UTF-8" in e.value.hint and "JSON lines" in e.value.hint
 
 
 def test_offline_without_data_says_how_to_get_it():
