@@ -175,6 +175,33 @@ def test_registration():
     assert "aqua.letters" in plugins.registry["telemetry"]
 
 
+@pytest.mark.parametrize(
+    "completion, total",
+    [
+        ("so\nFinal Answer: C", 1.1),  # right and well-formed: the answer and the format bonus
+        ("so\nFinal Answer: C\n\n", 1.1),
+        ("so\nFinal Answer: B", 0.1),  # wrong but well-formed: the bonus alone
+        ("so\nFinal Answer: C.", 1.0),  # a malformed answer line is still read, but earns no bonus
+        ("so\nFinal Answer: (C)", 1.0),
+        ("so\nfinal answer: C", 1.0),
+        ("so\nFinal Answer:  C", 1.0),
+        ("Final Answer: C\nbecause 3 * 200 = 600", 1.0),  # not the last line
+        ("so the answer is C", 1.0),
+        ("so\nFinal Answer: F", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_the_default_reward_pays_the_format_bonus_only_for_a_well_formed_last_line(completion, total):
+    from nanorl.plugins import Plugins
+
+    plugins = Plugins()
+    task = plugins.task("aqua")
+    ex = Example(id="x", question="q", answer="C", options=ROW["options"])
+    answer = task.extract(completion)
+    got = sum(w * plugins.reward(n).fn(ex, completion, answer) for n, w in task.default_rewards.items())
+    assert got == pytest.approx(total, abs=1e-12)
+
+
 @pytest.mark.skipif(not DEV.is_file(), reason="../shared/data/aqua/dev.json is absent")
 def test_dev_gold_rationale_extraction():
     """The figure in docs/aqua.md: the letter read from each gold rationale of the dev split."""
