@@ -612,3 +612,48 @@ def test_sft_says_how_many_examples_its_seq_len_cuts():
     out.truncate(0)
     render_examples(ctx, examples[::2], seq_len, "sft")  # none cut: nothing said
     assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_categorical_eval_reads_the_letter_where_the_model_writes_it(joined):
+    """The letter of "Final Answer: C" is read at the position the model writes it: after ":" when the BPE
+    joins the space to the letter (" C"), after ": " when it does not (a byte-level vocabulary); read right
+    after ":" there, it would be the logits of the space's position."""
+    from types import SimpleNamespace
+
+    from nanorl.api import Example
+    from nanorl.multichoice import mc_conversation
+    from nanorl.stages.eval import categorical_records
+    from nanorl.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+
+    text = "\n".join(f"Final Answer: {x}" for x in "ABCDE") if joined else "xyz qqq"
+    tok = train_tokenizer([text] * 20, vocab_size=300 if joined else MIN_VOCAB_SIZE)
+    assert (len(tok.encode(" C")) == 1) is joined
+    line = tok.encode("Final Answer: C")
+
+    class AnswerLineModel:
+        """Writes the next token of "Final Answer: C" after any prefix of it; a distractor logit on A."""
+
+        def eval(self):
+            return self
+
+        def __call__(self, x, logits="last"):
+            out = torch.zeros(x.size(0), 1, tok.vocab_size)
+            for r, row in enumerate(x.tolist()):
+                out[r, 0, tok.encode("A")[0]] = out[r, 0, tok.encode(" A")[-1]] = 1.0
+                j = next(j for j in range(len(line) - 1, 0, -1) if row[-j:] == line[:j])
+                out[r, 0, line[j]] = 5.0
+            return out
+
+    task = SimpleNamespace(
+        prompt=lambda ex: mc_conversation(ex.question, ex.options),
+        choices=lambda ex: list("ABCDE"),
+        is_correct=lambda ex, answer: answer == ex.answer,
+    )
+    ctx = SimpleNamespace(
+        task=task, tokenizer=lambda: tok, device=torch.device("cpu"), dtype=torch.float32,
+        cfg=SimpleNamespace(eval=SimpleNamespace(batch_size=4)),
+    )  # fmt: skip
+    examples = [Example(id=str(i), question=f"q{i}", answer="C", options=list("12345")) for i in range(3)]
+    records = categorical_records(ctx, AnswerLineModel(), examples)
+    assert [r["pred"] for r in records] == ["C", "C", "C"]
