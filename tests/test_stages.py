@@ -613,3 +613,81 @@ def test_accumulated_passes_normalise_the_loss_over_the_whole_step():
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
         for a, p in zip(ref, model.parameters(), strict=True):
             torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-8)
+
+
+def test_sft_says_how_many_examples_its_seq_len_cuts():
+    """A target longer than model.seq_len loses its end, the answer line: the stage says how many, and the rows
+    it trains on are cut to seq_len + 1 as before."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from nanorl.api import Example
+    from nanorl.stages.common import render_examples
+    from nanorl.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["question answer words " * 20], vocab_size=300)
+    task = SimpleNamespace(
+        prompt=lambda ex: [{"role": "user", "content": ex.question}],
+        target=lambda ex: "words " * int(ex.answer) + "\nFinal Answer: A",
+    )
+    out = io.StringIO()
+    bus = SimpleNamespace(console=Console(file=out, width=300))
+    ctx = SimpleNamespace(tokenizer=lambda: tok, task=task, bus=bus, rank=0)
+    examples = [Example(id=str(n), question="question", answer=str(n)) for n in (2, 60, 3, 90)]
+    full = [len(tok.render_conversation([*task.prompt(e), {"role": "assistant", "content": task.target(e)}])[0])
+            for e in examples]  # fmt: skip
+    seq_len = 40
+    assert [n > seq_len + 1 for n in full] == [False, True, False, True]
+    rows = render_examples(ctx, examples, seq_len, "sft")
+    assert [len(ids) for ids, _ in rows] == [min(n, seq_len + 1) for n in full]
+    assert f"sft: 2 of 4 examples are longer than model.seq_len=40 tokens (the longest {max(full)})" in out.getvalue()
+    out.truncate(0)
+    render_examples(ctx, examples[::2], seq_len, "sft")  # none cut: nothing said
+    assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_categorical_eval_reads_the_letter_where_the_model_writes_it(joined):
+    """The letter of "Final Answer: C" is read at the position the model writes it: after ":" when the BPE
+    joins the space to the letter (" C"), after ": " when it does not (a byte-level vocabulary); read right
+    after ":" there, it would be the logits of the space's position."""
+    from types import SimpleNamespace
+
+    from nanorl.api import Example
+    from nanorl.multichoice import mc_conversation
+    from nanorl.stages.eval import categorical_records
+    from nanorl.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+
+    text = "\n".join(f"Final Answer: {x}" for x in "ABCDE") if joined else "xyz qqq"
+    tok = train_tokenizer([text] * 20, vocab_size=300 if joined else MIN_VOCAB_SIZE)
+    assert (len(tok.encode(" C")) == 1) is joined
+    line = tok.encode("Final Answer: C")
+
+    class AnswerLineModel:
+        """Writes the next token of "Final Answer: C" after any prefix of it; a distractor logit on A."""
+
+        def eval(self):
+            return self
+
+        def __call__(self, x, logits="last"):
+            out = torch.zeros(x.size(0), 1, tok.vocab_size)
+            for r, row in enumerate(x.tolist()):
+                out[r, 0, tok.encode("A")[0]] = out[r, 0, tok.encode(" A")[-1]] = 1.0
+                j = next(j for j in range(len(line) - 1, 0, -1) if row[-j:] == line[:j])
+                out[r, 0, line[j]] = 5.0
+            return out
+
+    task = SimpleNamespace(
+        prompt=lambda ex: mc_conversation(ex.question, ex.options),
+        choices=lambda ex: list("ABCDE"),
+        is_correct=lambda ex, answer: answer == ex.answer,
+    )
+    ctx = SimpleNamespace(
+        task=task, tokenizer=lambda: tok, device=torch.device("cpu"), dtype=torch.float32,
+        cfg=SimpleNamespace(eval=SimpleNamespace(batch_size=4)),
+    )  # fmt: skip
+    examples = [Example(id=str(i), question=f"q{i}", answer="C", options=list("12345")) for i in range(3)]
+    records = categorical_records(ctx, AnswerLineModel(), examples)
+    assert [r["pred"] for r in records] == ["C", "C", "C"]

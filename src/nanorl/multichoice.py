@@ -542,6 +542,21 @@ def position_bias(
 # Letter telemetry for RL
 
 
+def letter_tokens(encode: Callable[[str], list[int]], letters: Sequence[str]) -> tuple[list[int], str]:
+    """Where a model writes the letter of "Final Answer: C": the letters' tokens, and what must end the context
+    before them after "Final Answer:". In a GPT-style BPE the space joins the letter (":" then " C"), so the
+    letters are " A".." E" and nothing more is needed; otherwise they are bare and the context must end with
+    the space (": "), or the letter would be read at the space's position. ValueError when the letters are
+    not single tokens either way. The categorical evaluation and `LetterTelemetry` both read letters so."""
+    spaced = [encode(" " + x) for x in letters]
+    if all(len(ids) == 1 for ids in spaced):
+        return [ids[0] for ids in spaced], ""
+    bare = [encode(x) for x in letters]
+    if not all(len(ids) == 1 for ids in bare):
+        raise ValueError(f"the answer letters {''.join(letters)} are not single tokens of this tokenizer")
+    return [ids[0] for ids in bare], " "
+
+
 class LetterTelemetry(TelemetryHook):
     """RL telemetry over the answer letter, for any five-way multiple-choice task (docs/aqua.md).
 
@@ -615,13 +630,7 @@ class LetterTelemetry(TelemetryHook):
 
     def letter_ids(self, scorer: Scorer) -> tuple[list[int], str]:
         """The letter candidate tokens and the text that must end the context before them."""
-        spaced = [scorer.encode(" " + x) for x in self.letters]
-        if all(len(ids) == 1 for ids in spaced):
-            return [ids[0] for ids in spaced], ""
-        bare = [scorer.encode(x) for x in self.letters]
-        if not all(len(ids) == 1 for ids in bare):
-            raise ValueError("the answer letters are not single tokens in this tokenizer")
-        return [ids[0] for ids in bare], " "
+        return letter_tokens(scorer.encode, self.letters)
 
     def letter_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         cands, pad = self.letter_ids(batch.scorer)

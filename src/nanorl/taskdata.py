@@ -21,6 +21,8 @@ from nanorl.api import Example, NanorlError
 
 # the file suffixes a data directory may use, in the order they are looked for
 SUFFIXES = (".json", ".jsonl", ".parquet")
+# what a data file may hold, for the hints of the errors that read one
+FORMATS = "JSON lines (one object a line), one JSON array, or a .parquet file"
 # bad rows named in the warning; the rest are counted
 SHOWN_BAD_ROWS = 20
 # the variables that keep the Hugging Face libraries off the network, and the values they read as true
@@ -70,8 +72,8 @@ def read_rows(path: Path) -> list[tuple[int, Any]]:
         return list(enumerate(table.to_pylist(), start=1))
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise NanorlError(f"cannot read {path}: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:  # a compressed download, a UTF-16 export
+        raise NanorlError(f"cannot read {path}: {e}", hint=f"a data file is UTF-8 text: {FORMATS}") from e
     if text.lstrip().startswith("["):  # a JSON array rather than JSON lines
         try:
             return list(enumerate(json.loads(text), start=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -84,6 +85,20 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path):
     assert "skipped 5 of 7 rows" in message and "line 5:" in message
 
 
+def test_an_empty_option_or_a_second_right_option_is_skipped(tmp_path):
+    rows = [
+        _row(options=["A)32400", "B)6000", "C) ", "D)60000", "E)9"]),  # 1: an empty option
+        _row(options=["A)32400", "B) 9", "C)600", "D)60000", "E)9"]),  # 2: B reads as the correct E
+        _row(options=["A)Rs 7925", "B)6000", "C)600", "D)rs  7925", "E)9"]),  # 3: twins, neither correct: kept
+        ROW,  # 4
+    ]
+    _write_lines(tmp_path / "dev.json", rows)
+    with pytest.warns(BadRowsWarning, match="skipped 2 of 4 rows"):
+        examples = load_split("dev", tmp_path)
+    assert [e.meta["line"] for e in examples] == [3, 4]
+    assert examples.bad_rows == [(1, "option C is empty"), (2, "option B reads as the correct option E ('9')")]
+
+
 def test_no_valid_row_is_an_error(tmp_path):
     _write_lines(tmp_path / "dev.json", [_row(correct="Q"), _row(options=[])])
     with pytest.raises(NanorlError, match="no valid AQuA row.*line 1"):
@@ -99,6 +114,10 @@ def test_missing_data_errors(tmp_path):
     with pytest.raises(NanorlError) as e:
         load_split("holdout", tmp_path)
     assert e.value.exit_code == 2
+    (tmp_path / "dev.json").write_bytes(gzip.compress(json.dumps(ROW).encode()))  # a compressed download
+    with pytest.raises(NanorlError, match="cannot read .*dev.json") as e:
+        load_split("dev", tmp_path)
+    assert "UTF-8" in e.value.hint and "JSON lines" in e.value.hint
 
 
 def test_offline_without_data_says_how_to_get_it():
@@ -154,6 +173,33 @@ def test_registration():
     total = sum(w * ex_reward[n](ex, "so\nFinal Answer: C", "C") for n, w in task.default_rewards.items())
     assert total == pytest.approx(1.1)  # 1 for the answer, 0.1 for the format
     assert "aqua.letters" in plugins.registry["telemetry"]
+
+
+@pytest.mark.parametrize(
+    "completion, total",
+    [
+        ("so\nFinal Answer: C", 1.1),  # right and well-formed: the answer and the format bonus
+        ("so\nFinal Answer: C\n\n", 1.1),
+        ("so\nFinal Answer: B", 0.1),  # wrong but well-formed: the bonus alone
+        ("so\nFinal Answer: C.", 1.0),  # a malformed answer line is still read, but earns no bonus
+        ("so\nFinal Answer: (C)", 1.0),
+        ("so\nfinal answer: C", 1.0),
+        ("so\nFinal Answer:  C", 1.0),
+        ("Final Answer: C\nbecause 3 * 200 = 600", 1.0),  # not the last line
+        ("so the answer is C", 1.0),
+        ("so\nFinal Answer: F", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_the_default_reward_pays_the_format_bonus_only_for_a_well_formed_last_line(completion, total):
+    from nanorl.plugins import Plugins
+
+    plugins = Plugins()
+    task = plugins.task("aqua")
+    ex = Example(id="x", question="q", answer="C", options=ROW["options"])
+    answer = task.extract(completion)
+    got = sum(w * plugins.reward(n).fn(ex, completion, answer) for n, w in task.default_rewards.items())
+    assert got == pytest.approx(total, abs=1e-12)
 
 
 @pytest.mark.skipif(not DEV.is_file(), reason="../shared/data/aqua/dev.json is absent")

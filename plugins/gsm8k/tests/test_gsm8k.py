@@ -165,6 +165,37 @@ def test_extraction_rewards_and_correctness():
     assert task.choices(ex) is None  # free-form: no categorical evaluation
 
 
+@pytest.mark.parametrize(
+    "line, number",
+    [
+        ("#### $18", "18"),  # a currency sign, a unit, a percent sign or bold: the number is still stated
+        ("#### -$5", "-5"),
+        ("#### $1,200.00", "1200"),
+        ("#### 18 dollars", "18"),
+        ("#### 4.5 km/h.", "4.5"),
+        ("#### 5%", "5"),
+        ("#### **72**", "72"),
+        ("#### 3/4", None),  # an expression, two numbers, words: no one number
+        ("#### 1 200", None),
+        ("#### 18 + 2", None),
+        ("#### 18 dollars 5", None),
+        ("#### x = 5", None),
+    ],
+)
+def test_extraction_reads_past_currency_and_units_but_format_wants_the_bare_number(line, number):
+    ex = load_split_free({**ROW, "answer": ROW["answer"].replace("#### 72", f"#### {number or 72}")})
+    assert extract_number(f"steps\n{line}") == number
+    assert correct_reward(ex, line, extract_number(line)) == (1.0 if number else 0.0)
+    assert format_reward(ex, line, extract_number(line)) == 0.0  # the prompt asks for a number alone
+
+
+@pytest.mark.timeout(30)  # a guard: linear takes milliseconds, the lazy `(.*?)[ \t]*$` it replaced ~10 s here
+def test_extraction_is_linear_on_long_runs_of_spaces():
+    for text in ["#### 5" + " " * 50_000 + "x", "#### **" + " " * 50_000 + "x", "####" + " " * 50_000 + "7"]:
+        extract_number(text)
+        format_reward(load_split_free(ROW), text, None)
+
+
 def test_registration():
     from nanorl.plugins import get_plugins
 

@@ -340,13 +340,26 @@ class ConversationLoader:
         self._order = self._make_order()
 
 
-def render_examples(ctx: Context, examples: list[Example], seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Each example as the chat the task asks plus its SFT target: (ids, loss mask)."""
+def render_examples(
+    ctx: Context, examples: list[Example], seq_len: int, stage: str = ""
+) -> list[tuple[list[int], list[int]]]:
+    """Each example as the chat the task asks plus its SFT target: (ids, loss mask), cut to seq_len + 1 tokens.
+    With `stage`, says how many were cut: a cut target loses its end, the answer line the task is scored on
+    (AQuA at the tiny preset's 256 tokens: more than half of them), which nothing else would show."""
     tok, task = ctx.tokenizer(), ctx.task
-    out = []
+    out, lengths = [], []
     for ex in examples:
         conv = [*task.prompt(ex), {"role": "assistant", "content": task.target(ex)}]
-        out.append(tok.render_conversation(conv, max_len=seq_len + 1))
+        ids, mask = tok.render_conversation(conv)
+        lengths.append(len(ids))
+        out.append((ids[: seq_len + 1], mask[: seq_len + 1]))
+    cut = sum(n > seq_len + 1 for n in lengths)
+    if stage and cut and ctx.rank == 0:
+        ctx.bus.console.print(
+            f"[yellow]{stage}: {cut} of {len(lengths)} examples are longer than model.seq_len={seq_len} tokens"
+            f" (the longest {max(lengths)}) and are cut, their answer lines lost; raise model.seq_len[/]",
+            highlight=False,
+        )
     return out
 
 

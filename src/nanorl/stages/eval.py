@@ -93,25 +93,28 @@ def generative_records(
     return records
 
 
-def letter_token(tok, letter: str) -> int:
-    """The token the answer line's letter is written with: " C" after "Final Answer:" (one token in any BPE
-    trained on text with that line; else the bare letter's first token)."""
-    ids = tok.encode(f" {letter}")
-    return ids[0] if len(ids) == 1 else tok.encode(letter)[0]
-
-
 @torch.no_grad()
 def categorical_records(ctx: Context, model, examples: list[Example]) -> list[dict[str, Any]]:
+    """After the prompt and "Final Answer:", the answer letter whose token the model rates highest; the letters'
+    tokens and the context's end as `nanorl.multichoice.letter_tokens` says (" A" after ":", or "A" after ": ")."""
+    from nanorl.multichoice import letter_tokens
+
     task, tok = ctx.task, ctx.tokenizer()
-    cue = tok.encode(ANSWER_CUE)
     model.eval()
+    cues: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}  # letters -> (the context's end, their tokens)
     rows = []
     for ex in examples:
-        letters = task.choices(ex)
+        letters = tuple(task.choices(ex) or ())
         if not letters:
             continue
-        ctx_ids = tok.render_for_completion(task.prompt(ex)) + cue
-        rows.append((ex, letters, ctx_ids, [letter_token(tok, lt) for lt in letters]))
+        if letters not in cues:
+            try:
+                cand, pad = letter_tokens(tok.encode, letters)
+            except ValueError as e:
+                raise NanorlError(str(e), hint="use --mode generative", exit_code=2) from None
+            cues[letters] = (tok.encode(ANSWER_CUE + pad), cand)
+        cue, cand = cues[letters]
+        rows.append((ex, letters, tok.render_for_completion(task.prompt(ex)) + cue, cand))
     # batch contexts of equal length (no padding: a padded row would attend to the padding)
     by_len: dict[int, list[int]] = {}
     for i, r in enumerate(rows):

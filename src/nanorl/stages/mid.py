@@ -41,7 +41,7 @@ def chat_conversations(path: str) -> list[list[dict]]:
 def run(ctx: Context) -> dict[str, Any]:
     cfg, tcfg = ctx.cfg, ctx.cfg.mid
     T = cfg.model.seq_len
-    rendered = render_examples(ctx, ctx.examples("train"), T)
+    rendered = render_examples(ctx, ctx.examples("train"), T, "mid")
     if cfg.data.chat:
         tok = ctx.tokenizer()
         rendered += [tok.render_conversation(c, max_len=T + 1) for c in chat_conversations(cfg.data.chat)]

@@ -19,7 +19,7 @@ from nanorl.stages.common import Context, ConversationLoader, micro_batch, rende
 def run(ctx: Context) -> dict[str, Any]:
     cfg, tcfg = ctx.cfg, ctx.cfg.sft
     T = cfg.model.seq_len
-    rendered = render_examples(ctx, ctx.examples("train"), T)
+    rendered = render_examples(ctx, ctx.examples("train"), T, "sft")
     B, accum = micro_batch(ctx, "sft")
     bos = ctx.tokenizer().bos_id
     loader = ConversationLoader(

@@ -5,9 +5,10 @@ object per line), or JSONL / parquet files with the same fields (`question`, `op
 `correct`) named after the split. `dev` and `validation` name the same split, and its examples are `aqua-dev-N`
 either way (as the built-in `arith` task's are), so that evaluations asked for either pair up by id.
 
-Every row is validated: a non-empty question, five options labelled A) .. E) in that order, `correct` one of
-A..E. Bad rows are skipped, counted and reported (a `BadRowsWarning` naming their line numbers, and the
-`bad_rows` of the returned list); a source with no valid row is an error.
+Every row is validated: a non-empty question, five non-empty options labelled A) .. E) in that order, `correct`
+one of A..E, and no other option reading as the correct one (two right letters). Bad rows are skipped, counted
+and reported (a `BadRowsWarning` naming their line numbers, and the `bad_rows` of the returned list); a source
+with no valid row is an error.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from nanorl.api import (
     find_data_file,
     hub_rows,
     option_label,
+    option_text,
     read_rows,
 )
 
@@ -74,8 +76,17 @@ def check_row(row: Any) -> str | None:
     for letter, opt in zip(LETTERS, options, strict=True):
         if not isinstance(opt, str) or option_label(opt) != letter:
             return f"option {letter} is {opt!r} (expected a label {letter})"
+        if not option_text(opt):
+            return f"option {letter} is empty"
     if correct not in LETTERS:
         return f"correct is {correct!r} (expected one of A-E)"
+    # two options that read alike are harmless unless one is the answer: then the other is right too, and a
+    # model choosing it would be scored wrong (dev line 93 repeats a wrong option, which is kept)
+    texts = [" ".join(option_text(opt).lower().split()) for opt in options]
+    gold = LETTERS.index(correct)
+    for letter, text in zip(LETTERS, texts, strict=True):
+        if text == texts[gold] and letter != correct:
+            return f"option {letter} reads as the correct option {correct} ({option_text(options[gold])!r})"
     rationale = row.get("rationale")
     if rationale is not None and not isinstance(rationale, str):
         return "rationale is not text"

@@ -26,9 +26,17 @@ from nanorl_gsm8k.data import normalize_number
 PROMPT_TAIL = "Solve it step by step. On the last line, write #### followed by the final answer as a number."
 # a calculator note in a GSM8K solution: <<expression=result>>
 NOTE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
-# the final answer line; the last one counts (a model may restate it)
-FINAL = re.compile(r"^[ \t]*####[ \t]*([^\n]*?)[ \t]*$", re.M)
+# the final answer line; the last one counts (a model may restate it). The rest of the line is taken whole and
+# stripped after: a lazy group before `[ \t]*$` backtracks quadratically on a long run of spaces.
+FINAL = re.compile(r"^[ \t]*####([^\n]*)$", re.M)
 FORMAT_BONUS = 0.1  # as the multiple-choice tasks: a tenth of a right answer for the answer line alone
+# what an answer line may wrap its number in and still state it: "#### $1,200", "#### -$5", "#### 18 dollars",
+# "#### 5%", "#### **72**", "#### 4.5 km/h." (no digit or operator after the number: "#### 3/4" and "#### 1 200"
+# state no one number). No two runs that can match the same characters are adjacent: linear time.
+DRESSED = re.compile(
+    r"^(?:\*\*\s*)?(?P<sign>-\s*)?(?:\$\s*)?(?P<n>[-+]?[\d.,]*\d)\s*(?:\*\*\s*)?"
+    r"(?:%|[A-Za-z][A-Za-z'/]*(?:[ .][A-Za-z][A-Za-z'/]*)*)?[\s.*]*$"
+)
 
 
 def target_parts(rationale: str, answer: str) -> list[dict[str, str]]:
@@ -55,16 +63,21 @@ def target_parts(rationale: str, answer: str) -> list[dict[str, str]]:
 
 
 def extract_number(completion: str) -> str | None:
-    """The number on the completion's last `#### N` line, normalized (commas, trailing zeros), or None."""
+    """The number on the completion's last `#### N` line, normalized (commas, trailing zeros), or None. A
+    currency sign, a unit or bold around it are read past ("#### $18" and "#### 18 dollars" are 18): the number
+    is right and grading it wrong would misreport the model. The format reward still asks for the bare number."""
     found = FINAL.findall(completion)
-    return normalize_number(found[-1]) if found else None
+    if not found:
+        return None
+    m = DRESSED.match(found[-1].strip())
+    return normalize_number(("-" if m.group("sign") else "") + m.group("n")) if m else None
 
 
 def ends_with_answer_line(completion: str) -> bool:
     """Whether the completion's last non-empty line is `#### N` with N a number."""
     lines = completion.strip().splitlines()
     m = FINAL.match(lines[-1]) if lines else None
-    return bool(m) and normalize_number(m.group(1)) is not None
+    return bool(m) and normalize_number(m.group(1).strip()) is not None
 
 
 class GSM8KTask(Task):
