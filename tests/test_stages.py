@@ -648,6 +648,40 @@ def test_sft_says_how_many_examples_its_seq_len_cuts():
     assert out.getvalue() == ""
 
 
+def test_generation_past_the_trained_context_is_warned_once_a_stage_on_rank_0():
+    """Prompts plus the tokens to generate beyond model.seq_len run on rotary positions the model never trained
+    on: RL and eval say how many, once a stage, on rank 0 only, and nothing when all fit."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from nanorl.stages.common import warn_past_context
+
+    out = io.StringIO()
+
+    def ctx(rank=0):
+        bus = SimpleNamespace(console=Console(file=out, width=300))
+        return SimpleNamespace(
+            cfg=SimpleNamespace(model=SimpleNamespace(seq_len=100)), bus=bus, rank=rank, _warned=set()
+        )
+
+    prompts = [[0] * 40, [0] * 70, [0] * 61, [0] * 60]  # with 40 new tokens: 80, 110, 101, 100
+    c = ctx()
+    warn_past_context(c, "rl", prompts, 40, "rl.max_new_tokens")
+    assert out.getvalue().strip() == (
+        "rl: 2 of 4 prompts (the longest 70 tokens) plus rl.max_new_tokens=40 run past model.seq_len=100, the"
+        " positions the model was trained on; raise model.seq_len or lower rl.max_new_tokens"
+    )
+    out.truncate(0), out.seek(0)
+    warn_past_context(c, "rl", prompts, 40, "rl.max_new_tokens")  # once a stage
+    warn_past_context(ctx(rank=1), "eval", prompts, 40, "eval.max_new_tokens")  # rank 0 only
+    warn_past_context(ctx(), "eval", prompts, 30, "eval.max_new_tokens")  # the longest, 70 + 30 = 100: all fit
+    assert out.getvalue() == ""
+    warn_past_context(c, "eval", prompts, 40, "eval.max_new_tokens")  # another stage of the same context
+    assert out.getvalue().startswith("eval: 2 of 4 prompts")
+
+
 @pytest.mark.parametrize("joined", [True, False])
 def test_categorical_eval_reads_the_letter_where_the_model_writes_it(joined):
     """The letter of "Final Answer: C" is read at the position the model writes it: after ":" when the BPE

@@ -60,6 +60,7 @@ class Context:
     _tokenizer: Any = None
     _data_cache: dict[str, list[Example]] = field(default_factory=dict)
     _mirror: Any = None  # the run's Mirror in checkpoint.store (rank 0), made on first use
+    _warned: set[str] = field(default_factory=set)  # the keys of warn_past_context's warnings given
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -361,6 +362,23 @@ def render_examples(
             highlight=False,
         )
     return out
+
+
+def warn_past_context(ctx: Context, stage: str, prompts: list[list[int]], max_new_tokens: int, key: str) -> None:
+    """Warn (once a stage, rank 0) when prompts plus `max_new_tokens` (the config key `key`) run past
+    model.seq_len: the model never trained on rotary positions beyond it, so what it writes there is out of its
+    training distribution and nothing else would say so (AQuA's prompts at the tiny preset's 256 tokens)."""
+    seq_len = ctx.cfg.model.seq_len
+    over = [len(p) for p in prompts if len(p) + max_new_tokens > seq_len]
+    if not over or ctx.rank != 0 or stage in ctx._warned:
+        return
+    ctx._warned.add(stage)
+    ctx.bus.console.print(
+        f"[yellow]{stage}: {len(over)} of {len(prompts)} prompts (the longest {max(over)} tokens) plus {key}="
+        f"{max_new_tokens} run past model.seq_len={seq_len}, the positions the model was trained on; raise"
+        f" model.seq_len or lower {key}[/]",
+        highlight=False,
+    )
 
 
 # ---- the supervised loop -----------------------------------------------------------------------------------

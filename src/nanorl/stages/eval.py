@@ -42,7 +42,7 @@ from nanorl import checkpoint as ckpt
 from nanorl.api import EvalResult, Example, NanorlError
 from nanorl.config import MODEL_STAGES
 from nanorl.device import all_gather_objects, autocast, together
-from nanorl.stages.common import Context
+from nanorl.stages.common import Context, warn_past_context
 
 ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (nanorl.multichoice)
 
@@ -60,6 +60,7 @@ def generative_records(
     temperature = ecfg.temperature if temperature is None else temperature
     engine = ctx.engine(model)
     prompts = [tok.render_for_completion(task.prompt(ex)) for ex in examples]
+    warn_past_context(ctx, "eval", prompts, ecfg.max_new_tokens, "eval.max_new_tokens")
     groups: list[list[Any]] = []
     tokens = 0
     for i in range(0, len(prompts), ecfg.batch_size):

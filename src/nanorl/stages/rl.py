@@ -63,6 +63,7 @@ from nanorl.stages.common import (
     entropy_due,
     sync_grads,
     to_device,
+    warn_past_context,
 )
 
 STD_EPS = 1e-4  # added to the group std before dividing (TRL uses the same), so a tiny spread can't blow up A
@@ -464,6 +465,7 @@ def run(ctx: Context) -> dict[str, Any]:
             examples = prompts_for_step(train, batches, P, cfg.seed, ctx.rank, ctx.world_size)
             seed = (cfg.seed * 1_000_003 + step) * 64 + ctx.rank + ROUND_SEED_STRIDE * len(sampled)
             ro = sample_groups(engine, tok, task, rewards, examples, rcfg, seed)
+            warn_past_context(ctx, "rl", ro.prompt_ids, rcfg.max_new_tokens, "rl.max_new_tokens")
             sampled.append(ro)
             batches += 1
             if not rcfg.dynamic_sampling:
