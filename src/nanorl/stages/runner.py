@@ -409,14 +409,15 @@ def _run_stages(cfg, old, todo, fresh, to_run, task, data, stop_after, init_from
         if changed:
             ctx.bus.console.print(f"[dim]run.toml: {', '.join(changed)}[/]", highlight=False)
         write_run_config(cfg)
-        ctx.mirror_run(start=True)  # a store that fails now stops the run; later, a failure is a warning
-        for stage in MODEL_STAGES:  # a checkpoint save the last run was stopped in is completed first
+        # a checkpoint save the last run was stopped in is completed first (before the mirror sees its files)
+        for stage in MODEL_STAGES:
             if ckpt.recover(ctx.stage_dir(stage)):
                 step = (ckpt.read_state(ctx.stage_dir(stage)) or {}).get("step")
                 ctx.bus.console.print(
                     f"[dim]{stage}: completed the checkpoint save (step {step}) that the last run was stopped in[/]",
                     highlight=False,
                 )
+        ctx.mirror_run(start=True)  # a store that fails now stops the run; later, a failure is a warning
     # The stages to run afresh are stale from now on, all of them at once: cleared only when its turn came, a
     # later stage kept its old DONE through an interruption on the way, and the resume (without --from) skipped
     # it, here and in the store, and kept results computed from the model being replaced.
