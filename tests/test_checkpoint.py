@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,86 @@ def test_a_run_refuses_a_model_trained_with_another_tokenizer(tmp_path):
     assert one.stale_model_stages() == ["base"]  # what the runner needs to retrain
     for ctx in (one, other):
         ctx.bus.close()
+
+
+class _Stop(BaseException):
+    """What a Ctrl-C or a kill does to a save: it stops at some point, whatever the code was doing."""
+
+
+def _save_stopped_at(monkeypatch, d, model, opt, step, point: int) -> bool:
+    """Save a checkpoint of `step` into `d`, stopped before the `point`-th file operation of the save (tensor-file
+    writes, flushes and renames, counted together); returns whether it stopped."""
+    ops = {"n": 0}
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            ops["n"] += 1
+            if ops["n"] == point:
+                raise _Stop
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as m:
+        import safetensors.torch
+
+        m.setattr(safetensors.torch, "save_file", counted(safetensors.torch.save_file))
+        m.setattr(ckpt, "_flush", counted(ckpt._flush))
+        m.setattr(ckpt.os, "replace", counted(os.replace))
+        try:
+            ckpt.save(d, model, opt, {"step": step})
+        except _Stop:
+            return True
+    return False
+
+
+def test_a_save_stopped_anywhere_leaves_the_old_checkpoint_or_the_new_one_whole(tmp_path, monkeypatch):
+    """Ctrl-C, a kill or a full disk in the middle of a checkpoint write: after `recover` (the runner calls it) the
+    folder loads, as the previous checkpoint or the new one, never as a mix refused as corrupt."""
+    cfg, model, opt, x = trained_one_step()
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    model(x, x).backward()
+    opt.step()
+    new = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = set()
+    for point in range(1, 20):
+        d = tmp_path / f"ck{point}"
+        with torch.no_grad():
+            model.load_state_dict(old)
+        ckpt.save(d, model, opt, {"step": 1})
+        with torch.no_grad():
+            model.load_state_dict(new)
+        if not _save_stopped_at(monkeypatch, d, model, opt, 2, point):
+            break  # every point of the save was tried
+        ckpt.recover(d)
+        _, fresh, opt2, _ = trained_one_step()
+        step = ckpt.load(d, fresh, opt2)["step"]
+        want = old if step == 1 else new
+        assert all(torch.equal(fresh.state_dict()[k], want[k]) for k in want), point
+        assert not list(d.glob("*.tmp")), point  # nothing left behind to fill the disk
+        seen.add(step)
+    assert point > 6 and seen == {1, 2}  # stops before the commit point kept step 1, stops after it gave step 2
+
+
+def test_a_full_disk_during_a_save_is_an_os_error_naming_the_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    _, model, opt, _ = trained_one_step()
+    d = ckpt.save(tmp_path / "ck", model, opt, {"step": 1})
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, metadata=None):
+        if "optim" in filename:
+            Path(filename).write_bytes(b"\0" * 10)  # a part written before the disk filled
+            # the error safetensors raises (its own type, not an OSError)
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as err:
+        ckpt.save(d, model, opt, {"step": 2})
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(d / "optim.safetensors.tmp")
+    assert not list(d.glob("*.tmp"))  # the space a retry needs is given back
+    assert not ckpt.recover(d) and ckpt.load(d, model, opt)["step"] == 1

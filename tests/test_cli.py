@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from testkit import heavy_imports
 
 from nanorl import __version__
@@ -363,3 +365,37 @@ def test_progress_lines_print_a_plugin_task_name_as_it_is(capsys):
     sink.on_step("eval", 1, {"loss": 1.0})
     sink.on_eval(EvalResult("t[/x]", "dev", {"accuracy": 0.5, "n": 2, "model_stage": "sft", "mode": "generative"}))
     assert "eval t[/x] dev (sft, generative): accuracy 0.500, n=2" in capsys.readouterr().err
+
+
+def test_a_sigterm_and_a_full_disk_are_one_line_each_saying_what_to_do(monkeypatch, capsys, tmp_path):
+    from nanorl.cli import _os_error, main
+    from nanorl.stages import runner
+    from nanorl.stages.common import Stopped
+    from nanorl.telemetry import Telemetry
+
+    def preempted(*args, **kwargs):
+        raise Stopped("stopped by SIGTERM: base saved its checkpoint at step 3", 143)
+
+    monkeypatch.setattr(runner, "run_pipeline", preempted)
+    with pytest.raises(SystemExit) as stop:
+        main(["pipeline", "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 143 and "Traceback" not in err
+    assert "stopped by SIGTERM: base saved its checkpoint at step 3" in err and "resumes" in err
+
+    # a disk that fills under metrics.jsonl: the error names the file (a write's own error names none)
+    bus = Telemetry(tmp_path, hooks=[])
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    bus._fh = Full()
+    with pytest.raises(OSError) as full:
+        bus.log("base", 1, {"loss": 1.0})
+    message, hint, code = _os_error(full.value)
+    assert message == f"No space left on device: {tmp_path / 'metrics.jsonl'}" and code == 1
+    assert hint.startswith(f"free space on that disk ({tmp_path})") and "resumes from its last checkpoint" in hint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -725,3 +726,107 @@ def test_categorical_eval_reads_the_letter_where_the_model_writes_it(joined):
     examples = [Example(id=str(i), question=f"q{i}", answer="C", options=list("12345")) for i in range(3)]
     records = categorical_records(ctx, AnswerLineModel(), examples)
     assert [r["pred"] for r in records] == ["C", "C", "C"]
+
+
+def _sigterm_on_call(fn, n: int):
+    """`fn`, sending this process a SIGTERM on its `n`-th call (a preemption arriving in the middle of a step)."""
+    import os
+    import signal
+
+    calls = [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_and_a_killed_save_or_a_torn_metrics_line_still_resume_exactly(monkeypatch):
+    """SIGTERM (a preemption, `timeout`, torchrun stopping its workers) in the middle of a step: the step ends, its
+    checkpoint is saved and the run stops (Stopped, exit code 143); a process killed between the renames of a
+    checkpoint save, and a metrics line torn by a kill, do not stop the resume. The resumed run equals an
+    uninterrupted one."""
+    from nanorl import checkpoint as ckpt
+    from nanorl.stages import common, rl
+    from nanorl.stages.common import Stopped
+
+    extra = ("rl.checkpoint_every=0", "rl.dynamic_sampling=true", "rl.max_sample_batches=2", "rl.kl_every=0")
+    run_pipeline(_cfg("whole", *extra))
+
+    # SIGTERM during base's step 3 (checkpoints every 2 steps): the run stops with step 3 saved
+    with monkeypatch.context() as m:
+        m.setattr(common, "lr_schedule", _sigterm_on_call(common.lr_schedule, 3))
+        with pytest.raises(Stopped, match="base saved its checkpoint at step 3") as stop:
+            run_pipeline(_cfg("preempted", *extra))
+    assert stop.value.exit_code == 143
+    assert ckpt.read_state(run_dir("preempted") / "base")["step"] == 3
+    assert not ckpt.is_done(run_dir("preempted") / "base")
+
+    # killed in the middle of sft's second checkpoint save, after its model file was renamed into place
+    real_commit = ckpt._commit
+    saves = [0]
+
+    def killed_commit(d):
+        saves[0] += d.name == "sft"
+        if saves[0] == 2 and d.name == "sft":
+            pending = json.loads((d / ckpt.NEXT_FILE).read_text())
+            ckpt.os.replace(d / "model.safetensors.tmp", d / "model.safetensors")
+            assert pending["step"] == 2
+            raise KeyboardInterrupt
+        return real_commit(d)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "_commit", killed_commit)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(_cfg("preempted", *extra))
+
+    # SIGTERM during RL's second step (no periodic checkpoints): step 2 is saved, with the prompt stream's position
+    with monkeypatch.context() as m:
+        m.setattr(rl, "sample_groups", _sigterm_on_call(rl.sample_groups, 3))
+        with pytest.raises(Stopped, match="rl saved its checkpoint at step 2"):
+            run_pipeline(_cfg("preempted", *extra))
+    # and a kill tore the last metrics line
+    with open(run_dir("preempted") / "metrics.jsonl", "a") as fh:
+        fh.write('{"stage": "rl", "step": 2, "ti')
+
+    run_pipeline(_cfg("preempted", *extra))
+    for stage in ("base", "mid", "sft", "rl"):
+        assert _losses("preempted", stage) == _losses("whole", stage), stage
+        a, b = _weights("whole", stage), _weights("preempted", stage)
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    # the resumed rl stage's first record was not swallowed by the torn line
+    starts = [r for r in read_metrics(run_dir("preempted")) if r["stage"] == "rl" and r.get("kind") == "start"]
+    assert len(starts) == 2  # the run the SIGTERM stopped, and the resume
+
+
+def test_a_second_process_on_a_run_is_refused_until_the_first_ends_however_it_ends(tmp_path):
+    """Two `nanorl pipeline` on one run would write the same checkpoints: the second is refused with a line naming
+    the first (its pid); once the first has died, even by SIGKILL with its lock file left behind, a run goes on."""
+    import subprocess
+    import sys
+
+    from nanorl.api import NanorlError
+    from nanorl.stages.runner import LOCK_FILE, run_lock
+
+    d = run_dir("shared")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time; from pathlib import Path; from nanorl.stages.runner import run_lock\n"
+         f"with run_lock(Path({str(d)!r})):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(NanorlError, match=f"run 'shared' is in use by pid {holder.pid} on "):
+            run_pipeline(_cfg("shared"))
+        assert not (d / "run.toml").exists()  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"pid {holder.pid}" in (d / LOCK_FILE).read_text()  # what the killed process left
+    with run_lock(d):
+        assert f"pid {os.getpid()} " in (d / LOCK_FILE).read_text()
+    assert (d / LOCK_FILE).read_text() == ""  # released: it names no one

@@ -6,9 +6,18 @@
         state.json           step, data-loader position, RNG states, config hash, sha256 of the two files
         DONE                 the stage finished (written by the runner after the final checkpoint)
 
-Each file is written to `<file>.tmp` and renamed into place, state.json last: state.json is the commit record.
-It carries the sha256 of the tensor files it belongs to, so a torn write (a crash between two renames), a
-truncated copy or a flipped bit is found at load time and reported as a `NanorlError`, never loaded silently.
+A save is a small journal, so that a checkpoint is replaced whole or not at all whenever the process stops (Ctrl-C,
+a kill, a full disk, a lost machine):
+
+1. every tensor file is written to `<file>.tmp` and flushed to disk (a full disk fails here, before anything
+   of the previous checkpoint is touched; the temp files are removed);
+2. the new state.json is written to `state.next.tmp` and flushed: from here on the new checkpoint is complete;
+3. the tensor files are renamed into place, then `state.next.tmp` to state.json (the commit record).
+
+A process stopped inside step 3 leaves `state.next.tmp` beside a mix of old and new files; `recover` (the runner
+calls it before a stage runs) finishes the renames, so the resume starts from the new checkpoint. Before step 2
+the previous checkpoint is untouched. state.json carries the sha256 of the tensor files it belongs to, so a torn
+copy or a flipped bit is still found at load time and reported as a `NanorlError`, never loaded silently.
 A checkpoint from another architecture (the config hash, or a tensor's shape) is refused the same way, and so
 is one trained with another tokenizer: state.json records the tokenizer's fingerprint (`Tokenizer.fingerprint`)
 and a run loading a model compares it with its own tokenizer's (a model's token ids mean nothing under another
@@ -26,6 +35,7 @@ import base64
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,7 @@ MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.safetensors"
 STATE_FILE = "state.json"
 DONE_FILE = "DONE"
+NEXT_FILE = "state.next.tmp"  # the next state.json, complete: its tensor files may still wait to be renamed
 FORMAT = "nanorl-ckpt-1"
 
 
@@ -45,14 +56,37 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _flush(path: Path) -> None:
+    """Force a written file's data to disk: a rename must never publish a file whose data a crash can lose."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write `tensors` to `<path>.tmp` (not to `path`: the caller renames it once every file is written); return
+    its sha256. A failure removes the temp file and raises an OSError naming it (a full disk: ENOSPC)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    return digest
+    tmp = _tmp(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _flush(tmp)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a half-written temp file only takes the space a retry needs
+        # safetensors reports an I/O failure as its own error type whose text ends in "(os error N)"
+        found = re.search(r"os error (\d+)", str(e)) if not isinstance(e, OSError) else None
+        if found:
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(tmp)) from e
+        raise
+    return sha256_file(tmp)
 
 
 def _read_tensors(path: Path, expect_sha: str | None) -> dict[str, torch.Tensor]:
@@ -122,24 +156,69 @@ def save(
     step = int(state.get("step", 0))
     meta = {"format": FORMAT, "step": str(step), "config_hash": config_hash}
     files = {MODEL_FILE: _write_tensors(d / MODEL_FILE, _unwrap(model).state_dict(), meta)}
-    if optimizers is not None:
-        files[OPTIM_FILE] = _write_tensors(d / OPTIM_FILE, optimizers.state_tensors(), meta)
-    else:
-        # a stale optimizer state must not pair with these weights, here or in the mirror
+    try:
+        if optimizers is not None:
+            files[OPTIM_FILE] = _write_tensors(d / OPTIM_FILE, optimizers.state_tensors(), meta)
+        record = {"format": FORMAT, "config_hash": config_hash, "files": files, "rng": rng_state(), **state}
+        if tokenizer_fingerprint:
+            record["tokenizer"] = tokenizer_fingerprint
+        record["step"] = step
+        tmp = d / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        _flush(tmp)
+    except BaseException:
+        for name in files:  # nothing of the previous checkpoint was touched: leave it as it was
+            _tmp(d / name).unlink(missing_ok=True)
+        (d / (STATE_FILE + ".tmp")).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, d / NEXT_FILE)  # the new checkpoint is complete: from here on it replaces the old one
+    _commit(d)
+    if optimizers is None:  # after the commit: the state.json before it still named the old optimizer state
         (d / OPTIM_FILE).unlink(missing_ok=True)
         if store is not None:
             store.delete(f"{store_prefix}/{OPTIM_FILE}" if store_prefix else OPTIM_FILE)
-    record = {"format": FORMAT, "config_hash": config_hash, "files": files, "rng": rng_state(), **state}
-    if tokenizer_fingerprint:
-        record["tokenizer"] = tokenizer_fingerprint
-    record["step"] = step
-    tmp = d / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, d / STATE_FILE)
     if store is not None:
         for name in (*files, STATE_FILE):
             store.put(d / name, f"{store_prefix}/{name}" if store_prefix else name)
     return d
+
+
+def _commit(d: Path) -> None:
+    """Rename the temp files that `state.next.tmp` names into place, then it to state.json: step 3 of a save, or
+    its completion by `recover`. A file already renamed has no temp file left (renames are atomic)."""
+    pending = json.loads((d / NEXT_FILE).read_text())
+    for name in pending["files"]:
+        if _tmp(d / name).is_file():
+            os.replace(_tmp(d / name), d / name)
+    os.replace(d / NEXT_FILE, d / STATE_FILE)
+
+
+def recover(directory: str | Path) -> bool:
+    """Finish a checkpoint save that was stopped while it renamed its files (a `state.next.tmp` is there): the
+    folder then holds the new checkpoint whole. Returns whether there was one to finish. The temp files of a save
+    stopped earlier are removed (the previous checkpoint is whole), and so is a `state.next.tmp` whose files do
+    not match it (which a save never leaves; the folder is then left for `load` to judge). Call it on one process
+    (rank 0) before any process reads the folder."""
+    d = Path(directory)
+    finished = False
+    if (d / NEXT_FILE).is_file():
+        try:
+            pending = json.loads((d / NEXT_FILE).read_text())
+            finished = all(
+                sha256_file(_tmp(d / name) if _tmp(d / name).is_file() else d / name) == sha
+                for name, sha in pending["files"].items()
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            finished = False
+        if finished:
+            _commit(d)
+            if OPTIM_FILE not in pending["files"]:
+                (d / OPTIM_FILE).unlink(missing_ok=True)
+        else:
+            (d / NEXT_FILE).unlink()
+    for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):  # what a stopped save wrote and did not use
+        _tmp(d / name).unlink(missing_ok=True)
+    return finished
 
 
 def read_state(directory: str | Path) -> dict[str, Any] | None:

@@ -71,6 +71,10 @@ class Telemetry:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # line-buffered: a crash loses at most one line; closed by close() (the bus lives for a whole run)
             self._fh = open(self.path, "a", buffering=1)  # noqa: SIM115
+            if self._fh.tell() and not _ends_a_line(self.path):
+                # a process killed mid-write left a torn last line: end it, so that this run's first record starts
+                # a line of its own instead of joining the torn one (and being skipped with it by read_metrics)
+                self._fh.write("\n")
 
     @staticmethod
     def _registered_hooks(cfg) -> list[TelemetryHook]:
@@ -109,7 +113,10 @@ class Telemetry:
         if kind:
             rec["kind"] = kind
         rec["metrics"] = _clean(metrics)
-        self._fh.write(json.dumps(rec) + "\n")
+        try:
+            self._fh.write(json.dumps(rec) + "\n")
+        except OSError as e:  # a full disk, a folder gone read-only: say which file (the write's error names none)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     # ---- the bus --------------------------------------------------------------------------------------------
     def stage_start(self, info: StageInfo, record: bool = True) -> None:
@@ -164,6 +171,12 @@ class Telemetry:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) == b"\n"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ nothing heavy at import time, so `nanorl --help` answers fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import traceback
@@ -132,9 +133,17 @@ def _os_error(e: OSError) -> tuple[str, str, int]:
     """A file-system error as (message, hint, exit code): the path and what is wrong with it. A bad NANORL_HOME,
     --dir or --out is bad input (2); an OSError without a path (a full disk, a network error) is not (1)."""
     what = e.strerror or str(e) or type(e).__name__
-    if e.filename is None:
+    path = os.fsdecode(e.filename) if e.filename is not None else None
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):  # not bad input: the run stopped where a re-run takes it up
+        where = f" ({os.path.dirname(path) or '.'})" if path else ""
+        return (
+            f"{what}{f': {path}' if path else ''}",
+            f"free space on that disk{where}, then run the same command again: the stage resumes from its last"
+            " checkpoint, which a failed write leaves whole",
+            1,
+        )
+    if path is None:
         return f"{type(e).__name__}: {what}", "re-run with --debug for the traceback", 1
-    path = os.fsdecode(e.filename)
     message = f"{what}: {path}" + (f" -> {os.fsdecode(e.filename2)}" if e.filename2 is not None else "")
     home = os.environ.get("NANORL_HOME")
     if home and (path == home or path.startswith(home.rstrip("/") + "/")):
@@ -174,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         code = _run(argv)
     except NanorlError as e:
         _fail(e.message, e.hint, e.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", "a stage resumes from its last checkpoint when you run the command again", 130)
+    except KeyboardInterrupt as e:  # Ctrl-C (130); a SIGTERM (nanorl.stages.common.Stopped, 143) says what it did
+        hint = "a stage resumes from its last checkpoint when you run the command again"
+        _fail(str(e) or "interrupted", hint, getattr(e, "exit_code", 130))
     except BrokenPipeError:  # `nanorl ... | head`: the reader left; say nothing more
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

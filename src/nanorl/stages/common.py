@@ -14,6 +14,7 @@ stages.)
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,40 @@ class Interrupted(Exception):  # noqa: N818 - it is a signal, not an error
     """Raised by `stop_after` (tests): the process "dies" right after a step, as a kill would leave it."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A signal stopped the run. The CLI prints the message and exits with `exit_code`: 128 + the signal's number,
+    as a shell reports a process that a signal ended (SIGTERM: 143)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignal:
+    """The SIGTERM handler of a pipeline run. SIGTERM is what a cloud preemption, `timeout`, `docker stop` and a
+    torchrun stopping its workers send, with a grace period before SIGKILL (torchrun: 30 s, --shutdown-timeout).
+
+    While a training stage's steps run (`console` set), the first SIGTERM lets the current step finish: the stage
+    then saves a checkpoint and the run stops (`Context.end_step`), so a resume loses nothing. Anywhere else (the
+    tokenizer, eval, a model loading), or at a second SIGTERM, the run stops at once, from its last checkpoint.
+    Ctrl-C (SIGINT) stays Python's KeyboardInterrupt: at once, anywhere. A stop in the middle of a checkpoint
+    write leaves the previous checkpoint or the new one whole (checkpoint.py)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.console = None  # set while a training stage's steps run: a stop can wait for the step's end
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.requested or self.console is None:
+            raise Stopped(f"terminated ({signal.Signals(signum).name})", 128 + signum)
+        self.requested = True
+        self.console.print(
+            "[yellow]SIGTERM: saving a checkpoint at the end of this step, then stopping (SIGTERM again or Ctrl-C:"
+            " stop now)[/]",
+            highlight=False,
+        )
+
+
 @dataclass
 class Context:
     cfg: RunConfig
@@ -61,6 +96,8 @@ class Context:
     _data_cache: dict[str, list[Example]] = field(default_factory=dict)
     _mirror: Any = None  # the run's Mirror in checkpoint.store (rank 0), made on first use
     _warned: set[str] = field(default_factory=set)  # the keys of warn_past_context's warnings given
+    stop_signal: StopSignal = field(default_factory=StopSignal)  # the runner installs it as the SIGTERM handler
+    _stopping: bool = False  # a SIGTERM stops the run at the end of this step (`checkpoint_due`, `end_step`)
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -192,6 +229,28 @@ class Context:
             self.mirror.start()
         else:
             self.mirror.sync()
+
+    def stop_requested(self) -> bool:
+        """Whether a SIGTERM asked the run to stop, on any rank (a collective under torchrun: every rank calls it at
+        the same point and stops at the same step)."""
+        asked = self.stop_signal.requested
+        return any_rank(asked) if is_distributed() else asked
+
+    def checkpoint_due(self, done: int, total: int, every: int) -> bool:
+        """Whether the end of training step `done` of `total` saves a checkpoint: every `every` steps (0: never), and
+        at the step during which a SIGTERM asked the run to stop (`end_step` then stops it); never after the last
+        step (the stage's final checkpoint follows)."""
+        self._stopping = done < total and self.stop_requested()
+        return self._stopping or (done < total and every > 0 and done % every == 0)
+
+    def end_step(self, stage: str, done: int) -> None:
+        """After step `done` and its checkpoint: the two ways a run stops between steps, `stop_after` (tests: as a
+        kill would leave it) and a SIGTERM (`checkpoint_due` saved the step's checkpoint; the run stops with
+        `Stopped`). A SIGTERM during a stage's last step stops the run after the stage (the runner)."""
+        if self.stop_after.get(stage) == done:
+            raise Interrupted(f"{stage} stopped after step {done}")
+        if self._stopping:
+            raise Stopped(f"stopped by SIGTERM: {stage} saved its checkpoint at step {done}", 143)
 
     def save(self, stage: str, model, optimizers, state: dict[str, Any]) -> None:
         ckpt.save(
@@ -529,6 +588,7 @@ def train_supervised(
     last: dict[str, Any] = {}
     t_stage = time.time()
     epoch = getattr(loader, "epoch", 0)
+    ctx.stop_signal.console = ctx.bus.console  # from here a SIGTERM lets the step end, saves and stops
     for step in range(start, total_steps):
         t0 = time.time()
         lrf = lr_schedule(step, total_steps, tcfg.warmup_ratio, tcfg.warmdown_ratio, tcfg.final_lr_frac)
@@ -582,10 +642,10 @@ def train_supervised(
             last.update(attention_entropy(ctx, model, x, y >= 0))
         if done % ctx.cfg.telemetry.log_every == 0 or is_last:
             ctx.bus.log(stage, done, last)
-        if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and not is_last:
+        if ctx.checkpoint_due(done, total_steps, tcfg.checkpoint_every):
             ctx.save(stage, model, opt, {"step": done, "loader": _loader_state(ctx, loader)})
-        if ctx.stop_after.get(stage) == done:
-            raise Interrupted(f"{stage} stopped after step {done}")
+        ctx.end_step(stage, done)
+    ctx.stop_signal.console = None
     ctx.save(stage, model, None, {"step": total_steps, "loader": None})
     summary = {
         **last,

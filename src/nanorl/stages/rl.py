@@ -57,7 +57,6 @@ from nanorl.optim import Optimizers
 from nanorl.stages.common import (
     ENTROPY_ROWS,
     Context,
-    Interrupted,
     attention_entropy,
     broadcast_params,
     entropy_due,
@@ -454,6 +453,7 @@ def run(ctx: Context) -> dict[str, Any]:
     ctx.bus.stage_start(info)
     last: dict[str, Any] = {}
     t_stage = time.time()
+    ctx.stop_signal.console = ctx.bus.console  # from here a SIGTERM lets the step end, saves and stops
     for step in range(start, steps):
         t0 = time.time()
         # ---- rollouts: a batch of P prompts; with rl.dynamic_sampling further batches until P groups a rank
@@ -575,10 +575,10 @@ def run(ctx: Context) -> dict[str, Any]:
             last["dev_acc"] = res["accuracy"]
         if done % cfg.telemetry.log_every == 0 or done == steps:
             ctx.bus.log("rl", done, last)
-        if rcfg.checkpoint_every and done % rcfg.checkpoint_every == 0 and done != steps:
+        if ctx.checkpoint_due(done, steps, rcfg.checkpoint_every):
             ctx.save("rl", model, opt, {"step": done, "batches": batches})
-        if ctx.stop_after.get("rl") == done:
-            raise Interrupted(f"rl stopped after step {done}")
+        ctx.end_step("rl", done)
+    ctx.stop_signal.console = None
     ctx.save("rl", model, None, {"step": steps, "batches": batches})
     summary = {**last, "steps": steps, "seconds": time.time() - t_stage}
     ctx.bus.stage_end(info, summary)

@@ -28,7 +28,13 @@ torchrun stops the other ranks.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +52,9 @@ from nanorl.config import (
     validate,
     write_run_config,
 )
-from nanorl.stages.common import Context
+from nanorl.stages.common import Context, Stopped, StopSignal
+
+LOCK_FILE = "run.lock"  # in the run folder: who runs it now (never mirrored to a store: `nanorl.store.runs`)
 
 
 def run_tokenizer(ctx: Context) -> dict[str, Any]:
@@ -332,6 +340,66 @@ def clear_stage(ctx: Context, stage: str) -> None:
             ctx.mirror.forget(stage, (ckpt.DONE_FILE,) if stage == "eval" else None)
 
 
+@contextlib.contextmanager
+def run_lock(d: Path):
+    """Hold the run folder `d` for this process: a second `nanorl pipeline` (or `nanorl train`) on the same run
+    fails at once with a line naming the process that holds it, instead of both writing the same checkpoints.
+
+    The lock is the system's (flock on `run.lock`), so the system releases it when its process ends, however it
+    ends: a lock left by a killed process (its pid dead) never blocks a resume. The file's text (pid, host, start
+    time, command) only names the holder. Under torchrun, rank 0 holds it for every rank."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    import fcntl
+
+    d.mkdir(parents=True, exist_ok=True)
+    fh = open(d / LOCK_FILE, "a+")  # noqa: SIM115 - held open as long as the lock
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise NanorlError(
+            f"run {d.name!r} is in use by {holder}",
+            hint="wait for it to end, or stop it (two processes on one run overwrite each other's checkpoints);"
+            " to train beside it, give this run another --name",
+        ) from None
+    except OSError as e:  # a file system without locks (some network mounts): run unguarded, as before
+        fh.close()
+        import warnings
+
+        warnings.warn(
+            f"cannot lock {d / LOCK_FILE} ({e.strerror}): nothing stops a second process on this run", stacklevel=3
+        )
+        yield
+        return
+    fh.truncate(0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({' '.join(sys.argv)})\n")
+    fh.flush()
+    try:
+        yield
+    finally:
+        fh.truncate(0)
+        fh.close()  # releases the lock
+
+
+@contextlib.contextmanager
+def sigterm_handled(handler: StopSignal):
+    """`handler` as the SIGTERM handler while the block runs (in the main thread; elsewhere signals cannot be
+    handled and SIGTERM keeps its default: the process ends)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_pipeline(
     cfg: RunConfig,
     from_stage: str | None = None,
@@ -341,8 +409,9 @@ def run_pipeline(
     init_from: dict[str, Path] | None = None,
     console=None,
 ) -> dict[str, Any]:
-    """Run the pipeline (or part of it); returns {stage: summary or "skipped"}."""
-    from nanorl.device import barrier, dist_finished, dist_setup, resolve_device, together
+    """Run the pipeline (or part of it); returns {stage: summary or "skipped"}. One process at a time runs a given
+    run (`run_lock`); a SIGTERM stops it with a checkpoint saved (`nanorl.stages.common.StopSignal`)."""
+    from nanorl.device import dist_setup, resolve_device, together
 
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in STAGES:
@@ -377,10 +446,22 @@ def run_pipeline(
         to_run = stages_to_run(run_dir(cfg.name), todo, fresh)
         return (old, to_run, *preflight(cfg, to_run, init_from))
 
-    old, to_run, task, data = together(check)
+    stop_signal = StopSignal()
+    old, to_run, task, data = together(check)  # (before the lock: a bad input leaves no run folder behind)
+    with contextlib.ExitStack() as held:
+        together(held.enter_context, run_lock(run_dir(cfg.name)))  # rank 0's; a run in use stops every rank
+        held.enter_context(sigterm_handled(stop_signal))
+        return _run_stages(cfg, old, todo, fresh, to_run, task, data, stop_after, init_from, console, stop_signal)
+
+
+def _run_stages(cfg, old, todo, fresh, to_run, task, data, stop_after, init_from, console, stop_signal):
+    """`run_pipeline` once the stages to run are known and checked, under the run's lock."""
+    from nanorl.device import barrier, dist_finished
+
     dist_finished(False)  # until the stages below finish, an exit (an error) does not wait on the other ranks
     ctx = make_context(cfg, stop_after, init_from, console, task=task)
     ctx._data_cache.update(data)
+    ctx.stop_signal = stop_signal
     if ctx.rank == 0:
         if set(to_run) & set(MODEL_STAGES):
             warn_if_sized_for_a_gpu(ctx)
@@ -388,6 +469,14 @@ def run_pipeline(
         if changed:
             ctx.bus.console.print(f"[dim]run.toml: {', '.join(changed)}[/]", highlight=False)
         write_run_config(cfg)
+        # a checkpoint save the last run was stopped in is completed first (before the mirror sees its files)
+        for stage in MODEL_STAGES:
+            if ckpt.recover(ctx.stage_dir(stage)):
+                step = (ckpt.read_state(ctx.stage_dir(stage)) or {}).get("step")
+                ctx.bus.console.print(
+                    f"[dim]{stage}: completed the checkpoint save (step {step}) that the last run was stopped in[/]",
+                    highlight=False,
+                )
         ctx.mirror_run(start=True)  # a store that fails now stops the run; later, a failure is a warning
     # The stages to run afresh are stale from now on, all of them at once: cleared only when its turn came, a
     # later stage kept its old DONE through an interruption on the way, and the resume (without --from) skipped
@@ -417,6 +506,8 @@ def run_pipeline(
                 ckpt.mark_done(sdir, ctx.rank, {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             ctx.mirror_run()
             barrier()
+            if stage != todo[-1] and ctx.stop_requested():  # a SIGTERM during the stage's last step
+                raise Stopped(f"stopped by SIGTERM after the {stage} stage finished", 143)
     finally:
         ctx.bus.close()
     dist_finished()  # every stage finished on every rank: the process group is left cleanly at exit

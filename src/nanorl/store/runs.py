@@ -33,6 +33,7 @@ from nanorl.store import sha256_file
 
 CHECKPOINT_FILES = ("model.safetensors", "optim.safetensors", "state.json")
 TENSOR_FILES = CHECKPOINT_FILES[:2]
+SKIPPED = (".tmp", ".lock")  # file suffixes that never go to a store
 LAST = ("state.json", "DONE")  # written last in a folder: they vouch for the files beside them
 RETRY_WAITS = (2.0, 5.0, 10.0)  # seconds between pulls of a checkpoint caught mid-upload
 
@@ -43,11 +44,13 @@ def _order(rel: str) -> tuple:
 
 
 def run_files(run_dir: Path, folder: str | None = None) -> list[str]:
-    """The files of a run folder (or of its sub-folder `folder`), relative, in upload order (no `*.tmp`)."""
+    """The files of a run folder (or of its sub-folder `folder`), relative, in upload order (no `*.tmp`, no
+    `run.lock`)."""
     base = run_dir / folder if folder else run_dir
     if not base.is_dir():
         return []
-    rels = [p.relative_to(run_dir).as_posix() for p in base.rglob("*") if p.is_file() and p.suffix != ".tmp"]
+    # not the temp files of writes under way, nor the lock of the process running it (`stages.runner.run_lock`)
+    rels = [p.relative_to(run_dir).as_posix() for p in base.rglob("*") if p.is_file() and p.suffix not in SKIPPED]
     return sorted(rels, key=_order)
 
 
