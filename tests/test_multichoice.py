@@ -28,6 +28,7 @@ from nanorl.multichoice import (
     mcnemar_chi2_p,
     mcnemar_p,
     option_text,
+    paired_diff_interval,
     position_bias,
     shuffle_eval,
     shuffle_options,
@@ -252,6 +253,66 @@ def test_compare_paired():
     assert compare(a, list(reversed(b)))["a_only"] == 4
     with pytest.raises(ValueError):
         compare(a, b[:3])
+    assert c["diff_ci95"] == pytest.approx(list(paired_diff_interval(4, 1, 7)))
+
+
+def _tango_by_search(b, c, n, z=1.96):
+    """Tango's limits found independently: the restricted MLE of P(only B right) by golden-section search on the
+    multinomial log-likelihood (not the quadratic's root), the limits by a scan then bisection on the score."""
+
+    def q_hat(d):
+        lo, hi = max(0.0, -d) + 1e-15, (1 - d) / 2 - 1e-15  # q >= 0, q + d >= 0, 2q + d <= 1
+        g = (math.sqrt(5) - 1) / 2
+
+        def ll(q):
+            terms = [(b, q + d), (c, q), (n - b - c, 1 - 2 * q - d)]
+            return sum(k * math.log(p) for k, p in terms if k > 0)
+
+        for _ in range(200):
+            x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
+            lo, hi = (lo, x2) if ll(x1) > ll(x2) else (x1, hi)
+        return (lo + hi) / 2
+
+    def z_of(d):
+        return (b - c - n * d) / math.sqrt(n * (2 * q_hat(d) + d * (1 - d)))
+
+    grid = [i / 2000 - 1 for i in range(1, 4000)]
+    inside = [d for d in grid if abs(z_of(d)) <= z]
+    out = []
+    for edge, step in ((inside[0], -1 / 2000), (inside[-1], 1 / 2000)):
+        a_, b_ = edge, edge + step  # inside, outside
+        for _ in range(60):
+            m = (a_ + b_) / 2
+            a_, b_ = (m, b_) if abs(z_of(m)) <= z else (a_, m)
+        out.append(a_)
+    return out
+
+
+@pytest.mark.parametrize("b,c,n", [(1, 7, 21), (6, 16, 161), (4, 1, 7), (40, 20, 160), (2, 0, 30), (12, 13, 254)])
+def test_paired_diff_interval_is_tangos_score_interval(b, c, n):
+    assert list(paired_diff_interval(b, c, n)) == pytest.approx(_tango_by_search(b, c, n), abs=1e-6)
+
+
+def test_paired_diff_interval_published_and_limiting_cases():
+    # Fagerland, Lydersen & Laake (2014): airway hyper-responsiveness before/after stem cell transplantation,
+    # (a, b, c, d) = (1, 1, 7, 12); Tango's 95% interval -0.517 to -0.026
+    lo, hi = paired_diff_interval(1, 7, 21)
+    assert (round(lo, 3), round(hi, 3)) == (-0.517, -0.026)
+    # no discordant pair: not a point (the normal interval was "+0.000 to +0.000") but +-z^2 / (n + z^2)
+    for n in (8, 50, 254):
+        assert paired_diff_interval(0, 0, n) == pytest.approx((-(1.96**2) / (n + 1.96**2), 1.96**2 / (n + 1.96**2)))
+    # 0 is excluded exactly when McNemar's uncorrected z = (b - c) / sqrt(b + c) is past 1.96
+    for b, c in [(3, 0), (4, 0), (9, 3), (10, 3), (20, 11), (21, 10)]:
+        lo, hi = paired_diff_interval(b, c, 100)
+        assert (lo > 0) == ((b - c) / math.sqrt(b + c) > 1.96)
+    # all discordant pairs one way at large n: far from 0; every pair discordant one way (q(d) = (1 - d) / 2,
+    # so Z(d) = sqrt(n (1 - d) / (1 + d))): the lower limit is (n - z^2) / (n + z^2), the upper stays at 1
+    assert paired_diff_interval(30, 0, 100)[0] > 0.2
+    assert paired_diff_interval(50, 0, 50) == pytest.approx(((50 - 1.96**2) / (50 + 1.96**2), 1.0))
+    # few discordant pairs: wider than the normal interval the comparison used to give
+    d, se = 3 / 100, math.sqrt((3 / 100 - (3 / 100) ** 2) / 100)
+    lo, hi = paired_diff_interval(3, 0, 100)
+    assert lo < d - 1.96 * se and hi > d + 1.96 * se and lo < 0
 
 
 def test_shuffle_options_and_position_bias():
@@ -641,15 +702,44 @@ def test_compare_sampled_is_a_sign_test_over_questions():
     assert (c["a_only"], c["b_only"], c["both_correct"]) == (2, 1, 1)
     assert c["diff"] == pytest.approx(0.25)
     assert c["accuracy_a"] == pytest.approx(9 / 12) and c["accuracy_b"] == pytest.approx(6 / 12)
+    # Tango's interval on the expected discordant pairs of 12 completion pairs, shrunk by the design effect:
+    # only-a k·sum fa(1 - fb) = 3(2/3·2/3 + 0 + 1/3·1/3 + 1) = 14/3, only-b 3(1/3·1/3 + 0 + 2/3·2/3 + 0) = 5/3
+    # (their difference 3 = 12 pairs · diff)
     d = [1 / 3, 0, -1 / 3, 1]
-    se = math.sqrt((sum(x * x for x in d) / 4 - 0.25**2) / 4)
-    assert c["diff_ci95"] == pytest.approx([0.25 - 1.96 * se, 0.25 + 1.96 * se])
+    var_q = sum((x - 0.25) ** 2 for x in d) / (4 * 3)
+    var_iid = ((14 / 3 + 5 / 3) / 12 - 0.25**2) / 12
+    f = var_iid / var_q
+    assert c["diff_ci95"] == pytest.approx(list(paired_diff_interval(14 / 3 * f, 5 / 3 * f, 12 * f)))
     assert c["p_value"] == pytest.approx(mcnemar_p(2, 1)) and c["test"].startswith("sign test")
     # the task's verdict ("correct") decides, not the letters
     a[0]["correct"] = False
     assert compare(a, b)["accuracy_a"] == pytest.approx(8 / 12)
     with pytest.raises(ValueError, match="different questions"):
         compare(a, b[:6])
+
+
+def test_compare_sampled_interval_limiting_cases():
+    # both models alike on every question: an interval around 0 of non-zero width (all 3 pairs per question)
+    rows = [(q, "A", ["A", "B", "B"]) for q in range(10)]
+    c = compare(_sampled(rows), _sampled(rows))
+    lo, hi = c["diff_ci95"]
+    assert c["diff"] == 0 and lo < 0 < hi and hi - lo > 0.05
+    # a right on every completion, b on none, 100 questions: far above 0
+    a = _sampled([(q, "A", ["A"] * 3) for q in range(100)])
+    b = _sampled([(q, "A", ["B"] * 3) for q in range(100)])
+    lo, hi = compare(a, b)["diff_ci95"]
+    assert 0.95 < lo < hi == 1.0
+    # the correlation of a question's completions widens the interval: half the questions a always right and b
+    # never, the other half the reverse, against the same shares spread over every question
+    split = compare(
+        _sampled([(q, "A", ["A"] * 4 if q % 2 else ["B"] * 4) for q in range(20)]),
+        _sampled([(q, "A", ["B"] * 4 if q % 2 else ["A"] * 4) for q in range(20)]),
+    )["diff_ci95"]
+    spread = compare(
+        _sampled([(q, "A", ["A", "A", "B", "B"]) for q in range(20)]),
+        _sampled([(q, "A", ["B", "B", "A", "A"]) for q in range(20)]),
+    )["diff_ci95"]
+    assert split[1] - split[0] > spread[1] - spread[0]
 
 
 @pytest.mark.slow

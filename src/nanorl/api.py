@@ -396,6 +396,7 @@ MULTICHOICE = (
     "option_text",
     "wilson_interval",
     "mcnemar_p",
+    "paired_diff_interval",
     "majority_baseline",
     "summarize",
     "compare",

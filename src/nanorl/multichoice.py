@@ -1,8 +1,9 @@
 """Five-way multiple choice, shared by the built-in `arith` task and the AQuA-RAT plugin.
 
 Pure Python (no torch at import): the prompt, the answer line, answer extraction, the two rewards, the
-statistics an honest evaluation needs (Wilson interval, McNemar test, chance and majority baselines, confusion
-table, option shuffling for position bias), and `LetterTelemetry`, the RL telemetry hook over the answer letter.
+statistics an honest evaluation needs (Wilson interval, McNemar test, Tango's interval for a paired difference,
+chance and majority baselines, confusion table, option shuffling for position bias), and `LetterTelemetry`,
+the RL telemetry hook over the answer letter.
 
 Plugins reach it through `nanorl.api` (`from nanorl.api import extract_letter`, or `nanorl.api.multichoice`).
 
@@ -310,6 +311,51 @@ def mcnemar_chi2_p(b: int, c: int) -> float:
     return math.erfc(math.sqrt(chi2 / 2))  # survival function of chi-square with 1 dof
 
 
+def paired_diff_interval(b: float, c: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Tango's score interval (Tango 1998, Statistics in Medicine 17:891) for the difference of two paired
+    proportions, p_a - p_b = (b - c) / n: b pairs only A got right, c only B, n pairs in all. (b, c and n may be
+    effective counts, not integers: `compare` on a sampled evaluation.)
+
+    The limits are the differences d at which the score statistic
+        Z(d) = (b - c - n·d) / sqrt(n · (2·q(d) + d·(1 - d)))
+    is ±z, q(d) being the maximum-likelihood estimate of P(only B right) when the difference is held at d (the
+    root of a quadratic, below). Unlike the normal interval diff ± z·se it keeps its coverage at the few
+    discordant pairs a small model gives, stays inside [-1, 1], and is never a point: with no discordant pair
+    it is ±z²/(n + z²). Z(0) is McNemar's (uncorrected) statistic (b - c) / sqrt(b + c), so the interval
+    excludes 0 exactly when that test rejects at the same level.
+    """
+    if n <= 0:
+        return -1.0, 1.0
+    est = (b - c) / n
+
+    def score(d: float) -> float:
+        # q maximises b·log(q + d) + c·log(q) + (n - b - c)·log(1 - 2q - d): 2n·q² + B·q + C = 0
+        bq = -b - c + (2 * n - b + c) * d
+        cq = -c * d * (1 - d)
+        q = (-bq + math.sqrt(max(0.0, bq * bq - 8 * n * cq))) / (4 * n)
+        var = n * (2 * q + d * (1 - d))
+        num = b - c - n * d
+        if var <= 0:
+            return 0.0 if num == 0 else math.copysign(math.inf, num)
+        return num / math.sqrt(var)
+
+    def root(lo: float, hi: float, target: float) -> float:
+        # Z decreases in d: bisection to float precision
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if score(mid) > target:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-12:
+                break
+        return (lo + hi) / 2
+
+    lower = -1.0 if est <= -1 else root(-1.0, est, z)
+    upper = 1.0 if est >= 1 else root(est, 1.0, -z)
+    return lower, upper
+
+
 def majority_baseline(golds: Sequence[str]) -> tuple[str | None, float]:
     """The most common gold letter and the accuracy of always answering it (ties: the earliest letter)."""
     if not golds:
@@ -424,9 +470,16 @@ def compare(records_a: Sequence[dict[str, Any]], records_b: Sequence[dict[str, A
     """Paired comparison of two evaluations of the same questions (matched by "id", else by order).
 
     Per question, the share of its completions that are right (0 or 1 with one completion each). diff = mean
-    share(a) - mean share(b), `diff_ci95` its normal interval from the per-question differences; `a_only`/`b_only`
-    count the questions a / b did better on, and p is the exact two-sided sign test on them: McNemar's exact test
-    (`mcnemar_p`) when each question has one completion. `both_correct`: questions both got entirely right.
+    share(a) - mean share(b); `a_only`/`b_only` count the questions a / b did better on, and p is the exact
+    two-sided sign test on them: McNemar's exact test (`mcnemar_p`) when each question has one completion.
+    `both_correct`: questions both got entirely right.
+
+    `diff_ci95` is Tango's score interval (`paired_diff_interval`) on the discordant pairs. With k completions
+    per question (sampled), each question stands for k pairs of one completion of a and one of b: of them
+    k·fa·(1 - fb) are expected to have only a right and k·fb·(1 - fa) only b (fa, fb the shares; their
+    difference over all n·k pairs is diff), and these counts are shrunk to the effective sample size as
+    `sampled_stats` does: n·k divided by the design effect, the variance of diff from the per-question
+    differences over the variance n·k independent pairs would give (at least 1, so never above n·k).
     """
     if all("id" in r for r in records_a) and all("id" in r for r in records_b):
         qa, qb = _by_question(records_a), _by_question(records_b)
@@ -440,6 +493,7 @@ def compare(records_a: Sequence[dict[str, Any]], records_b: Sequence[dict[str, A
         pairs = [([ra], [rb]) for ra, rb in zip(records_a, records_b, strict=True)]
     both = a_only = b_only = 0
     diffs, share_a, share_b = [], 0.0, 0.0
+    only_a = only_b = 0.0  # expected discordant pairs among one-completion pairs, per question summed
     for ga, gb in pairs:
         if ga[0]["gold"] != gb[0]["gold"]:
             raise ValueError(f"paired records disagree on the gold answer ({ga[0]['gold']} vs {gb[0]['gold']})")
@@ -449,17 +503,25 @@ def compare(records_a: Sequence[dict[str, Any]], records_b: Sequence[dict[str, A
         a_only += fa > fb
         b_only += fb > fa
         diffs.append(fa - fb)
+        only_a, only_b = only_a + fa * (1 - fb), only_b + fb * (1 - fa)
     n = len(pairs)
     diff = sum(diffs) / n if n else 0.0
-    # the standard error of the mean of the paired differences d_i: sqrt((E[d^2] - E[d]^2) / n)
-    se = math.sqrt(max(0.0, sum(d * d for d in diffs) / n - diff * diff) / n) if n else 0.0
     single = all(len(ga) == 1 and len(gb) == 1 for ga, gb in pairs)
+    if single:  # one completion each: the shares are 0/1 and the expected counts are the counts
+        lo, hi = paired_diff_interval(a_only, b_only, n)
+    else:
+        k = min(min(len(ga), len(gb)) for ga, gb in pairs)
+        pairs_n, b_n, c_n = n * k, k * only_a, k * only_b
+        var_iid = max(0.0, (b_n + c_n) / pairs_n - diff * diff) / pairs_n
+        var_q = sum((d - diff) ** 2 for d in diffs) / (n * (n - 1)) if n > 1 else 0.0
+        shrink = min(1.0, var_iid / var_q) if var_q > 0 else 1.0  # 1 / design effect, capped at 1
+        lo, hi = paired_diff_interval(b_n * shrink, c_n * shrink, pairs_n * shrink)
     return {
         "n": n,
         "accuracy_a": share_a / n if n else 0.0,
         "accuracy_b": share_b / n if n else 0.0,
         "diff": diff,
-        "diff_ci95": [diff - 1.96 * se, diff + 1.96 * se],
+        "diff_ci95": [lo, hi],
         "both_correct": both,
         "a_only": a_only,
         "b_only": b_only,

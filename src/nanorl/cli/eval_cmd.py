@@ -245,13 +245,13 @@ def register(app: typer.Typer) -> None:
             )
         if res.get("compare"):
             t = Table(title=f"paired with {compare_to} (McNemar, exact; sampled: sign test)", title_justify="left")
-            for col in ("mode", "n", "acc", "other", "diff ± 95%", "this better", "other better", "p"):
-                t.add_column(col, no_wrap=col in ("mode", "diff ± 95%"))
+            for col in ("mode", "n", "acc", "other", "diff", "95% CI", "this better", "other better", "p"):
+                t.add_column(col, no_wrap=col in ("mode", "95% CI"))
             for m, c in res["compare"].items():
-                half = (c["diff_ci95"][1] - c["diff_ci95"][0]) / 2  # the interval is symmetric about diff
-                diff = f"{c['diff']:+.3f} ± {half:.3f}"
+                lo, hi = c["diff_ci95"]  # Tango's score interval: not symmetric about diff
                 t.add_row(
-                    m, str(c["n"]), f"{c['accuracy_a']:.3f}", f"{c['accuracy_b']:.3f}", diff,
+                    m, str(c["n"]), f"{c['accuracy_a']:.3f}", f"{c['accuracy_b']:.3f}", f"{c['diff']:+.3f}",
+                    f"{lo:+.3f} to {hi:+.3f}",
                     str(c["a_only"]), str(c["b_only"]), f"{c['p_value']:.3g}",
                 )  # fmt: skip
             console.print(t)
