@@ -416,7 +416,8 @@ def test_letter_kl_hand_computed():
     policy, reference = [math.log(4), 0, 0, 0, 0], [0.0] * 5
     assert letter_kl(policy, reference) == pytest.approx(math.log(1.25), rel=1e-12)
     assert letter_kl(reference, reference) == pytest.approx(0.0, abs=1e-15)
-    # sequence KL: completion 1 has tokens [1] (diff 3), completion 2 [2, 2] (diffs 1, 2): mean over 3 tokens
+    # sequence KL, k3 = r - 1 - log r per token (log r = log p_ref - log p_pol), summed over each completion and
+    # averaged over completions: completion 1 has tokens [1] (log r = -3), completion 2 [2, 2] (log r = -1, -2)
     logprobs = {
         "policy": {(1,): [-1.0], (2, 2): [-1.0, -1.0]},
         "reference": {(1,): [-4.0], (2, 2): [-2.0, -3.0]},
@@ -427,13 +428,55 @@ def test_letter_kl_hand_computed():
     assert m["rl/kl_letter_mean"] == pytest.approx(math.log(1.25))
     assert m["rl/letter_margin_mean"] == pytest.approx(math.log(4))
     assert [m[f"rl/letter_pred_counts/{x}"] for x in "ABCDE"] == [2, 0, 0, 0, 0]
-    assert m["rl/kl_sequence_mean"] == pytest.approx((3 + 1 + 2) / 3)
+    k3 = [math.exp(-3) + 2, (math.exp(-1) + 0) + (math.exp(-2) + 1)]
+    assert m["rl/kl_sequence_mean"] == pytest.approx(sum(k3) / 2, rel=1e-12)
     assert m["rl/acc"] == 0.5 and m["rl/mean_reward"] == pytest.approx(0.6)
     # contexts: prompt + text up to the last "Final Answer:"; appended when the completion has none
     _, contexts, candidates = scorer.contexts[0]
     assert candidates == [1000 + ord(x) for x in "ABCDE"]
     assert contexts[0] == [7, 7] + [ord(ch) for ch in "x\nFinal Answer:"]
     assert contexts[1] == [7, 7] + [ord(ch) for ch in "no answer line\nFinal Answer:"]
+
+
+class TableScorer:
+    """Two autoregressive models over a 3-token vocabulary, completions of exactly 3 tokens: the next-token
+    distribution is a fixed random table per prefix, so the exact sequence KL can be enumerated (27 sequences)."""
+
+    def __init__(self, seed):
+        import itertools
+        import random
+
+        rng = random.Random(seed)
+        self.tables = {}
+        for which in ("policy", "reference"):
+            for n in range(3):
+                for prefix in itertools.product(range(3), repeat=n):
+                    w = [rng.random() ** 3 + 1e-3 for _ in range(3)]  # peaked, so the models differ a lot
+                    self.tables[which, prefix] = [math.log(x / sum(w)) for x in w]
+
+    def token_logprobs(self, which, prompt_ids, completions):
+        return [[self.tables[which, tuple(c[:t])][c[t]] for t in range(len(c))] for c in completions]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sequence_kl_is_unbiased_and_never_negative(seed):
+    import itertools
+
+    scorer = TableScorer(seed)
+    exact = expected = 0.0
+    old_k1_negative = False
+    for seq in itertools.product(range(3), repeat=3):
+        lp, lr = (scorer.token_logprobs(w, [], [list(seq)])[0] for w in ("policy", "reference"))
+        p_seq = math.exp(sum(lp))
+        exact += p_seq * (sum(lp) - sum(lr))  # KL(policy || reference) over the 27 sequences, float64
+        batch = _batch(scorer, ["x"])
+        batch.completion_ids = [list(seq)]
+        est = _hook().sequence_kl(batch)
+        assert est >= 0.0
+        expected += p_seq * est  # the estimator's expectation when the completion is sampled from the policy
+        old_k1_negative |= sum(lp) - sum(lr) < 0
+    assert exact > 0.05 and expected == pytest.approx(exact, rel=1e-12)
+    assert old_k1_negative  # the log-ratio sum it replaces is negative on some completion
 
 
 def test_letter_telemetry_bare_letter_tokens():
@@ -544,7 +587,7 @@ def test_letter_telemetry_with_the_rl_stage_scorer(one_thread):
             return model(torch.tensor([seq]))[0, -1].double()
 
     letters = [ord(x) for x in "ABCDE"]
-    kls, seq_diffs = [], []
+    kls, seq_k3 = [], []
     for row, text in enumerate(texts):
         prompt = prompts[row // 2]
         cut = text.rfind("Final Answer:")
@@ -557,10 +600,10 @@ def test_letter_telemetry_with_the_rl_stage_scorer(one_thread):
         with torch.no_grad():
             lp = torch.log_softmax(policy(torch.tensor([full]))[0].double(), -1)
             lq = torch.log_softmax(reference(torch.tensor([full]))[0].double(), -1)
-        for t in range(len(prompt), len(full)):  # token t is predicted at position t - 1
-            seq_diffs.append(float(lp[t - 1, full[t]] - lq[t - 1, full[t]]))
+        log_r = [float(lq[t - 1, full[t]] - lp[t - 1, full[t]]) for t in range(len(prompt), len(full))]
+        seq_k3.append(sum(math.exp(x) - 1 - x for x in log_r))  # token t is predicted at position t - 1
     assert m["rl/kl_letter_mean"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
-    assert m["rl/kl_sequence_mean"] == pytest.approx(sum(seq_diffs) / len(seq_diffs), rel=1e-4, abs=1e-6)
+    assert m["rl/kl_sequence_mean"] == pytest.approx(sum(seq_k3) / len(seq_k3), rel=1e-4, abs=1e-6)
     assert sum(m[f"rl/letter_pred_counts/{x}"] for x in "ABCDE") == 4
     # the same model on both sides: no divergence at all
     same = ModelScorer(Bytes(), policy, lambda: policy, device, torch.float32)

@@ -628,7 +628,8 @@ class LetterTelemetry(TelemetryHook):
       rl/kl_letter_mean          KL(policy || reference) of the letter distributions (renormalised over 5)
       rl/letter_margin_mean      policy's top-1 minus top-2 letter logit
       rl/letter_pred_counts/X    how many rows the policy's most likely letter is X
-      rl/kl_sequence_mean        mean over sampled tokens of log p_policy - log p_reference (Monte-Carlo KL)
+      rl/kl_sequence_mean        mean over the completions of the k3 estimate of the sequence KL(policy ||
+                                 reference) in nats: the sum over the tokens of r - 1 - log r, never negative
       rl/letter_collapse         1 when one letter takes more than 60% of the predictions while the batch
                                  accuracy is not above the majority-letter baseline of the gold letters seen
                                  so far in the stage (a warning is logged too), else 0
@@ -714,7 +715,13 @@ class LetterTelemetry(TelemetryHook):
         return out
 
     def sequence_kl(self, batch: RolloutBatch) -> float:
-        """Token-weighted mean of log p_policy - log p_reference over the sampled completions' tokens."""
+        """Mean over the completions of the k3 estimate of KL(policy || reference) over the whole completion:
+        the sum over its tokens of r - 1 - log r, r = p_reference(token) / p_policy(token).
+
+        Each term is >= 0 (x - 1 >= log x), so the estimate is too, and E[r - 1] = 0 under the policy, so for
+        completions sampled from the scored policy (temperature 1) the sum is unbiased for the sequence KL (the
+        chain rule sums the per-position KLs). The plain log-ratio sum (k1) is unbiased too but is negative on
+        many batches. What it measures in the RL stage: docs/aqua.md (Letter telemetry)."""
         total, count = 0.0, 0
         g = batch.group_size
         for i in range(len(batch.examples)):
@@ -722,8 +729,8 @@ class LetterTelemetry(TelemetryHook):
             pol = batch.scorer.token_logprobs("policy", batch.prompt_ids[i], comps)
             ref = batch.scorer.token_logprobs("reference", batch.prompt_ids[i], comps)
             for lp, lr in zip(pol, ref, strict=True):
-                total += sum(a - b for a, b in zip(lp, lr, strict=True))
-                count += len(lp)
+                total += sum(math.expm1(b - a) - (b - a) for a, b in zip(lp, lr, strict=True))
+                count += 1
         return total / count if count else 0.0
 
 
