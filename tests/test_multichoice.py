@@ -404,9 +404,11 @@ def _batch(scorer, completions, step=0, golds=("C",), correct=None, rewards=None
     )
 
 
-def _hook(kl_every=1, task="aqua"):
+def _hook(kl_every=1, task="aqua", answer_counts=None):
     hook = LetterTelemetry("aqua.letters", task="aqua")
-    hook.on_stage_start(StageInfo("r", "/tmp/r", "rl", task, {"rl": {"kl_every": kl_every}}, 10))
+    info = StageInfo("r", "/tmp/r", "rl", task, {"rl": {"kl_every": kl_every}}, 10)
+    info.answer_counts = answer_counts or {}
+    hook.on_stage_start(info)
     return hook
 
 
@@ -506,9 +508,9 @@ def test_letter_telemetry_gating_and_collapse(caplog):
     assert _hook(kl_every=0).on_rollouts(batch).keys() == {"rl/acc", "rl/mean_reward"}
     with caplog.at_level(logging.WARNING, logger="nanorl.multichoice"):
         m = _hook(kl_every=3).on_rollouts(batch)
-    assert m["rl/letter_collapse"] == 1.0  # A on 100% of rows, accuracy 0 <= majority baseline 0.5
+    assert m["rl/letter_collapse"] == 1.0  # A on 100% of rows, accuracy 0 <= the baseline (chance: no counts)
     assert "letter collapse" in caplog.text
-    # A on 80% of rows but accuracy 0.8 above the majority baseline 0.6: a model that is right, no alarm
+    # A on 80% of rows but accuracy 0.8 above the baseline: a model that is right, no alarm
     peaked = [[5.0 if j == i else 0.0 for j in range(5)] for i in (0, 0, 0, 0, 1)]
     scorer = FakeScorer(peaked, [0.0] * 5)
     right = _batch(scorer, ["x"] * 5, step=0, golds=("A", "A", "A", "B", "B"), correct=[1, 1, 1, 0, 1])
@@ -516,6 +518,31 @@ def test_letter_telemetry_gating_and_collapse(caplog):
     m = _hook().on_rollouts(right)
     assert m["rl/letter_pred_counts/A"] == 4 and m["rl/acc"] == pytest.approx(0.8)
     assert m["rl/letter_collapse"] == 0.0
+
+
+def test_letter_collapse_baseline_is_the_train_splits():
+    # the train split's gold letters: A is the commonest, 30%
+    train = {"A": 30, "B": 25, "C": 20, "D": 15, "E": 10}
+    a_mostly = [[5.0 if j == i else 0.0 for j in range(5)] for i in (0, 0, 0, 1)]
+    # a batch whose prompts happen to be A, A, A, B, answered A, A, A, B (all right): 75% A, but accuracy 1.0
+    right = _batch(FakeScorer(a_mostly, [0.0] * 5), ["x"] * 4, golds=("A", "A", "A", "B"), correct=[1, 1, 1, 1])
+    right.completion_ids = [[]] * 4
+    m = _hook(answer_counts=train).on_rollouts(right)
+    assert m["rl/letter_majority_baseline"] == pytest.approx(0.3)
+    assert m["rl/letter_collapse"] == 0.0
+    # answered A, A, A, B on prompts A, B, C, D: 75% A, accuracy 0.25 <= 0.3: the alarm. (The batch's own gold
+    # letters, 4 different ones, made a baseline of 0.25 here and 0.75 above: a false alarm on a right model.)
+    wrong = _batch(FakeScorer(a_mostly, [0.0] * 5), ["x"] * 4, golds=("A", "B", "C", "D"), correct=[1, 0, 0, 0])
+    wrong.completion_ids = [[]] * 4
+    m = _hook(answer_counts=train).on_rollouts(wrong)
+    assert m["rl/letter_collapse"] == 1.0
+    # the same predictions at 40% accuracy: above the baseline, no alarm
+    wrong.correct = [1, 1, 0, 0]
+    assert _hook(answer_counts=train).on_rollouts(wrong)["rl/letter_collapse"] == 0.0
+    # answers that are not letters are not counted; no counts at all: chance, 1/5
+    m = _hook(answer_counts={"A": 1, "B": 3, "none": 100}).on_rollouts(right)
+    assert m["rl/letter_majority_baseline"] == pytest.approx(0.75)
+    assert _hook().on_rollouts(right)["rl/letter_majority_baseline"] == pytest.approx(0.2)
 
 
 def test_api_reexport_without_torch():

@@ -211,6 +211,10 @@ class StageInfo:
     #: what a stage without training steps (tokenizer, eval) works on, e.g. "the rl and sft models on dev
     #: (generative)"; the console prints it instead of a step count. Empty for the training stages.
     description: str = ""
+    #: how often each gold answer (`Example.answer`) occurs in the examples the stage trains on (the rl stage:
+    #: the train split), known once at the stage's start: the baselines a hook compares rollouts against
+    #: (`LetterTelemetry`'s collapse alarm). Empty where the stage gives none.
+    answer_counts: dict[str, int] = field(default_factory=dict)
 
 
 class Scorer(Protocol):

@@ -630,9 +630,17 @@ class LetterTelemetry(TelemetryHook):
       rl/letter_pred_counts/X    how many rows the policy's most likely letter is X
       rl/kl_sequence_mean        mean over the completions of the k3 estimate of the sequence KL(policy ||
                                  reference) in nats: the sum over the tokens of r - 1 - log r, never negative
-      rl/letter_collapse         1 when one letter takes more than 60% of the predictions while the batch
-                                 accuracy is not above the majority-letter baseline of the gold letters seen
-                                 so far in the stage (a warning is logged too), else 0
+      rl/letter_collapse         1 when one letter is the policy's most likely letter on more than 60% of the
+                                 rows while the batch accuracy is not above the majority-letter baseline (a
+                                 warning is logged too), else 0
+      rl/letter_majority_baseline  that baseline: the share of the commonest gold letter among the stage's
+                                 training examples (`StageInfo.answer_counts`, counted once at the stage's
+                                 start; chance, 1/5, when the stage gives no counts)
+
+    The alarm reads "the policy answers mostly one letter and does no better than always answering the
+    commonest letter would". The baseline is the train split's, not the batch's: a KL step sees a few prompts
+    (8 gold letters give majority rates of 0.25 to 1 by chance alone). The batch accuracy is still a few
+    prompts' worth, so a single alarm is a prompt to look at the letter counts, not a verdict.
 
     Where the letter is read: the prompt plus the completion's text up to and including its last
     "Final Answer:", re-encoded from text as the model would read it; a completion without one gets
@@ -650,22 +658,22 @@ class LetterTelemetry(TelemetryHook):
         self.active = False
         self.kl_every = 0
         self.last_kl_step: int | None = None
-        self.gold_counts: Counter[str] = Counter()
+        self.majority = 1 / len(letters)  # the collapse alarm's baseline, set at the stage's start
 
     def on_stage_start(self, info: StageInfo) -> dict[str, float] | None:
         self.active = info.stage == "rl" and info.task == self.task
         rl = info.config.get("rl", info.config) if isinstance(info.config, dict) else {}
         self.kl_every = int(rl.get("kl_every", 10))  # 10: the config's default
-        self.gold_counts = Counter()
         self.last_kl_step = None
+        golds = {x: n for x, n in info.answer_counts.items() if x in self.letters}
+        total = sum(golds.values())
+        self.majority = max(golds.values()) / total if total else 1 / len(self.letters)
         return None
 
     def on_rollouts(self, batch: RolloutBatch) -> dict[str, float] | None:
         if not self.active or not batch.completions:
             return None
         n = len(batch.completions)
-        for ex in batch.examples:
-            self.gold_counts[ex.answer] += batch.group_size
         acc = sum(bool(c) for c in batch.correct) / n
         out: dict[str, float] = {"rl/acc": acc, "rl/mean_reward": sum(batch.rewards) / n}
         due = self.last_kl_step is None or batch.step - self.last_kl_step >= self.kl_every
@@ -674,9 +682,10 @@ class LetterTelemetry(TelemetryHook):
             out.update(self.letter_metrics(batch))
             out["rl/kl_sequence_mean"] = self.sequence_kl(batch)
             preds = [out[f"rl/letter_pred_counts/{x}"] for x in self.letters]
-            _, majority = majority_baseline(list(self.gold_counts.elements()))
+            majority = self.majority
             collapsed = max(preds) > self.COLLAPSE_SHARE * n and acc <= majority
             out["rl/letter_collapse"] = float(collapsed)
+            out["rl/letter_majority_baseline"] = majority
             if collapsed:
                 top = self.letters[preds.index(max(preds))]
                 logger.warning(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import Counter
 from typing import Any, Literal
 
 import numpy as np
@@ -450,6 +451,7 @@ def run(ctx: Context) -> dict[str, Any]:
     engine = ctx.engine(model)
     scorer = ModelScorer(tok, model, reference, ctx.device, ctx.dtype)
     info = ctx.info("rl", steps)
+    info.answer_counts = dict(Counter(ex.answer for ex in train))  # hooks' baselines (StageInfo)
     ctx.bus.stage_start(info)
     last: dict[str, Any] = {}
     t_stage = time.time()
