@@ -67,3 +67,24 @@ def test_a_figure_that_fails_mid_write_leaves_the_previous_one_whole(tmp_path, m
         write_report(run)
     assert (run / "report_curves.png").read_bytes() == b"\x89PNG previous"
     assert not list(run.glob("*.tmp"))
+
+
+def test_the_report_marks_what_a_free_form_task_lacks(tmp_path, monkeypatch):
+    # GSM8K's summary has no chance level and no format rate: "-", not an empty cell; the paired comparison
+    # shows its (asymmetric) interval
+    _fake_matplotlib(monkeypatch, fail=False)
+    run = _run(tmp_path)
+    (run / "eval").mkdir()
+    gen = {"n": 10, "accuracy": 0.3, "accuracy_ci95": [0.1, 0.6], "majority_baseline": 0.1}
+    mc = {**gen, "chance_baseline": 0.2, "format_rate": 0.9}
+    comp = {"a": "rl", "b": "sft", "accuracy_a": 0.3, "accuracy_b": 0.3, "diff": 0.0, "diff_ci95": [-0.278, 0.278]}
+    comp.update(p_value=1.0, n=10, test="McNemar exact")
+    for task, summary in (("gsm8k", gen), ("aqua", mc)):
+        res = {"task": task, "split": "dev", "stage": "rl", "modes": {"generative": summary}}
+        res["compare"] = {"generative": comp}
+        (run / "eval" / f"{task}-dev.json").write_text(json.dumps(res))
+    text = write_report(run).read_text()
+    cells = {ln.split(" | ")[0].strip("| "): ln.strip("| ").split(" | ") for ln in text.splitlines() if ".json" in ln}
+    assert cells["gsm8k-dev.json"][-3:] == ["-", "0.1", "-"]  # chance, majority, format rate
+    assert "-" not in cells["aqua-dev.json"][-3:]
+    assert "diff +0.000, 95% CI -0.278 to +0.278, McNemar p = 1, n = 10" in text

@@ -307,15 +307,17 @@ def write_report(run: str | Path) -> Path:
                         f" pass@1 {fmt_value(s.get('accuracy'))}, pass@{k} {fmt_value(s.get('pass_at_k'))},"
                         f" maj@{k} {fmt_value(s.get('maj_at_k'))}"
                     )
+                # a free-form task (GSM8K) has no chance level and no format rate: "-", as `nanorl eval` prints
+                chance, major, fmt = (fmt_value(s[k]) if k in s else "-" for k in _BASELINES)
                 lines.append(
                     f"| {name} | {ev['stage'] or ''} | {mode} | {s.get('n')} | {fmt_value(s.get('accuracy'))} | "
-                    f"{fmt_value(ci[0])}–{fmt_value(ci[1])} | {fmt_value(s.get('chance_baseline', ''))} | "
-                    f"{fmt_value(s.get('majority_baseline', ''))} | {fmt_value(s.get('format_rate', ''))} |"
+                    f"{fmt_value(ci[0])}–{fmt_value(ci[1])} | {chance} | {major} | {fmt} |"
                 )
             for mode, c in ev["compare"].items():
                 compares.append(
                     f"- {name} [{mode}]: {c['a']} {c['accuracy_a']:.3f} vs {c['b']} {c['accuracy_b']:.3f} "
-                    f"(diff {c['diff']:+.3f}, {paired_test_name(c)} p = {c['p_value']:.3g}, n = {c['n']})"
+                    f"(diff {c['diff']:+.3f}, 95% CI {_ci(c.get('diff_ci95'))}, {paired_test_name(c)}"
+                    f" p = {c['p_value']:.3g}, n = {c['n']})"
                 )
         lines.append("")
         if sampled:
@@ -330,6 +332,14 @@ def write_report(run: str | Path) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
+
+
+_BASELINES = ("chance_baseline", "majority_baseline", "format_rate")
+
+
+def _ci(ci: Any) -> str:
+    """A paired difference's interval, "-0.012 to +0.034" (Tango's: not symmetric about the difference)."""
+    return f"{ci[0]:+.3f} to {ci[1]:+.3f}" if isinstance(ci, list) and len(ci) == 2 else "-"
 
 
 def paired_test_name(c: dict[str, Any]) -> str:

@@ -288,7 +288,10 @@ def run(ctx: Context) -> dict[str, Any]:
         raise NanorlError("nothing to evaluate: no model stage of this run has finished", hint="run the pipeline")
     stages = [final] + (["sft"] if final == "rl" and ckpt.is_done(ctx.stage_dir("sft")) else [])
     models = " and ".join(stages) + (" models" if len(stages) > 1 else " model")
-    modes = "generative and categorical" if ecfg.mode == "both" else ecfg.mode
+    modes = ecfg.mode
+    if modes == "both":  # a free-form task (GSM8K) has no categorical mode: `evaluate` runs generative only
+        first = ctx.examples(ecfg.splits[0])[:1]
+        modes = "generative and categorical" if first and ctx.task.choices(first[0]) is not None else "generative"
     info = ctx.info("eval", len(stages) * len(ecfg.splits), f"the {models} on {', '.join(ecfg.splits)} ({modes})")
     ctx.bus.stage_start(info)
     out: dict[str, Any] = {}
