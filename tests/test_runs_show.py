@@ -148,7 +148,9 @@ def test_the_report_renders_the_same_data():
     assert "| layer | base | sft |" in report and "| L1 | 3.5 | 3.75 |" in report
     assert "| arith-dev.json | base | generative | 10 | 0.6 | 0.3127–0.8318 | 0.2 | 0.3 | 1 |" in report
     assert "- arith-dev.json: 2 completions per question at temperature 0.7: pass@1 0.6, pass@2 0.6" in report
-    assert "- arith-dev.json [generative]: base 0.600 vs sft 0.400 (diff +0.200, McNemar p = " in report
+    c = run_overview(run)["evals"][0]["compare"]["generative"]
+    lo, hi = c["diff_ci95"]  # the same interval `nanorl runs show` prints
+    assert f"base 0.600 vs sft 0.400 (diff +0.200, 95% CI {lo:+.3f} to {hi:+.3f}, McNemar p = " in report
 
 
 def test_a_run_with_nothing_logged_yet_shows_what_it_can():
