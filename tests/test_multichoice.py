@@ -294,8 +294,9 @@ def test_paired_diff_interval_is_tangos_score_interval(b, c, n):
 
 
 def test_paired_diff_interval_published_and_limiting_cases():
-    # Fagerland, Lydersen & Laake (2014): airway hyper-responsiveness before/after stem cell transplantation,
-    # (a, b, c, d) = (1, 1, 7, 12); Tango's 95% interval -0.517 to -0.026
+    # The airway hyper-responsiveness table of Fagerland, Lydersen & Laake (2014), (a, b, c, d) = (1, 1, 7, 12):
+    # -0.517 to -0.026 is Tango's 95% interval as we recall it from their table, not re-read here (the same table
+    # is checked against an independent computation above)
     lo, hi = paired_diff_interval(1, 7, 21)
     assert (round(lo, 3), round(hi, 3)) == (-0.517, -0.026)
     # no discordant pair: not a point (the normal interval was "+0.000 to +0.000") but +-z^2 / (n + z^2)
