@@ -479,3 +479,31 @@ def test_hub_rows_says_offline_for_any_true_value(monkeypatch):
     assert hf_offline() is None
     with pytest.raises(NanorlError, match="ConnectionError: Couldn't reach the hub"):
         hub_rows("org/data", None, "train", hint="give --data-dir")
+
+
+def test_a_tasks_corpus_gets_the_data_folder_when_it_takes_one():
+    """`data.corpus=task` passes `--data-dir` to a task's corpus(split, data_dir); a plugin written against the
+    older corpus(split) keeps working (called without it), and so does one taking **kwargs."""
+    from nanorl.api import Task
+    from nanorl.data import open_corpus
+
+    class Old(Task):
+        name = "old"
+
+        def corpus(self, split="train"):
+            return iter([f"old {split}"])
+
+    class New(Task):
+        name = "new"
+
+        def corpus(self, split="train", data_dir=None):
+            return iter([f"new {split} {data_dir}"])
+
+    class Kw(Task):
+        name = "kw"
+
+        def corpus(self, split="train", **kw):
+            return iter([f"kw {split} {kw}"])
+
+    docs = {t.name: list(open_corpus("task", task=t, split="dev", data_dir="/d").docs()) for t in (Old(), New(), Kw())}
+    assert docs == {"old": ["old dev"], "new": ["new dev /d"], "kw": ["kw dev {'data_dir': '/d'}"]}

@@ -138,8 +138,10 @@ class Task:
         """The answer letters for categorical evaluation (compare the logits of these tokens), or None."""
         return list(LETTERS[: len(example.options)]) if example.options else None
 
-    def corpus(self, split: str = "train") -> Iterable[str] | None:
-        """Pretraining text of the task's own (used by offline tasks such as `arith`); None when it has none."""
+    def corpus(self, split: str = "train", data_dir: str | None = None) -> Iterable[str] | None:
+        """Pretraining text of the task's own (`data.corpus=task`, the tiny preset's); None when it has none.
+        `data_dir` is `load`'s (`--data-dir`): a task read from local files can pretrain on them offline. A
+        task written as `corpus(self, split)` works too: nanorl passes `data_dir` only to a method that takes it."""
         return None
 
     def tools(self) -> dict[str, Callable[[str], str | None]]:

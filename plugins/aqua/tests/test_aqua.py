@@ -221,3 +221,18 @@ def test_dev_gold_rationale_extraction():
         target = task.target(e)
         assert target.endswith(f"\nFinal Answer: {e.answer}") and extract_letter(target) == e.answer
         assert "Answer: " + e.answer + "Answer" not in target
+
+
+def test_the_task_pretrains_offline_on_its_own_files(tmp_path):
+    """`data.corpus=task` with --data-dir: the tokenizer and base stages read the split's own files, each problem
+    as the prompt shows it and then the worked answer SFT teaches; nanorl passes the data folder through."""
+    from nanorl.data import open_corpus
+
+    _write_lines(tmp_path / "train.json", [ROW, _row(question="Another?", correct="B")])
+    task = AquaTask()
+    docs = list(open_corpus("task", task=task, data_dir=str(tmp_path)).docs())
+    assert len(docs) == 2
+    ex = load_split("train", tmp_path)[0]
+    assert docs[0] == f"{task.prompt(ex)[-1]['content']}\n\n{task.target(ex)}"
+    assert ROW["question"] in docs[0] and "C) 600" in docs[0] and docs[0].endswith("Final Answer: E")
+    assert "Another?" in docs[1] and docs[1].endswith("Final Answer: B")

@@ -257,3 +257,17 @@ def load_split_free(row: dict) -> Example:
     from nanorl_gsm8k.data import validate_rows
 
     return validate_rows([(1, row)], "test", "memory")[0]
+
+
+def test_the_task_pretrains_offline_on_its_own_files(tmp_path):
+    """`data.corpus=task` with --data-dir: each train problem, then its solution with the calculator notes as the
+    plain arithmetic they state (a tool call is special tokens, not text), then the answer line."""
+    from nanorl.data import open_corpus
+
+    _write(tmp_path / "train.jsonl", [ROW])
+    task = GSM8KTask()
+    docs = list(open_corpus("task", task=task, data_dir=str(tmp_path)).docs())
+    assert docs == [
+        f"{ROW['question']}\n\nNatalia sold 48/2 = 24 clips in May.\n"
+        "Natalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
+    ]

@@ -66,10 +66,10 @@ def _load(run: str | None, directory: Path | None):
     return Tokenizer.load(folder), folder
 
 
-def _measure_on(tok, run: str | None, corpus: str | None, task: str | None) -> tuple[str, str]:
-    """(corpus spec, task name) to measure compression on: --corpus, else what the tokenizer was trained on (it
-    records it), else the run's data.corpus (its run.toml), else the task's own text; the task: --task, else the
-    recorded one, else the run's, else the default."""
+def _measure_on(tok, run: str | None, corpus: str | None, task: str | None) -> tuple[str, str, str | None]:
+    """(corpus spec, task name, task data folder) to measure compression on: --corpus, else what the tokenizer was
+    trained on (it records it), else the run's data.corpus (its run.toml), else the task's own text; the task:
+    --task, else the recorded one, else the run's, else the default; the folder: the run's data.data_dir."""
     from nanorl.config import RunConfig, from_toml_file, run_dir
     from nanorl.data.prepare import recorded_corpus
 
@@ -78,7 +78,7 @@ def _measure_on(tok, run: str | None, corpus: str | None, task: str | None) -> t
     cfg = from_toml_file(toml) if toml is not None and toml.is_file() else None
     spec = corpus or rec_spec or (cfg.data.corpus if cfg else None) or "task"
     task_name = task or rec_task or (cfg.task if cfg else None) or RunConfig().task
-    return spec, task_name
+    return spec, task_name, (cfg.data.data_dir or None) if cfg else None
 
 
 def _run_config(run: str | None, preset, config, task, overrides, flags: dict):
@@ -216,10 +216,10 @@ def register(app: typer.Typer) -> None:
         from nanorl.plugins import get_plugins
 
         tok, folder = _load(run, directory)
-        spec, task_name = _measure_on(tok, run, corpus, task)
+        spec, task_name, data_dir = _measure_on(tok, run, corpus, task)
         the_task = get_plugins().task(task_name) if spec == "task" else None
         try:
-            sample, what = held_out_sample(spec, the_task)
+            sample, what = held_out_sample(spec, the_task, data_dir=data_dir)
         except NanorlError as e:
             raise NanorlError(
                 f"cannot measure compression on {spec!r}: {e.message}",

@@ -17,6 +17,7 @@ unreadable file is skipped and counted in `corpus.stats` instead; an empty corpu
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -183,12 +184,26 @@ def expand_paths(spec: str) -> list[Path]:
     return files
 
 
-def open_corpus(spec: str, task: Task | None = None, skip_bad: bool = False, split: str = "train") -> Corpus:
-    """The corpus that `data.corpus` names: "task" (the task's own text), "fineweb" (downloaded shards), or paths."""
+def task_corpus(task: Task, split: str, data_dir: str | None = None):
+    """`task.corpus(split, data_dir=...)`, or `task.corpus(split)` for a task whose method does not take
+    `data_dir` (written before nanorl passed it: it keeps working)."""
+    try:
+        params = inspect.signature(task.corpus).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: call it the documented old way
+        params = {}
+    takes = "data_dir" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return task.corpus(split, data_dir=data_dir) if takes else task.corpus(split)
+
+
+def open_corpus(
+    spec: str, task: Task | None = None, skip_bad: bool = False, split: str = "train", data_dir: str | None = None
+) -> Corpus:
+    """The corpus that `data.corpus` names: "task" (the task's own text; `data_dir`: `data.data_dir`, the task's
+    files), "fineweb" (downloaded shards), or paths."""
     if spec == "task":
         if task is None:
             raise NanorlError("corpus 'task' needs a task", exit_code=2)
-        if task.corpus(split) is None:
+        if task_corpus(task, split, data_dir) is None:
             raise NanorlError(
                 f"task {task.name!r} has no pretraining corpus of its own",
                 hint="use data.corpus=fineweb (after `nanorl data download fineweb`) or a path; the task's"
@@ -196,7 +211,7 @@ def open_corpus(spec: str, task: Task | None = None, skip_bad: bool = False, spl
                 " (nanorl.api.Task.corpus, docs/plugins.md)",
                 exit_code=2,
             )
-        return Corpus([lambda: task.corpus(split)], name=f"task:{task.name}", skip_bad=skip_bad)
+        return Corpus([lambda: task_corpus(task, split, data_dir)], name=f"task:{task.name}", skip_bad=skip_bad)
     if spec == "fineweb":
         from nanorl.data.fineweb import fineweb_shards
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nanorl.api import Task
 from nanorl.config import RunConfig, nanorl_home, run_dir
-from nanorl.data.corpus import open_corpus
+from nanorl.data.corpus import open_corpus, task_corpus
 
 # documents in the held-out sample that `nanorl tokenizer info` measures compression on
 HELD_OUT_DOCS = 500
@@ -104,7 +104,9 @@ def open_run_corpus(cfg: RunConfig, task: Task | None, split: str = "train", con
     is every shard on disk. In a multi-process run only one process should download (rank 0, then a barrier)."""
     if cfg.data.corpus == "fineweb" and cfg.data.fineweb_shards > 0:
         fetch_fineweb(cfg.data.fineweb_shards, console=console)
-    return open_corpus(cfg.data.corpus, task=task, skip_bad=cfg.data.skip_bad, split=split)
+    return open_corpus(
+        cfg.data.corpus, task=task, skip_bad=cfg.data.skip_bad, split=split, data_dir=cfg.data.data_dir or None
+    )
 
 
 def train_run_tokenizer(
@@ -133,15 +135,17 @@ def train_run_tokenizer(
     return tok
 
 
-def held_out_sample(corpus_spec: str, task: Task | None, n_docs: int = HELD_OUT_DOCS) -> tuple[list[str], str]:
+def held_out_sample(
+    corpus_spec: str, task: Task | None, n_docs: int = HELD_OUT_DOCS, data_dir: str | None = None
+) -> tuple[list[str], str]:
     """Texts to measure compression on, and what they are: a task's dev split is held out by construction;
     for other corpora, the documents right after the first `n_docs` * 10 (training reads from the start, so on a
     corpus larger than `tokenizer.train_chars` these were not trained on)."""
-    if corpus_spec == "task" and task is not None and task.corpus("dev") is not None:
-        return list(islice(task.corpus("dev"), n_docs)), f"task:{task.name} dev split"
-    docs = open_corpus(corpus_spec, task=task, skip_bad=True).docs()
+    if corpus_spec == "task" and task is not None and task_corpus(task, "dev", data_dir) is not None:
+        return list(islice(task_corpus(task, "dev", data_dir), n_docs)), f"task:{task.name} dev split"
+    docs = open_corpus(corpus_spec, task=task, skip_bad=True, data_dir=data_dir).docs()
     sample = list(islice(docs, n_docs * 10, n_docs * 11))
     if not sample:
-        docs = open_corpus(corpus_spec, task=task, skip_bad=True).docs()
+        docs = open_corpus(corpus_spec, task=task, skip_bad=True, data_dir=data_dir).docs()
         return list(islice(docs, n_docs)), f"{corpus_spec} (first {n_docs} documents, not held out)"
     return sample, f"{corpus_spec} (documents {n_docs * 10}..{n_docs * 11 - 1})"

@@ -90,7 +90,7 @@ def run(ctx: Context) -> dict[str, Any]:
     if ctx.rank == 0:  # FineWeb shards the run needs (data.fineweb_shards) are fetched once, by one process
         open_run_corpus(cfg, ctx.task, console=ctx.bus.console)
     barrier()
-    corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad)
+    corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad, data_dir=cfg.data.data_dir or None)
     loader = PackedLoader(corpus, tok, B, T, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     steps = budget_steps(ctx, B * T * accum * ctx.world_size)
     if ctx.rank == 0:
@@ -105,10 +105,11 @@ def _val_fn(ctx: Context, B: int, T: int):
     from nanorl.data import PackedLoader, open_corpus
 
     cfg = ctx.cfg
+    spec = {"task": ctx.task, "skip_bad": cfg.data.skip_bad, "data_dir": cfg.data.data_dir or None}
     try:
-        corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad, split="dev")
+        corpus = open_corpus(cfg.data.corpus, split="dev", **spec)
     except Exception:  # a corpus with no dev split (local files): validate on the training text's first batches
-        corpus = open_corpus(cfg.data.corpus, task=ctx.task, skip_bad=cfg.data.skip_bad)
+        corpus = open_corpus(cfg.data.corpus, **spec)
     tbytes = token_bytes(ctx.tokenizer(), cfg.model.vocab_size, ctx.device)
 
     @torch.no_grad()

@@ -204,7 +204,8 @@ def preflight(
     if ("tokenizer" in stages or "base" in stages) and not fetched:
         from nanorl.data import open_corpus
 
-        open_corpus(cfg.data.corpus, task=task, skip_bad=cfg.data.skip_bad)  # the files are read later, lazily
+        # the files are read later, lazily
+        open_corpus(cfg.data.corpus, task=task, skip_bad=cfg.data.skip_bad, data_dir=cfg.data.data_dir or None)
     if "rl" in stages:
         from nanorl.stages import rl
 

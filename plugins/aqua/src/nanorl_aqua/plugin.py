@@ -46,6 +46,12 @@ class AquaTask(Task):
     def extract(self, completion: str) -> str | None:
         return extract_letter(completion)
 
+    def corpus(self, split: str = "train", data_dir: str | None = None):
+        """Pretraining text from the split's own files (`data.corpus=task`, offline with --data-dir): each problem
+        as the prompt shows it, then its worked answer, as SFT will see them."""
+        for ex in self.load(split, data_dir):
+            yield f"{self.prompt(ex)[-1]['content']}\n\n{self.target(ex)}"
+
 
 @hookimpl
 def register_tasks(register):

@@ -107,6 +107,14 @@ class GSM8KTask(Task):
     def choices(self, example: Example) -> None:
         return None  # free-form: evaluation is generative only
 
+    def corpus(self, split: str = "train", data_dir: str | None = None):
+        """Pretraining text from the split's own files (`data.corpus=task`, offline with --data-dir): each problem,
+        then its solution with the calculator notes written as plain arithmetic (`48/2 = 24`, where GSM8K writes
+        `48/2 = <<48/2=24>>24`: a tool call is special tokens, which plain pretraining text does not hold)."""
+        for ex in self.load(split, data_dir):
+            solution = NOTE.sub("", ex.rationale or "")
+            yield f"{ex.question}\n\n{solution}\n#### {ex.answer}"
+
     def tools(self):
         return {"python": calculate}
 
