@@ -296,3 +296,143 @@ def test_a_node_without_the_run_folder_stops_every_rank(tmp_path):
     # rank 1 fails to load the base checkpoint mid starts from; rank 0 stops with it, before any collective
     bad = f"{tmp_path / 'home/runs/disks/base'}: model.safetensors is truncated"
     assert errors[1]["load"] == bad and errors[0]["load"] == f"rank 1: {bad}", errors
+
+
+RESUME_AND_ERRORS = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    from pathlib import Path
+    from nanorl.api import NanorlError
+    from nanorl.config import resolve, run_dir
+    from nanorl.stages.common import Interrupted
+    from nanorl.stages.runner import run_pipeline
+    from nanorl.telemetry import read_metrics
+
+    out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+    overrides = __OVERRIDES__
+
+    def cfg(name):
+        return resolve(preset="tiny", overrides=[f"name={name}", *overrides])
+
+    # 1. a run stopped (as a kill would) after base step 3 and RL step 2, and resumed each time, against one run
+    # straight through: the same losses and weights (rank 0 wrote them; both ranks' agree, test_two_ranks_...)
+    run_pipeline(cfg("full"))
+    for stop in ({"base": 3}, {"rl": 2}):
+        try:
+            run_pipeline(cfg("crashy"), stop_after=stop)
+        except Interrupted:
+            pass
+    run_pipeline(cfg("crashy"))
+    if rank == 0:
+        def losses(name, stage):
+            recs = read_metrics(run_dir(name))
+            return {r["step"]: r["metrics"]["loss"] for r in recs if r["stage"] == stage and r.get("kind") is None}
+
+        def digest(name, stage):  # of the tensors (the file's header may differ between runs)
+            from safetensors.torch import load_file
+
+            h = hashlib.sha256()
+            for k, v in sorted(load_file(str(run_dir(name) / stage / "model.safetensors")).items()):
+                h.update(k.encode()); h.update(v.numpy().tobytes())
+            return h.hexdigest()
+
+        seen = {f"{n}:{s}": [losses(n, s), digest(n, s)] for n in ("full", "crashy") for s in ("base", "rl")}
+        (out / "resume.json").write_text(json.dumps(seen))
+
+    # 2. errors met on rank 1 only: every rank raises, rank 0 naming rank 1's error (none waits in a collective)
+    errors = {}
+    from nanorl.stages import rl
+
+    resolve_rewards = rl.resolve_rewards
+
+    def rewards(fails):
+        def reward(example, completion, answer):
+            if fails and rank == 1:
+                raise ValueError(f"cannot score {example.id}")
+            return float(len(completion) % 2)  # signal: the update runs
+        return lambda cfg_, task: [(reward, 1.0)]
+
+    rl.resolve_rewards = rewards(fails=True)
+    try:
+        run_pipeline(cfg("full"), only="rl")
+    except (NanorlError, ValueError) as e:
+        errors["reward"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
+    rl.resolve_rewards = rewards(fails=False)
+    policy_gradient = rl.policy_gradient
+
+    def out_of_memory(*a, **k):
+        if rank == 1:
+            raise RuntimeError("CUDA out of memory (a test)")
+        return policy_gradient(*a, **k)
+
+    rl.policy_gradient = out_of_memory
+    try:
+        run_pipeline(cfg("full"), only="rl")
+    except (NanorlError, RuntimeError) as e:
+        errors["update"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
+    rl.policy_gradient, rl.resolve_rewards = policy_gradient, resolve_rewards
+    from nanorl.stages import eval as ev
+
+    generative_records = ev.generative_records
+
+    def engine_fails(ctx, model, examples, *a, **k):
+        if rank == 1:
+            raise RuntimeError("the engine failed")
+        return generative_records(ctx, model, examples, *a, **k)
+
+    ev.generative_records = engine_fails
+    try:
+        run_pipeline(cfg("crashy"), only="eval")
+    except (NanorlError, RuntimeError) as e:
+        errors["eval"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
+    ev.generative_records = generative_records
+    (out / f"errors{rank}.json").write_text(json.dumps(errors))
+
+    # 3. `torchrun -m nanorl eval`: the ranks share the questions, rank 0 alone writes the file and prints
+    from nanorl.cli import main
+    try:
+        main(["eval", "--checkpoint", "crashy/sft", "--max-examples", "4", "--json"])
+    except SystemExit as e:
+        (out / f"eval_exit{rank}").write_text(str(e.code))
+    """
+).replace(
+    "__OVERRIDES__",
+    repr([
+        "model.depth=1", "model.n_embd=32", "model.n_head=1", "model.seq_len=64", "tokenizer.train_chars=50000",
+        "base.steps=4", "base.device_batch_size=2", "base.checkpoint_every=2", "base.eval_every=0", "mid.steps=1",
+        "mid.device_batch_size=2", "sft.steps=1", "sft.device_batch_size=2", "rl.steps=3", "rl.prompts_per_step=2",
+        "rl.group_size=2", "rl.max_new_tokens=8", "rl.checkpoint_every=1", "rl.dynamic_sampling=true",
+        "rl.max_sample_batches=2", "rl.mask_truncated=false", "eval.max_examples=2", "eval.batch_size=1",
+        "eval.max_new_tokens=4", "eval.mode=generative", "eval.samples=0", "telemetry.console=false", "device=cpu",
+    ]),
+)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_exactly_and_fail_together(tmp_path):
+    proc = _torchrun(tmp_path, RESUME_AND_ERRORS, timeout=180)
+    files = [tmp_path / f"eval_exit{r}" for r in (0, 1)]
+    assert all(f.exists() for f in files), proc.stderr[-3000:]
+    # a run interrupted and resumed on two ranks equals the uninterrupted one: losses and weights, base and RL
+    seen = json.loads((tmp_path / "resume.json").read_text())
+    for stage in ("base", "rl"):
+        assert seen[f"full:{stage}"] == seen[f"crashy:{stage}"], stage
+    assert len(seen["full:base"][0]) == 4 and len(seen["full:rl"][0]) == 3
+    assert "rl: resuming at step 2/3" in proc.stderr, proc.stderr[-3000:]
+
+    # a reward that raises on rank 1 (in dynamic sampling), an update that runs out of memory on rank 1 and an
+    # engine that fails on rank 1 in eval: rank 1 raises its error, rank 0 the same, naming rank 1
+    e0, e1 = (json.loads((tmp_path / f"errors{r}.json").read_text()) for r in (0, 1))
+    assert e1 == {
+        "reward": "ValueError: cannot score arith-train-" + e1["reward"].rsplit("-", 1)[1],
+        "update": "RuntimeError: CUDA out of memory (a test)",
+        "eval": "RuntimeError: the engine failed",
+    }, e1
+    assert e0 == {k: f"NanorlError: rank 1: {v}" for k, v in e1.items()}, e0
+
+    # `nanorl eval` under torchrun: both ranks finish; rank 0 printed the result once and wrote the file
+    assert [f.read_text() for f in files] == ["0", "0"]
+    printed = json.loads(proc.stdout)
+    assert printed["n"] == 4 and printed["stage"] == "sft"
+    written = json.loads((tmp_path / "home/runs/crashy/eval/arith-dev-sft.json").read_text())
+    assert _without_seconds(written) == _without_seconds(printed)

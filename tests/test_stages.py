@@ -141,17 +141,34 @@ def test_a_raising_telemetry_hook_is_reported_once_and_disabled(tmp_path):
         name = "extra"
 
         def on_step(self, stage, step, metrics):
-            return {"extra": 1.0}
+            return {"extra": 1.0, "one": torch.tensor([3.0])}
+
+    # what a hook returns must be a dict of numbers: anything else used to fail the metrics file's write (or the
+    # merge), which stopped the run (rank 0 alone under torchrun, the others left waiting for it)
+    class Histogram(TelemetryHook):
+        name = "histogram"
+
+        def on_step(self, stage, step, metrics):
+            return {"hist": torch.ones(3)}
+
+    class NotADict(TelemetryHook):
+        name = "not-a-dict"
+
+        def on_step(self, stage, step, metrics):
+            return 0.5
 
     with open(tmp_path / "out.txt", "w") as fh:
-        console = Console(file=fh, width=200)
-        with Telemetry(tmp_path, hooks=[Bad(), Extra()], console=console) as bus:
+        console = Console(file=fh, width=300)
+        with Telemetry(tmp_path, hooks=[Bad(), Histogram(), NotADict(), Extra()], console=console) as bus:
             for step in range(3):
                 bus.log("base", step, {"loss": float("nan"), "x": torch.tensor(2.0)})
     assert Bad.calls == 1
-    assert (tmp_path / "out.txt").read_text().count("boom") == 1
+    out = (tmp_path / "out.txt").read_text()
+    assert out.count("boom") == 1
+    assert out.count("telemetry hook 'histogram' failed in on_step: TypeError: returned metric 'hist' as a Tensor") == 1
+    assert out.count("telemetry hook 'not-a-dict' failed in on_step: TypeError: returned a float, not a dict") == 1
     recs = read_metrics(tmp_path)
-    assert len(recs) == 3 and recs[0]["metrics"] == {"loss": None, "x": 2.0, "extra": 1.0}
+    assert len(recs) == 3 and recs[0]["metrics"] == {"loss": None, "x": 2.0, "extra": 1.0, "one": 3.0}
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@
   (destroy_process_group) at exit when the run finished (`dist_finished`), not after an error, where leaving
   would wait on the other ranks.
 - `raise_together(err)`, `together(fn)` and `any_rank`/`max_over_ranks`: decisions every rank takes together, so
-  that an error met on one rank stops every rank instead of leaving the others waiting in their next collective.
+  that an error met on one rank stops every rank instead of leaving the others waiting in their next collective;
+  `mean_and_failed` carries an error's flag in an all-reduce a loop makes anyway.
 """
 
 from __future__ import annotations
@@ -253,6 +254,15 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= dist.get_world_size()
     return x
+
+
+def mean_and_failed(values: list[float], failed: bool, device: torch.device) -> tuple[list[float], bool]:
+    """(each of `values` averaged over ranks, whether any rank `failed`): one all-reduce carries both, so that a
+    collective a loop makes anyway also tells every rank of an error met on one of them (the caller then raises it
+    on every rank, `raise_together`). Without a process group: (values, failed)."""
+    x = all_reduce_mean(torch.tensor([*values, 1.0 if failed else 0.0], device=device))
+    out = x.tolist()
+    return out[:-1], out[-1] > 0
 
 
 def exact_dtype(device: torch.device) -> torch.dtype:

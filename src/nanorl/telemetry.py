@@ -10,7 +10,10 @@
 
 What it does with a record:
 1. calls every plugin hook (`nanorl.api.TelemetryHook`) and merges the metrics they return into the record;
-   a hook that raises is reported once on the console and switched off for the rest of the process;
+   a hook that raises, or returns something other than a dict of numbers, strings, booleans or None (a list,
+   an array, a tensor of several elements), is reported once on the console, naming it, and switched off for
+   the rest of the process: a hook never stops a run (nor, under torchrun, leaves rank 0 dead and the other
+   ranks waiting for it);
 2. appends the record to `<run>/metrics.jsonl` (always: one JSON object per line, `stage`, `step`, `time`,
    `metrics`; the file is the run's ground truth, the report reads it);
 3. hands it to the sinks: the console progress bar and wandb live in `nanorl.builtin.sinks` and register like
@@ -31,6 +34,23 @@ from typing import Any
 from nanorl.api import EvalResult, RolloutBatch, StageInfo, TelemetryHook
 
 METRICS_FILE = "metrics.jsonl"
+
+
+SCALARS = (int, float, bool, str, type(None))
+
+
+def _hook_metrics(out: Any) -> dict[str, Any]:
+    """What a hook returned, checked: a dict of JSON scalars (a tensor or numpy number of one element counts as
+    its number). Anything else raises TypeError saying what: it would fail the metrics file's write later."""
+    if not isinstance(out, dict):
+        raise TypeError(f"returned a {type(out).__name__}, not a dict of metrics")
+    for k, v in out.items():
+        elements = v.numel() if hasattr(v, "numel") else getattr(v, "size", None)
+        if isinstance(k, str) and hasattr(v, "item") and elements == 1:
+            continue  # a one-element tensor or numpy number: `_clean` makes it a float
+        if not isinstance(k, str) or not isinstance(v, SCALARS):
+            raise TypeError(f"returned metric {k!r} as a {type(v).__name__}, not a number")
+    return out
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -92,12 +112,13 @@ class Telemetry:
                 continue
             try:
                 out = getattr(hook, method)(*args)
+                out = _clean(_hook_metrics(out)) if out else None
             except Exception as e:  # telemetry never stops training
                 self.disabled.add(name)
                 from rich.text import Text
 
                 # as plain text: an exception's message may hold "[...]", which markup would misread or choke on
-                msg = f"telemetry hook {name!r} raised in {method}: {type(e).__name__}: {e}; switched off for this run"
+                msg = f"telemetry hook {name!r} failed in {method}: {type(e).__name__}: {e}; switched off for this run"
                 self.console.print(Text(msg, style="yellow"), highlight=False, soft_wrap=True)
                 continue
             if out:

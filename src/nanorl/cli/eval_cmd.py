@@ -93,8 +93,10 @@ def load_for_eval(
             setattr(cfg.eval, key, value)
     cfg.telemetry.console = False
     ctx = make_context(cfg, folder=run)
-    model = ctx.new_model()
-    ctx.load_checkpoint(stage_dir, model)  # the architecture and the run's tokenizer checked
+    from nanorl.device import together
+
+    model = together(ctx.new_model)  # (under torchrun a rank that cannot read the tokenizer stops every rank)
+    together(ctx.load_checkpoint, stage_dir, model)  # the architecture and the run's tokenizer checked
     return ctx, model, stage_dir
 
 
@@ -164,7 +166,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Evaluate a checkpoint and write eval/<task>-<split>-<stage>.json in its run folder, telemetry hooks told
-        as by the eval stage (not for a run in a store: pull it first to keep the file)."""
+        as by the eval stage (not for a run in a store: pull it first to keep the file). Under torchrun the ranks
+        share the questions (as the eval stage does); rank 0 writes the file and prints the result."""
         from nanorl.api import NanorlError
 
         if mode not in ("generative", "categorical", "both"):
@@ -187,9 +190,10 @@ def register(app: typer.Typer) -> None:
         ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_, sampling)
         # a run pulled from a store for this command lives in a temporary folder: its file would not be kept
         kept = not checkpoint.startswith("s3://")
-        if ctx.cfg.engine.compile and ctx.device.type == "cpu" and not as_json:
+        if ctx.cfg.engine.compile and ctx.device.type == "cpu" and not as_json and ctx.rank == 0:
             console.print("[dim]compiling the decode step on first use: 20-40 s, once per process and batch layout[/]")
-        with eval_progress(disable=as_json) as progress:
+        lead = ctx.rank == 0  # under torchrun: the rank that shows and writes the result
+        with eval_progress(disable=as_json or not lead) as progress:
             try:
                 res = evaluate(ctx, model, split, mode, max_examples, ctx.cfg.seed, progress=progress(stage_dir.name))
                 if shuffle_k:
@@ -214,6 +218,8 @@ def register(app: typer.Typer) -> None:
         from nanorl.device import dist_finished
 
         dist_finished()  # (under torchrun) every rank got here: the process group is left cleanly at exit
+        if not lead:  # every rank holds the whole result: one writes the file and prints it
+            return
         out = ctx.run_dir / "eval" / f"{ctx.task.name}-{split_label(split)}-{stage_dir.name}.json"
         if kept:
             write_json(out, res)

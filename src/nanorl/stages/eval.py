@@ -41,7 +41,7 @@ import torch
 from nanorl import checkpoint as ckpt
 from nanorl.api import EvalResult, Example, NanorlError
 from nanorl.config import MODEL_STAGES
-from nanorl.device import all_gather_objects, autocast, together
+from nanorl.device import all_gather_objects, autocast, raise_together, together
 from nanorl.stages.common import Context, warn_past_context
 
 ANSWER_CUE = "Final Answer:"  # the words before the letter in the answer line (nanorl.multichoice)
@@ -189,9 +189,18 @@ def sharded_records(ctx: Context, examples: list[Example], make) -> list[dict[st
         return make(examples, 0)
     bs = ctx.cfg.eval.batch_size
     mine = range(ctx.rank * bs, len(examples), ctx.world_size * bs)
-    parts = all_gather_objects([r for start in mine for r in make(examples[start : start + bs], start)])
+    # an error on one rank (the engine, an out-of-memory error) is raised on every rank: its flag travels in the
+    # gather of the records, which the others would otherwise wait in until the process group's timeout
+    err = None
+    try:
+        records = [r for start in mine for r in make(examples[start : start + bs], start)]
+    except Exception as e:  # noqa: BLE001 - raised again, on every rank, just below
+        err, records = e, []
+    parts = all_gather_objects((err is not None, records))
+    if any(failed for failed, _ in parts):
+        raise_together(err)
     by_id: dict[str, list[dict[str, Any]]] = {}
-    for part in parts:
+    for _, part in parts:
         for r in part:
             by_id.setdefault(r["id"], []).append(r)
     return [r for ex in examples for r in by_id.get(ex.id, [])]

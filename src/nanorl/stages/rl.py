@@ -51,7 +51,9 @@ from nanorl.device import (
     check_training_dtype,
     is_distributed,
     max_over_ranks,
+    mean_and_failed,
     min_over_ranks,
+    raise_together,
     together,
 )
 from nanorl.optim import Optimizers
@@ -400,6 +402,31 @@ def sample_groups(engine, tok, task, rewards, examples: list[Example], rcfg, see
 ROUND_SEED_STRIDE = 2**40
 
 
+class HeldError:
+    """The first exception this rank met in a step, held until a collective that carries its flag tells every
+    rank, which then raise it together (`raise_together`): raised at once (a reward plugin that fails on one
+    example, the engine, an out-of-memory error in the update), it would leave the other ranks waiting for this
+    one in their next all-reduce until the process group's timeout."""
+
+    def __init__(self) -> None:
+        self.err: Exception | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.err is not None
+
+    def run(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`, or None when it raises (the error is held) or an error is held already (then the
+        rank does nothing more until the flag is raised: only the collectives)."""
+        if self.err is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - raised again, on every rank, at the next flag
+            self.err = e
+            return None
+
+
 # ---- the stage ------------------------------------------------------------------------------------------------
 def prompts_for_step(
     examples: list[Example], step: int, per_step: int, seed: int, rank: int, world: int
@@ -437,6 +464,8 @@ def run(ctx: Context) -> dict[str, Any]:
         state = together(ctx.load_checkpoint, sdir, model, opt, restore_rng=True)
         start = int(state["step"])
         batches = int(state.get("batches", start))
+        if ctx.rank == 0:
+            ctx.bus.console.print(f"[dim]rl: resuming at step {start}/{steps}[/]", highlight=False)
     ref_holder: dict[str, Any] = {}
 
     def reference():
@@ -456,6 +485,10 @@ def run(ctx: Context) -> dict[str, Any]:
     last: dict[str, Any] = {}
     t_stage = time.time()
     ctx.stop_signal.console = ctx.bus.console  # from here a SIGTERM lets the step end, saves and stops
+    # An error on one rank is raised on every rank together, its flag carried by the all-reduces each step makes
+    # anyway: dynamic sampling's count of kept groups, the count of kept tokens, the gradients' (`sync_grads`).
+    # What rank 0 alone does at a step's end (hooks, metrics, the checkpoint) is told at the next step's first.
+    held = HeldError()
     for step in range(start, steps):
         t0 = time.time()
         # ---- rollouts: a batch of P prompts; with rl.dynamic_sampling further batches until P groups a rank
@@ -466,33 +499,42 @@ def run(ctx: Context) -> dict[str, Any]:
         while True:
             examples = prompts_for_step(train, batches, P, cfg.seed, ctx.rank, ctx.world_size)
             seed = (cfg.seed * 1_000_003 + step) * 64 + ctx.rank + ROUND_SEED_STRIDE * len(sampled)
-            ro = sample_groups(engine, tok, task, rewards, examples, rcfg, seed)
-            warn_past_context(ctx, "rl", ro.prompt_ids, rcfg.max_new_tokens, "rl.max_new_tokens")
-            sampled.append(ro)
+            ro = held.run(sample_groups, engine, tok, task, rewards, examples, rcfg, seed)
             batches += 1
+            if ro is not None:
+                warn_past_context(ctx, "rl", ro.prompt_ids, rcfg.max_new_tokens, "rl.max_new_tokens")
+                sampled.append(ro)
             if not rcfg.dynamic_sampling:
-                kept.append(ro)
+                kept += [ro] if ro is not None else []
                 break
-            informative = (~ro.zero_var).tolist()
-            room = P - n_kept  # a rank's batch holds at most P groups
-            keep = [ok and sum(informative[: i + 1]) <= room for i, ok in enumerate(informative)]
-            kept.append(ro.groups(keep))
-            n_kept += sum(keep)
-            # the ranks stop together (the same number of batches each), on the step's total
-            total = float(all_reduce_mean(torch.tensor(float(n_kept), device=ctx.device))) * ctx.world_size
-            if total > P * ctx.world_size - 0.5 or len(sampled) >= rcfg.max_sample_batches:
+            if ro is not None:
+                informative = (~ro.zero_var).tolist()
+                room = P - n_kept  # a rank's batch holds at most P groups
+                keep = [ok and sum(informative[: i + 1]) <= room for i, ok in enumerate(informative)]
+                kept.append(ro.groups(keep))
+                n_kept += sum(keep)
+            # the ranks stop together (the same number of batches each), on the step's total or an error
+            (mean_kept,), failed = mean_and_failed([float(n_kept)], held.failed, ctx.device)
+            total = mean_kept * ctx.world_size
+            if failed or total > P * ctx.world_size - 0.5 or len(sampled) >= rcfg.max_sample_batches:
                 break
         t_sample = time.time() - t0
+        batch = Rollouts.join(kept) if kept else None  # what it learns from (None: this rank failed)
+        masks: list[list[float]] = []
+        if batch is not None:
+            prompt_ids, samples = batch.prompt_ids, batch.samples
+            adv, zero_var = group_advantages(batch.rewards, rcfg.std_normalize)
+            keep_row = (
+                ~zero_var.repeat_interleave(G)
+                if rcfg.drop_zero_variance
+                else torch.ones(len(samples), dtype=torch.bool)
+            )
+            completions = [s.tokens for s in samples]
+            masks = token_masks(samples, keep_row.tolist(), rcfg.mask_truncated)
+        (n_tokens,), failed = mean_and_failed([float(sum(sum(m) for m in masks))], held.failed, ctx.device)
+        if failed:
+            raise_together(held.err)
         every = Rollouts.join(sampled)  # what the policy did: the step's statistics
-        batch = Rollouts.join(kept)  # what it learns from
-        prompt_ids, samples = batch.prompt_ids, batch.samples
-        adv, zero_var = group_advantages(batch.rewards, rcfg.std_normalize)
-        keep_row = (
-            ~zero_var.repeat_interleave(G) if rcfg.drop_zero_variance else torch.ones(len(samples), dtype=torch.bool)
-        )
-        completions = [s.tokens for s in samples]
-        masks = token_masks(samples, keep_row.tolist(), rcfg.mask_truncated)
-        n_tokens = float(all_reduce_mean(torch.tensor(float(sum(sum(m) for m in masks)), device=ctx.device)))
 
         # ---- the policy update ----
         t1 = time.time()
@@ -504,26 +546,30 @@ def run(ctx: Context) -> dict[str, Any]:
         longest = max((len(p) for p in prompt_ids), default=0) + rcfg.max_new_tokens
         chunks = update_chunks(masks, G, max_rows=update_rows(ctx, longest))
         for epoch in range(rcfg.ppo_epochs):
-            for ci, chunk in enumerate(chunks):
-                rows = [i * G + j for i in chunk for j in range(G)]
-                comps = [completions[k] for k in rows]
-                C = max(1, max(len(c) for c in comps))
-                mask = to_device([masks[r] + [0.0] * (C - len(masks[r])) for r in rows], torch.float32, ctx.device)
-                loss, st, logp = policy_gradient(
-                    model, [prompt_ids[i] for i in chunk], comps, adv.view(-1)[rows].to(ctx.device), mask,
-                    max(n_tokens, 1.0), ctx.device, ctx.dtype, rcfg.epsilon, rcfg.beta, old.get(ci),
-                    reference if (need_ref and epoch == 0) or rcfg.beta > 0 else None,
-                )  # fmt: skip
-                old.setdefault(ci, logp)
-                sums["loss"] += float(loss)
-                sums["clipped"] += float(st["clipped"])
-                if epoch == 0:  # the KL of the policy that sampled (with beta > 0 later passes score it too)
-                    sums["kl"] += float(st.get("kl", 0.0))
+            try:  # an error (out of memory) is raised by every rank at the gradients' all-reduce below
+                for ci, chunk in enumerate(chunks):
+                    rows = [i * G + j for i in chunk for j in range(G)]
+                    comps = [completions[k] for k in rows]
+                    C = max(1, max(len(c) for c in comps))
+                    mask = to_device([masks[r] + [0.0] * (C - len(masks[r])) for r in rows], torch.float32, ctx.device)
+                    loss, st, logp = policy_gradient(
+                        model, [prompt_ids[i] for i in chunk], comps, adv.view(-1)[rows].to(ctx.device), mask,
+                        max(n_tokens, 1.0), ctx.device, ctx.dtype, rcfg.epsilon, rcfg.beta, old.get(ci),
+                        reference if (need_ref and epoch == 0) or rcfg.beta > 0 else None,
+                    )  # fmt: skip
+                    old.setdefault(ci, logp)
+                    sums["loss"] += float(loss)
+                    sums["clipped"] += float(st["clipped"])
+                    if epoch == 0:  # the KL of the policy that sampled (with beta > 0 later passes score it too)
+                        sums["kl"] += float(st.get("kl", 0.0))
+            except Exception as e:  # noqa: BLE001 - raised again, on every rank, just below
+                held.err = e
             if n_tokens == 0:
                 # no token to learn from on any rank: no step (a zero gradient would still move the weights
-                # through the optimizers' momentum)
+                # through the optimizers' momentum); and no chunk, so no error either
                 break
-            sync_grads(opt.params)
+            if sync_grads(opt.params, failed=held.failed):
+                raise_together(held.err)
             gnorm = opt.step()
         t_train = time.time() - t1
 
@@ -567,19 +613,22 @@ def run(ctx: Context) -> dict[str, Any]:
                 completions=[s.text for s in ro.samples], completion_ids=[s.tokens for s in ro.samples],
                 answers=ro.answers, rewards=ro.rewards.view(-1).tolist(), correct=ro.correct, scorer=scorer,
             )  # fmt: skip
-            last.update(ctx.bus.rollouts("rl", hook_batch))
-        if entropy_due(ctx, done, steps):
-            last.update(rollout_entropy(ctx, model, every, G))
+            last.update(held.run(ctx.bus.rollouts, "rl", hook_batch) or {})
+        if entropy_due(ctx, done, steps):  # (rank 0 alone, as the hooks, the log and the checkpoint's files)
+            last.update(held.run(rollout_entropy, ctx, model, every, G) or {})
         if rcfg.eval_every and done % rcfg.eval_every == 0 and done != steps:
             from nanorl.stages.eval import evaluate
 
             res = evaluate(ctx, model, "dev", "generative", min(ctx.cfg.eval.max_examples or 100, 100), samples=0)
             last["dev_acc"] = res["accuracy"]
         if done % cfg.telemetry.log_every == 0 or done == steps:
-            ctx.bus.log("rl", done, last)
+            held.run(ctx.bus.log, "rl", done, last)
         if ctx.checkpoint_due(done, steps, rcfg.checkpoint_every):
-            ctx.save("rl", model, opt, {"step": done, "batches": batches})
+            held.run(ctx.save, "rl", model, opt, {"step": done, "batches": batches})
+        if ctx._stopping:  # a SIGTERM stops the run after this step: not with "saved" when the save failed
+            raise_together(held.err)
         ctx.end_step("rl", done)
+    raise_together(held.err)  # what the last step's end met (once a stage: no collective a step)
     ctx.stop_signal.console = None
     ctx.save("rl", model, None, {"step": steps, "batches": batches})
     summary = {**last, "steps": steps, "seconds": time.time() - t_stage}
