@@ -304,6 +304,7 @@ RESUME_AND_ERRORS = textwrap.dedent(
     from pathlib import Path
     from nanorl.api import NanorlError
     from nanorl.config import resolve, run_dir
+    from nanorl.stages import common
     from nanorl.stages.common import Interrupted
     from nanorl.stages.runner import run_pipeline
     from nanorl.telemetry import read_metrics
@@ -386,6 +387,21 @@ RESUME_AND_ERRORS = textwrap.dedent(
     except (NanorlError, RuntimeError) as e:
         errors["eval"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
     ev.generative_records = generative_records
+    # rank 0 alone writes the checkpoint: a full disk there, at base's step 2, stops rank 1 too (at step 3's
+    # gradient all-reduce), instead of leaving it waiting there
+    save = common.Context.save
+
+    def disk_full(self, stage, *a, **k):
+        if rank == 0 and stage == "base":
+            raise OSError(28, "No space left on device (a test)")
+        return save(self, stage, *a, **k)
+
+    common.Context.save = disk_full
+    try:
+        run_pipeline(cfg("full"), only="base")
+    except (NanorlError, OSError) as e:
+        errors["save"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
+    common.Context.save = save
     (out / f"errors{rank}.json").write_text(json.dumps(errors))
 
     # 3. `torchrun -m nanorl eval`: the ranks share the questions, rank 0 alone writes the file and prints
@@ -423,6 +439,9 @@ def test_two_ranks_resume_exactly_and_fail_together(tmp_path):
     # a reward that raises on rank 1 (in dynamic sampling), an update that runs out of memory on rank 1 and an
     # engine that fails on rank 1 in eval: rank 1 raises its error, rank 0 the same, naming rank 1
     e0, e1 = (json.loads((tmp_path / f"errors{r}.json").read_text()) for r in (0, 1))
+    # and a checkpoint that rank 0 alone fails to write in a supervised stage: rank 1 raises it too
+    assert e0.pop("save") == "OSError: [Errno 28] No space left on device (a test)", e0
+    assert e1.pop("save") == "NanorlError: rank 0: OSError: [Errno 28] No space left on device (a test)", e1
     assert e1 == {
         "reward": "ValueError: cannot score arith-train-" + e1["reward"].rsplit("-", 1)[1],
         "update": "RuntimeError: CUDA out of memory (a test)",

@@ -440,6 +440,31 @@ def warn_past_context(ctx: Context, stage: str, prompts: list[list[int]], max_ne
     )
 
 
+class HeldError:
+    """The first exception this rank met in a step, held until a collective that carries its flag tells every
+    rank, which then raise it together (`raise_together`): raised at once (a reward plugin that fails on one
+    example, the engine, an out-of-memory error in the update), it would leave the other ranks waiting for this
+    one in their next all-reduce until the process group's timeout."""
+
+    def __init__(self) -> None:
+        self.err: Exception | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.err is not None
+
+    def run(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`, or None when it raises (the error is held) or an error is held already (then the
+        rank does nothing more until the flag is raised: only the collectives)."""
+        if self.err is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - raised again, on every rank, at the next flag
+            self.err = e
+            return None
+
+
 # ---- the supervised loop -----------------------------------------------------------------------------------
 # Rows per forward pass when device_batch_size is 0: on the CPU and MPS a size that keeps steps short (speed,
 # not memory, is the limit there); on a CUDA GPU the most that fit (nanorl.model.counts.rows_that_fit), at most
@@ -588,23 +613,20 @@ def train_supervised(
     last: dict[str, Any] = {}
     t_stage = time.time()
     epoch = getattr(loader, "epoch", 0)
+    held = HeldError()
     ctx.stop_signal.console = ctx.bus.console  # from here a SIGTERM lets the step end, saves and stops
     for step in range(start, total_steps):
         t0 = time.time()
         lrf = lr_schedule(step, total_steps, tcfg.warmup_ratio, tcfg.warmdown_ratio, tcfg.final_lr_frac)
         opt.set_lr(lrf)
-        # an error on one rank (its data, a pass's out-of-memory) is raised on every rank together, at the
-        # gradients' all-reduce: raised at once, it would leave the other ranks waiting in a collective
-        err = None
-        batches = []
-        try:
-            batches = [next(loader) for _ in range(accum)]  # token ids only: small next to a pass's activations
-        except Exception as e:  # noqa: BLE001 - raised again just below, on every rank
-            err = e
+        # an error on one rank (its data, a pass's out-of-memory, rank 0's log or checkpoint at the last step's
+        # end) is held (`HeldError`) and raised on every rank together at the gradients' all-reduce: raised at once,
+        # it would leave the other ranks waiting in a collective
+        batches = held.run(lambda: [next(loader) for _ in range(accum)]) or []  # token ids: small next to a pass
         try:
             loss_t, n_tok_t = supervised_step(ctx, model, batches)  # its one collective comes first: always reached
-        except Exception as e:  # noqa: BLE001 - as above
-            err = err or e
+        except Exception as e:  # noqa: BLE001 - held, as above
+            held.err = held.err or e
         if getattr(loader, "epoch", 0) > epoch:
             epoch = loader.epoch
             if ctx.rank == 0 and step + 1 < total_steps:  # the data ran out: say so (the last step's wrap is noise)
@@ -613,8 +635,8 @@ def train_supervised(
                     f" {total_steps}[/]",
                     highlight=False,
                 )
-        if sync_grads(opt.params, failed=err is not None):
-            raise_together(err)
+        if sync_grads(opt.params, failed=held.failed):
+            raise_together(held.err)
         x, y = batches[-1]  # the step's last rows: the attention entropy's
         gnorm = opt.step()
         loss_val = float(all_reduce_mean(loss_t))
@@ -639,12 +661,16 @@ def train_supervised(
             last.update(val_fn(model))
             model.train()
         if entropy_due(ctx, done, total_steps):  # on the step's last rows, at the positions the loss counted
-            last.update(attention_entropy(ctx, model, x, y >= 0))
+            last.update(held.run(attention_entropy, ctx, model, x, y >= 0) or {})
         if done % ctx.cfg.telemetry.log_every == 0 or is_last:
-            ctx.bus.log(stage, done, last)
+            held.run(ctx.bus.log, stage, done, last)
         if ctx.checkpoint_due(done, total_steps, tcfg.checkpoint_every):
-            ctx.save(stage, model, opt, {"step": done, "loader": _loader_state(ctx, loader)})
+            loader_state = _loader_state(ctx, loader)  # (a collective: every rank, held error or not)
+            held.run(ctx.save, stage, model, opt, {"step": done, "loader": loader_state})
+        if ctx._stopping:  # a SIGTERM stops the run after this step: not with "saved" when the save failed
+            raise_together(held.err)
         ctx.end_step(stage, done)
+    raise_together(held.err)  # what the last step's end met (once a stage: no collective a step)
     ctx.stop_signal.console = None
     ctx.save(stage, model, None, {"step": total_steps, "loader": None})
     summary = {

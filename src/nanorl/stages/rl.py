@@ -60,6 +60,7 @@ from nanorl.optim import Optimizers
 from nanorl.stages.common import (
     ENTROPY_ROWS,
     Context,
+    HeldError,
     attention_entropy,
     broadcast_params,
     entropy_due,
@@ -400,31 +401,6 @@ def sample_groups(engine, tok, task, rewards, examples: list[Example], rcfg, see
 # A step's k-th further batch (rl.dynamic_sampling) samples with its first batch's seed + k·ROUND_SEED_STRIDE: far
 # enough apart that no (step, batch) pair shares another's random stream
 ROUND_SEED_STRIDE = 2**40
-
-
-class HeldError:
-    """The first exception this rank met in a step, held until a collective that carries its flag tells every
-    rank, which then raise it together (`raise_together`): raised at once (a reward plugin that fails on one
-    example, the engine, an out-of-memory error in the update), it would leave the other ranks waiting for this
-    one in their next all-reduce until the process group's timeout."""
-
-    def __init__(self) -> None:
-        self.err: Exception | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.err is not None
-
-    def run(self, fn, *args, **kwargs):
-        """`fn(*args, **kwargs)`, or None when it raises (the error is held) or an error is held already (then the
-        rank does nothing more until the flag is raised: only the collectives)."""
-        if self.err is not None:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - raised again, on every rank, at the next flag
-            self.err = e
-            return None
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------
