@@ -143,6 +143,15 @@ def test_rl_update_epochs_masks_and_metrics(monkeypatch):  # rl15, rl21, rl22
         return loss, st, logp
 
     monkeypatch.setattr(rl, "policy_gradient", spy)
+    from nanorl.telemetry import Telemetry
+
+    started, stage_start = {}, Telemetry.stage_start
+
+    def record(self, info, record=True):
+        started[info.stage] = info.answer_counts
+        return stage_start(self, info, record)
+
+    monkeypatch.setattr(Telemetry, "stage_start", record)
     flags = (
         "rl.drop_zero_variance=true",
         "rl.mask_truncated=false",
@@ -169,6 +178,13 @@ def test_rl_update_epochs_masks_and_metrics(monkeypatch):  # rl15, rl21, rl22
         assert logs[step]["clip_frac"] == pytest.approx((e1["clipped"] + e2["clipped"]) / (e0["n"] * 2))
     # step 1 starts at the reference; step 2's policy has moved, and its later epochs clip
     assert logs[0]["kl"] == 0 and logs[1]["kl"] > 0 and logs[1]["clip_frac"] > 0
+    # the hooks learn the train split's gold answers at the stage's start (the letter-collapse alarm's baseline)
+    from collections import Counter
+
+    from nanorl.plugins import get_plugins
+
+    golds = Counter(ex.answer for ex in get_plugins().task("arith").load("train"))
+    assert started["rl"] == dict(golds) and len(golds) == 5
 
 
 @pytest.mark.slow
