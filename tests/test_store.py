@@ -272,6 +272,30 @@ def test_a_pull_refetches_a_checkpoint_caught_mid_upload(tmp_path, monkeypatch):
         pull_run(store, "r", tmp_path / "c", stage="rl")
 
 
+def test_under_torchrun_only_rank_0_downloads_the_checkpoint_nanorl_train_starts_from(tmp_path, monkeypatch):
+    """`nanorl train STAGE --checkpoint s3://...` under torchrun: every rank pulling into the one shared folder
+    would race; rank 0 downloads, the others get the same path (and wait for rank 0 in the rendezvous)."""
+    import nanorl.store
+    from nanorl.cli.train_cmd import resolve_checkpoint
+
+    run = tmp_path / "run"
+    (run / "run.toml").parent.mkdir(parents=True)
+    (run / "run.toml").write_text("")
+    _fake_checkpoint(run / "sft", b"v1", step=1)
+    (run / "sft" / "DONE").write_text("{}")
+    store = LocalStore(tmp_path / "store")
+    push_run(run, store, "r")
+    monkeypatch.setattr(nanorl.store, "open_store", lambda url: store)
+    for spec in ("s3://runs/team/r/sft", "s3://runs/team/r"):  # a stage named, or the last finished one
+        work = tmp_path / spec.rsplit("/", 1)[1]
+        monkeypatch.setenv("RANK", "1")
+        other = resolve_checkpoint(spec, work)
+        assert other == work / "r" / "sft" and not work.exists()
+        monkeypatch.setenv("RANK", "0")
+        assert resolve_checkpoint(spec, work) == other
+        assert (other / "model.safetensors").read_bytes() == b"v1" and (work / "r" / "run.toml").is_file()
+
+
 @pytest.mark.slow
 def test_a_stage_run_afresh_loses_its_done_in_the_store_first(tmp_path, monkeypatch):
     """`--from rl` with a store: the store's rl/DONE goes before the new rl checkpoints arrive (else a pull of the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -19,7 +20,9 @@ def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
     from nanorl.config import run_dir
 
     if spec.startswith("s3://"):
-        return pull_stage(spec, workdir)
+        # under torchrun rank 0 alone downloads (into the shared run folder); the others only find which stage it
+        # is, then wait for rank 0 in the process group's rendezvous, which it joins once the files are there
+        return pull_stage(spec, workdir, download=int(os.environ.get("RANK", "0")) == 0)
     p = Path(spec).expanduser()
     if p.is_dir() and ckpt.has_checkpoint(p):
         return p
@@ -38,9 +41,10 @@ def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
     )
 
 
-def pull_stage(url: str, workdir: Path) -> Path:
+def pull_stage(url: str, workdir: Path, download: bool = True) -> Path:
     """Download s3://bucket/prefix/RUN[/STAGE] (without STAGE: the run's last finished model stage) as a run
-    folder `workdir`/RUN holding run.toml, the tokenizer and that stage; returns the stage's folder."""
+    folder `workdir`/RUN holding run.toml, the tokenizer and that stage; returns the stage's folder (`download`
+    False: only its path, the store still checked and the stage chosen)."""
     from nanorl.api import NanorlError
     from nanorl.store import open_store
     from nanorl.store.runs import no_run, pull_run, split_url
@@ -57,7 +61,8 @@ def pull_stage(url: str, workdir: Path) -> Path:
             raise NanorlError(
                 f"run {name!r} in {store_url} has no finished model stage", hint=f"name one: {url}/sft", exit_code=2
             )
-    pull_run(store, name, workdir / name, stage=stage, where=store_url)
+    if download:
+        pull_run(store, name, workdir / name, stage=stage, where=store_url)
     return workdir / name / stage
 
 
