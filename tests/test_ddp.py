@@ -402,6 +402,21 @@ RESUME_AND_ERRORS = textwrap.dedent(
     except (NanorlError, OSError) as e:
         errors["save"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
     common.Context.save = save
+    # base's validation pass running out of memory on rank 1 (its one all-reduce carries the flag)
+    from nanorl.model import GPT
+    forward = GPT.forward
+
+    def val_out_of_memory(self, *a, **k):
+        if rank == 1 and k.get("loss_reduction") == "none":
+            raise RuntimeError("out of memory in validation (a test)")
+        return forward(self, *a, **k)
+
+    GPT.forward = val_out_of_memory
+    try:
+        run_pipeline(cfg("full"), only="base")
+    except (NanorlError, RuntimeError) as e:
+        errors["val"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
+    GPT.forward = forward
     (out / f"errors{rank}.json").write_text(json.dumps(errors))
 
     # 3. `torchrun -m nanorl eval`: the ranks share the questions, rank 0 alone writes the file and prints
@@ -446,6 +461,7 @@ def test_two_ranks_resume_exactly_and_fail_together(tmp_path):
         "reward": "ValueError: cannot score arith-train-" + e1["reward"].rsplit("-", 1)[1],
         "update": "RuntimeError: CUDA out of memory (a test)",
         "eval": "RuntimeError: the engine failed",
+        "val": "RuntimeError: out of memory in validation (a test)",
     }, e1
     assert e0 == {k: f"NanorlError: rank 1: {v}" for k, v in e1.items()}, e0
 

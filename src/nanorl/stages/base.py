@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from nanorl.device import all_reduce_mean, autocast, exact_dtype, together
-from nanorl.stages.common import Context, micro_batch, prepare_loader, train_supervised
+from nanorl.device import all_reduce_mean, autocast, exact_dtype, raise_together, together
+from nanorl.stages.common import Context, HeldError, micro_batch, prepare_loader, train_supervised
 
 # batches of validation (per rank) behind each val_bpb figure: ~40k tokens at the tiny shape, enough for a
 # stable figure at a small fraction of the stage's time
@@ -121,18 +121,27 @@ def _val_fn(ctx: Context, B: int, T: int):
             shuffle=False,
         )  # fmt: skip
         prepare_loader(loader)  # a rank whose share of a small dev corpus has no row raises with every other rank
-        nats = torch.zeros((), device=ctx.device, dtype=exact_dtype(ctx.device))
-        nbytes = torch.zeros((), device=ctx.device, dtype=exact_dtype(ctx.device))
-        for _ in range(VAL_BATCHES):
-            x, y = next(loader)
-            with autocast(ctx.device, ctx.dtype):
-                loss = model(x, y, loss_reduction="none").float()
-            b = tbytes[y]
-            nats += (loss * (b > 0)).sum().to(nats.dtype)
-            nbytes += b.sum().to(nbytes.dtype)
-            if loader.epoch > 0:  # a small dev corpus: one pass is all there is
-                break
-        nats, nbytes = all_reduce_mean(nats), all_reduce_mean(nbytes)
+        # nats, bytes, and whether this rank failed (an out-of-memory error, its data): one all-reduce tells every
+        # rank, which then raise together instead of leaving the others waiting in it
+        sums = torch.zeros(3, device=ctx.device, dtype=exact_dtype(ctx.device))
+
+        def passes() -> None:
+            for _ in range(VAL_BATCHES):
+                x, y = next(loader)
+                with autocast(ctx.device, ctx.dtype):
+                    loss = model(x, y, loss_reduction="none").float()
+                b = tbytes[y]
+                sums[0] += (loss * (b > 0)).sum().to(sums.dtype)
+                sums[1] += b.sum().to(sums.dtype)
+                if loader.epoch > 0:  # a small dev corpus: one pass is all there is
+                    break
+
+        held = HeldError()
+        held.run(passes)
+        sums[2] = float(held.failed)
+        nats, nbytes, failed = all_reduce_mean(sums).unbind()
+        if failed > 0:
+            raise_together(held.err)
         return {"val_bpb": float(nats / (math.log(2) * nbytes.clamp_min(1)))}
 
     return val
