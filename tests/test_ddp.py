@@ -425,6 +425,11 @@ RESUME_AND_ERRORS = textwrap.dedent(
         main(["eval", "--checkpoint", "crashy/sft", "--max-examples", "4", "--json"])
     except SystemExit as e:
         (out / f"eval_exit{rank}").write_text(str(e.code))
+    # 4. `torchrun -m nanorl pipeline`: the summary printed once (rank 0; the report alone, eval's file kept)
+    try:
+        main(["pipeline", "--preset", "tiny", "--only", "report", "--json", "name=crashy", *overrides])
+    except SystemExit as e:
+        (out / f"pipeline_exit{rank}").write_text(str(e.code))
     """
 ).replace(
     "__OVERRIDES__",
@@ -467,7 +472,16 @@ def test_two_ranks_resume_exactly_and_fail_together(tmp_path):
 
     # `nanorl eval` under torchrun: both ranks finish; rank 0 printed the result once and wrote the file
     assert [f.read_text() for f in files] == ["0", "0"]
-    printed = json.loads(proc.stdout)
+    decoder, printed_docs, at = json.JSONDecoder(), [], 0
+    while proc.stdout[at:].strip():
+        doc, end = decoder.raw_decode(proc.stdout[at:].lstrip())
+        at = len(proc.stdout) - len(proc.stdout[at:].lstrip()) + end
+        printed_docs.append(doc)
+    printed, summary = printed_docs  # one eval result and one pipeline summary: rank 1 printed neither
     assert printed["n"] == 4 and printed["stage"] == "sft"
     written = json.loads((tmp_path / "home/runs/crashy/eval/arith-dev-sft.json").read_text())
     assert _without_seconds(written) == _without_seconds(printed)
+
+    # `nanorl pipeline` under torchrun: both ranks finish, and its summary was shown once
+    assert [(tmp_path / f"pipeline_exit{r}").read_text() for r in (0, 1)] == ["0", "0"]
+    assert list(summary) == ["report"], summary

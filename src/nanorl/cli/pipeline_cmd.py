@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -49,8 +50,15 @@ def require_size(preset, depth, config, overrides) -> None:
         )
 
 
-def show_results(results: dict, run_dir: Path) -> None:
+def show_results(results: dict, run_dir: Path, as_json: bool = False) -> None:
+    """The stages' summaries, as a table or JSON; under torchrun every rank returns them and rank 0 alone prints."""
     from rich.table import Table
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        print_json(results)
+        return
 
     table = Table(title=f"run {run_dir.name}", title_justify="left")
     for col in ("stage", "status", "wall s", "result"):
@@ -96,7 +104,4 @@ def register(app: typer.Typer) -> None:
             overrides = [*(overrides or []), f"rl.kl_every={kl_every}"]
         cfg = build_config(preset, depth, config, task, name, overrides, data_dir=data_dir)
         results = run_pipeline(cfg, from_stage=from_stage, only=only, steps=parse_steps(steps), console=err_console)
-        if as_json:
-            print_json(results)
-        else:
-            show_results(results, run_dir(cfg.name))
+        show_results(results, run_dir(cfg.name), as_json)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from nanorl.cli.config_cmd import OverridesArg
-from nanorl.cli.ui import err_console, print_json
+from nanorl.cli.ui import err_console
 
 
 def resolve_checkpoint(spec: str, workdir: Path | None) -> Path:
@@ -102,9 +102,6 @@ def register(app: typer.Typer) -> None:
         results = run_pipeline(
             cfg, only=stage, steps={stage: steps} if steps is not None else None, init_from=init, console=err_console
         )
-        if as_json:
-            print_json(results)
-        else:
-            from nanorl.cli.pipeline_cmd import show_results
+        from nanorl.cli.pipeline_cmd import show_results
 
-            show_results(results, run_dir(run))
+        show_results(results, run_dir(run), as_json)
