@@ -93,14 +93,28 @@ def test_interrupted_and_resumed_equals_uninterrupted_then_rerun_skips():
 @pytest.mark.slow
 def test_from_a_stage_makes_every_later_stage_stale_at_once():
     """--from sft interrupted during sft: the resume without --from must redo rl and eval, not skip them on
-    their old DONE markers (they were computed from the SFT model being replaced)."""
+    their old DONE markers (they were computed from the SFT model being replaced). Meanwhile `runs show` and the
+    report show none of their old figures: rl, eval and the report not started, no evaluation of the old SFT or
+    RL model (a `nanorl eval` of the base model, whose model stays, is kept)."""
+    import json
+
     from nanorl import checkpoint as ckpt
+    from nanorl.report import run_overview
 
     run_pipeline(_cfg("redo"))
+    run = run_dir("redo")
+    (run / "eval" / "arith-dev-base.json").write_text(json.dumps({"stage": "base", "modes": {}}))
+    assert {e["file"] for e in run_overview(run)["evals"]} >= {"arith-dev.json", "arith-dev-sft.json"}
     with pytest.raises(Interrupted):
         run_pipeline(_cfg("redo"), from_stage="sft", stop_after={"sft": 2})
     for stage in ("rl", "eval"):
-        assert not ckpt.is_done(run_dir("redo") / stage), stage
+        assert not ckpt.is_done(run / stage), stage
+    view = run_overview(run)
+    status = {s["stage"]: (s["status"], s["metrics"]) for s in view["stages"]}
+    assert status["rl"] == status["eval"] == status["report"] == ("not started", {}), status
+    assert status["sft"][0] == "partial" and status["mid"][0] == "done"
+    assert [e["file"] for e in view["evals"]] == ["arith-dev-base.json"]
+    assert not (run / "report.md").exists()
     resumed = run_pipeline(_cfg("redo"))
     assert [s for s, r in resumed.items() if r == "skipped"] == ["tokenizer", "base", "mid"]
 

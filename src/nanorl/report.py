@@ -32,6 +32,9 @@ def _stage_rows(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if kind == "start":  # a stage run again (--from, nanorl train): its earlier figures are stale
             out[stage] = {}
             continue
+        if kind == "clear":  # its output removed before a re-run: nothing of it is left until it starts again
+            out.pop(stage, None)
+            continue
         row = out.setdefault(stage, {})
         if kind == "end":
             row.update({k: v for k, v in m.items() if v is not None})
@@ -44,6 +47,8 @@ def _stage_rows(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def _series(records: list[dict[str, Any]], stage: str, key: str) -> tuple[list[int], list[float]]:
     pts: dict[int, float] = {}
     for rec in records:
+        if rec.get("stage") == stage and rec.get("kind") == "clear":  # a stage re-run from scratch: a new curve
+            pts = {}
         if rec.get("stage") == stage and rec.get("kind") is None:
             v = rec.get("metrics", {}).get(key)
             if isinstance(v, (int, float)):
@@ -239,6 +244,9 @@ def run_overview(run: str | Path, records: list[dict[str, Any]] | None = None) -
         stage, kind = rec.get("stage"), rec.get("kind")
         if kind == "start":
             starts[stage] = rec.get("metrics", {}).get("total_steps")
+            ends.pop(stage, None)
+        elif kind == "clear":
+            starts.pop(stage, None)
             ends.pop(stage, None)
         elif kind == "end":
             ends[stage] = rec.get("step")

@@ -174,6 +174,11 @@ class Telemetry:
         self._write(stage, step, {"task": result.task, "split": result.split, **scalars, **extra}, kind="eval")
         return extra
 
+    def cleared(self, stage: str) -> None:
+        """A stage's output removed before it runs afresh (`--from`, `--only`): its earlier records are stale."""
+        if self.enabled:
+            self._write(stage, None, {}, kind="clear")
+
     def stage_end(self, info: StageInfo, metrics: dict[str, Any], record: bool = True) -> None:
         """`record=False`: tell the hooks only (see stage_start)."""
         if not self.enabled:

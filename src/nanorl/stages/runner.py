@@ -29,6 +29,7 @@ torchrun stops the other ranks.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -329,16 +330,36 @@ def warn_if_sized_for_a_gpu(ctx: Context) -> None:
 
 
 def clear_stage(ctx: Context, stage: str) -> None:
-    """Remove a stage's output before it runs afresh; of eval only its DONE marker (the stage rewrites its own
-    files; others there, such as `nanorl eval`'s, stay)."""
-    if ctx.rank == 0:
-        d = ctx.stage_dir(stage)
-        if stage == "eval":
-            (d / ckpt.DONE_FILE).unlink(missing_ok=True)
-        elif d.is_dir():
-            shutil.rmtree(d)
-        if ctx.mirror is not None:  # the store's copy goes too (DONE first): a pull must not find it finished
+    """Remove a stage's output before it runs afresh: a model stage's folder, the report, and every evaluation of
+    a model stage being replaced (`eval/*.json` whose "stage" it is, the eval stage's or `nanorl eval`'s: its
+    model is gone); of the eval stage only its DONE (its files are its models'). metrics.jsonl gets a "clear"
+    record, so that `runs show` and the report stop showing the stage's old figures."""
+    if ctx.rank != 0:
+        return
+    d = ctx.stage_dir(stage)
+    if stage == "eval":
+        (d / ckpt.DONE_FILE).unlink(missing_ok=True)
+    elif stage == "report":
+        for name in ("report.md", "report_curves.png"):
+            (ctx.run_dir / name).unlink(missing_ok=True)
+    elif d.is_dir():
+        shutil.rmtree(d)
+    stale = []
+    if stage in MODEL_STAGES:
+        for path in sorted((ctx.run_dir / "eval").glob("*.json")):
+            try:
+                of = json.loads(path.read_text()).get("stage")
+            except (OSError, ValueError, AttributeError):
+                continue  # not an evaluation of ours: left alone
+            if of == stage:
+                path.unlink()
+                stale.append(path.name)
+    ctx.bus.cleared(stage)
+    if ctx.mirror is not None:  # the store's copy goes too (DONE first): a pull must not find it finished
+        if stage != "report":  # (report.md is replaced when the report stage runs)
             ctx.mirror.forget(stage, (ckpt.DONE_FILE,) if stage == "eval" else None)
+        if stale:
+            ctx.mirror.forget("eval", tuple(stale))
 
 
 @contextlib.contextmanager
