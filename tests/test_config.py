@@ -135,6 +135,8 @@ def test_validation_names_the_bad_key_and_value(override, message):
         resolve(overrides=[override])
     assert message in err.value.message
     assert err.value.exit_code == 2
+    if " is not " in message:  # a value of the wrong type: says where the key's type is shown
+        assert err.value.hint == f"`nanorl config keys` lists {override.split('=')[0]} with its type and default"
 
 
 def test_unknown_key_suggests_a_close_one():

@@ -345,7 +345,11 @@ def _parse(raw: Any, typ: Any, key: str) -> Any:
     """Convert a CLI string (or a TOML value) to the field's type, or raise a NanorlError naming the key."""
 
     def bad(expected: str) -> NanorlError:
-        return NanorlError(f"invalid value for {key}: {raw!r} is not {expected}", exit_code=2)
+        return NanorlError(
+            f"invalid value for {key}: {raw!r} is not {expected}",
+            hint=f"`nanorl config keys` lists {key} with its type and default",
+            exit_code=2,
+        )
 
     origin = get_origin(typ) or typ
     if typ is bool:
