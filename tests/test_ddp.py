@@ -353,70 +353,45 @@ RESUME_AND_ERRORS = textwrap.dedent(
             return float(len(completion) % 2)  # signal: the update runs
         return lambda cfg_, task: [(reward, 1.0)]
 
-    rl.resolve_rewards = rewards(fails=True)
-    try:
-        run_pipeline(cfg("full"), only="rl")
-    except (NanorlError, ValueError) as e:
-        errors["reward"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
-    rl.resolve_rewards = rewards(fails=False)
-    policy_gradient = rl.policy_gradient
+    def fails(key, owner, attr, replacement, name, stage):
+        # run `stage` of run `name` with owner.attr replaced; record the error this rank raised, as it reads
+        original = getattr(owner, attr)
+        setattr(owner, attr, replacement(original))
+        try:
+            run_pipeline(cfg(name), only=stage)
+        except Exception as e:
+            errors[key] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
+        finally:
+            setattr(owner, attr, original)
 
-    def out_of_memory(*a, **k):
-        if rank == 1:
-            raise RuntimeError("CUDA out of memory (a test)")
-        return policy_gradient(*a, **k)
+    def raising(r, exc, when=lambda *a, **k: True):
+        # a replacement that raises `exc` on rank r (when `when` says so of the call), else calls the original
+        def wrap(original):
+            def replaced(*a, **k):
+                if rank == r and when(*a, **k):
+                    raise exc
+                return original(*a, **k)
+            return replaced
+        return wrap
 
-    rl.policy_gradient = out_of_memory
-    try:
-        run_pipeline(cfg("full"), only="rl")
-    except (NanorlError, RuntimeError) as e:
-        errors["update"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
-    rl.policy_gradient, rl.resolve_rewards = policy_gradient, resolve_rewards
+    from nanorl.model import GPT
     from nanorl.stages import eval as ev
 
-    generative_records = ev.generative_records
-
-    def engine_fails(ctx, model, examples, *a, **k):
-        if rank == 1:
-            raise RuntimeError("the engine failed")
-        return generative_records(ctx, model, examples, *a, **k)
-
-    ev.generative_records = engine_fails
-    try:
-        run_pipeline(cfg("crashy"), only="eval")
-    except (NanorlError, RuntimeError) as e:
-        errors["eval"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
-    ev.generative_records = generative_records
-    # rank 0 alone writes the checkpoint: a full disk there, at base's step 2, stops rank 1 too (at step 3's
-    # gradient all-reduce), instead of leaving it waiting there
-    save = common.Context.save
-
-    def disk_full(self, stage, *a, **k):
-        if rank == 0 and stage == "base":
-            raise OSError(28, "No space left on device (a test)")
-        return save(self, stage, *a, **k)
-
-    common.Context.save = disk_full
-    try:
-        run_pipeline(cfg("full"), only="base")
-    except (NanorlError, OSError) as e:
-        errors["save"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
-    common.Context.save = save
-    # base's validation pass running out of memory on rank 1 (its one all-reduce carries the flag)
-    from nanorl.model import GPT
-    forward = GPT.forward
-
-    def val_out_of_memory(self, *a, **k):
-        if rank == 1 and k.get("loss_reduction") == "none":
-            raise RuntimeError("out of memory in validation (a test)")
-        return forward(self, *a, **k)
-
-    GPT.forward = val_out_of_memory
-    try:
-        run_pipeline(cfg("full"), only="base")
-    except (NanorlError, RuntimeError) as e:
-        errors["val"] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
-    GPT.forward = forward
+    # a reward failing on rank 1 (in dynamic sampling); an update out of memory on rank 1 (with rewards that
+    # differ, so that it runs); the engine failing on rank 1 in eval; a full disk on rank 0, which alone writes
+    # checkpoints (at base's step 2: told at step 3's gradient all-reduce); base's validation pass out of memory
+    # on rank 1 (its one all-reduce carries the flag)
+    fails("reward", rl, "resolve_rewards", lambda original: rewards(fails=True), "full", "rl")
+    rl.resolve_rewards = rewards(fails=False)
+    fails("update", rl, "policy_gradient", raising(1, RuntimeError("CUDA out of memory (a test)")), "full", "rl")
+    rl.resolve_rewards = resolve_rewards
+    fails("eval", ev, "generative_records", raising(1, RuntimeError("the engine failed")), "crashy", "eval")
+    disk_full = OSError(28, "No space left on device (a test)")
+    fails("save", common.Context, "save", raising(0, disk_full, lambda self, stage, *a, **k: stage == "base"),
+          "full", "base")
+    val_oom = RuntimeError("out of memory in validation (a test)")
+    fails("val", GPT, "forward", raising(1, val_oom, lambda *a, **k: k.get("loss_reduction") == "none"),
+          "full", "base")
     (out / f"errors{rank}.json").write_text(json.dumps(errors))
 
     # 3. `torchrun -m nanorl eval`: the ranks share the questions, rank 0 alone writes the file and prints
