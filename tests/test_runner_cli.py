@@ -235,6 +235,15 @@ def test_stage_start_lines_say_what_the_tokenizer_and_eval_do_and_count_steps_in
         "eval: the rl and sft models on dev, test (generative)",
         "sft: 1 step",
     ], starts
+    # a stage that resumes says so after its start line
+    from nanorl.stages.common import Interrupted
+
+    with pytest.raises(Interrupted):
+        run_pipeline(_cfg("lines", *on, "sft.steps=2", "sft.checkpoint_every=1"), only="sft", stop_after={"sft": 1})
+    capsys.readouterr()
+    run_pipeline(_cfg("lines", *on, "sft.steps=2", "sft.checkpoint_every=1"))  # (the resume: no --only)
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("sft: ") and "tokens a step" not in x]
+    assert [x for x in err if "longer than" not in x][:2] == ["sft: 2 steps", "sft: resuming at step 1/2"], err
 
 
 def test_the_report_line_is_printed_only_when_there_is_a_report(monkeypatch, tmp_path):

@@ -602,12 +602,12 @@ def train_supervised(
         if state.get("loader") is not None:
             ls = state["loader"]
             loader.load_state_dict(ls[ctx.rank] if isinstance(ls, list) else ls)
-        if ctx.rank == 0:
-            ctx.bus.console.print(f"[dim]{stage}: resuming at step {start}/{total_steps}[/]", highlight=False)
     prepare_loader(loader)
     broadcast_params(model)
     info = ctx.info(stage, total_steps)
     ctx.bus.stage_start(info)
+    if start and ctx.rank == 0:  # (after the stage's start line: "base: 20 steps", then where it resumes)
+        ctx.bus.console.print(f"[dim]{stage}: resuming at step {start}/{total_steps}[/]", highlight=False)
     model.train()
     tokens_per_step = 0
     last: dict[str, Any] = {}

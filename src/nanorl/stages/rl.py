@@ -440,8 +440,6 @@ def run(ctx: Context) -> dict[str, Any]:
         state = together(ctx.load_checkpoint, sdir, model, opt, restore_rng=True)
         start = int(state["step"])
         batches = int(state.get("batches", start))
-        if ctx.rank == 0:
-            ctx.bus.console.print(f"[dim]rl: resuming at step {start}/{steps}[/]", highlight=False)
     ref_holder: dict[str, Any] = {}
 
     def reference():
@@ -458,6 +456,8 @@ def run(ctx: Context) -> dict[str, Any]:
     info = ctx.info("rl", steps)
     info.answer_counts = dict(Counter(ex.answer for ex in train))  # hooks' baselines (StageInfo)
     ctx.bus.stage_start(info)
+    if start and ctx.rank == 0:  # (after the stage's start line, as the supervised stages)
+        ctx.bus.console.print(f"[dim]rl: resuming at step {start}/{steps}[/]", highlight=False)
     last: dict[str, Any] = {}
     t_stage = time.time()
     ctx.stop_signal.console = ctx.bus.console  # from here a SIGTERM lets the step end, saves and stops
