@@ -394,12 +394,21 @@ RESUME_AND_ERRORS = textwrap.dedent(
           "full", "base")
     (out / f"errors{rank}.json").write_text(json.dumps(errors))
 
-    # 3. `torchrun -m nanorl eval`: the ranks share the questions, rank 0 alone writes the file and prints
+    # 3. `torchrun -m nanorl eval`: the ranks share the questions, the shuffled copies too (counted), rank 0
+    # alone writes the file and prints
     from nanorl.cli import main
+    asked = []
+    def counting(original):
+        def counted(ctx, model, examples, *a, **k):
+            asked.extend(ex.id for ex in examples)
+            return original(ctx, model, examples, *a, **k)
+        return counted
+    ev.generative_records = counting(ev.generative_records)
     try:
-        main(["eval", "--checkpoint", "crashy/sft", "--max-examples", "4", "--json"])
+        main(["eval", "--checkpoint", "crashy/sft", "--max-examples", "4", "--shuffle-options", "2", "--json"])
     except SystemExit as e:
         (out / f"eval_exit{rank}").write_text(str(e.code))
+    (out / f"asked{rank}.json").write_text(json.dumps(asked))
     # 4. `torchrun -m nanorl pipeline`: the summary printed once (rank 0; the report alone, eval's file kept)
     try:
         main(["pipeline", "--preset", "tiny", "--only", "report", "--json", "name=crashy", *overrides])
@@ -420,7 +429,7 @@ RESUME_AND_ERRORS = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_exactly_and_fail_together(tmp_path):
+def test_two_ranks_resume_exactly_and_fail_together(tmp_path, monkeypatch, capsys):
     proc = _torchrun(tmp_path, RESUME_AND_ERRORS, timeout=180)
     files = [tmp_path / f"eval_exit{r}" for r in (0, 1)]
     assert all(f.exists() for f in files), proc.stderr[-3000:]
@@ -456,6 +465,20 @@ def test_two_ranks_resume_exactly_and_fail_together(tmp_path):
     assert printed["n"] == 4 and printed["stage"] == "sft"
     written = json.loads((tmp_path / "home/runs/crashy/eval/arith-dev-sft.json").read_text())
     assert _without_seconds(written) == _without_seconds(printed)
+    # each rank asked half the questions and half their 8 shuffled copies (batches of 1: every other one) ...
+    asked = [json.loads((tmp_path / f"asked{r}.json").read_text()) for r in (0, 1)]
+    ids = [f"arith-dev-{i}" for i in range(4)]
+    assert asked[0] == ids[0::2] + [ids[0], ids[1], ids[2], ids[3]], asked
+    assert asked[1] == ids[1::2] + [ids[0], ids[1], ids[2], ids[3]], asked
+    # ... and the position-bias figures are one process's
+    monkeypatch.setenv("NANORL_HOME", str(tmp_path / "home"))
+    from nanorl.cli import main
+
+    with pytest.raises(SystemExit) as one_process:
+        main(["eval", "--checkpoint", "crashy/sft", "--max-examples", "4", "--shuffle-options", "2", "--json"])
+    assert one_process.value.code == 0
+    shuffle = printed["modes"]["generative"]["shuffle"]
+    assert shuffle["shuffle_k"] == 2 and shuffle == json.loads(capsys.readouterr().out)["modes"]["generative"]["shuffle"]
 
     # `nanorl pipeline` under torchrun: both ranks finish, and its summary was shown once
     assert [(tmp_path / f"pipeline_exit{r}").read_text() for r in (0, 1)] == ["0", "0"]

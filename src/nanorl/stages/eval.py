@@ -193,17 +193,15 @@ def sharded_records(ctx: Context, examples: list[Example], make) -> list[dict[st
     # gather of the records, which the others would otherwise wait in until the process group's timeout
     err = None
     try:
-        records = [r for start in mine for r in make(examples[start : start + bs], start)]
+        batches = [(start, make(examples[start : start + bs], start)) for start in mine]
     except Exception as e:  # noqa: BLE001 - raised again, on every rank, just below
-        err, records = e, []
-    parts = all_gather_objects((err is not None, records))
+        err, batches = e, []
+    parts = all_gather_objects((err is not None, batches))
     if any(failed for failed, _ in parts):
         raise_together(err)
-    by_id: dict[str, list[dict[str, Any]]] = {}
-    for _, part in parts:
-        for r in part:
-            by_id.setdefault(r["id"], []).append(r)
-    return [r for ex in examples for r in by_id.get(ex.id, [])]
+    # put together by batch, not by question id: `--shuffle-options` asks copies of a question under its id
+    by_start = dict(batch for _, part in parts for batch in part)
+    return [r for start in sorted(by_start) for r in by_start[start]]
 
 
 def evaluate(
@@ -360,8 +358,11 @@ def shuffle_check(ctx: Context, model, result: dict[str, Any], k: int, seed: int
         base = {r["id"]: r["pred"] for r in s["records"]}
 
         def answer(exs: list[Example], mode: str = mode) -> list[str | None]:
-            if mode == "generative":
-                return [r["pred"] for r in generative_records(ctx, model, exs, seed=seed)]
-            return [r["pred"] for r in categorical_records(ctx, model, exs)]
+            def make(batch: list[Example], offset: int) -> list[dict[str, Any]]:
+                if mode == "generative":
+                    return generative_records(ctx, model, batch, seed=seed + offset)
+                return categorical_records(ctx, model, batch)
+
+            return [r["pred"] for r in sharded_records(ctx, exs, make)]  # under torchrun the ranks share them
 
         s["shuffle"] = shuffle_eval(examples, [base.get(e.id) for e in examples], k, answer, seed=seed)
