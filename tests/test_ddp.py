@@ -478,7 +478,8 @@ def test_two_ranks_resume_exactly_and_fail_together(tmp_path, monkeypatch, capsy
         main(["eval", "--checkpoint", "crashy/sft", "--max-examples", "4", "--shuffle-options", "2", "--json"])
     assert one_process.value.code == 0
     shuffle = printed["modes"]["generative"]["shuffle"]
-    assert shuffle["shuffle_k"] == 2 and shuffle == json.loads(capsys.readouterr().out)["modes"]["generative"]["shuffle"]
+    assert shuffle["shuffle_k"] == 2
+    assert shuffle == json.loads(capsys.readouterr().out)["modes"]["generative"]["shuffle"]
 
     # `nanorl pipeline` under torchrun: both ranks finish, and its summary was shown once
     assert [(tmp_path / f"pipeline_exit{r}").read_text() for r in (0, 1)] == ["0", "0"]

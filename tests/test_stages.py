@@ -834,6 +834,43 @@ def test_sigterm_saves_the_step_and_a_killed_save_or_a_torn_metrics_line_still_r
     assert len(starts) == 2  # the run the SIGTERM stopped, and the resume
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="a terminal of its own needs pty.fork (POSIX)")
+def test_a_closed_terminal_saves_the_step_and_stops_cleanly():
+    """The terminal a run was started in closes (an ssh session dropped outside tmux): the kernel sends SIGHUP and
+    every later write to the terminal fails (EIO). The run finishes its step, saves it and stops with exit code
+    129, as for SIGTERM; it was killed (SIGHUP's default) or crashed writing its progress bar or final message."""
+    import pty
+    import select
+    import sys
+    import time
+
+    from nanorl import checkpoint as ckpt
+
+    argv = [
+        sys.executable, "-m", "nanorl", "pipeline", "--preset", "tiny", *SMALL, "name=hup", "base.steps=100000",
+        "telemetry.console=true",  # the progress bar, drawn on the terminal until it hangs up
+    ]  # fmt: skip
+    pid, terminal = pty.fork()  # the child's controlling terminal: closing it hangs the child's session up
+    if pid == 0:
+        os.execv(sys.executable, argv)
+    seen, deadline = b"", time.time() + 120
+    try:  # until base has saved its first checkpoint (step 2), reading what the run draws
+        while not (run_dir("hup") / "base" / "state.json").exists() and time.time() < deadline:
+            if select.select([terminal], [], [], 0.2)[0]:
+                seen += os.read(terminal, 65536)
+    except OSError:  # (EIO: the child ended)
+        pass
+    finally:
+        os.close(terminal)  # the hangup
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + 1, seen.decode(errors="replace")[-2000:]
+    state = ckpt.read_state(run_dir("hup") / "base")
+    assert state is not None and state["step"] >= 1 and not ckpt.is_done(run_dir("hup") / "base")
+    logged = [r for r in read_metrics(run_dir("hup")) if r["stage"] == "base" and r.get("kind") is None]
+    assert logged and logged[-1]["step"] <= state["step"]
+
+
 def test_a_second_process_on_a_run_is_refused_until_the_first_ends_however_it_ends(tmp_path):
     """Two `nanorl pipeline` on one run would write the same checkpoints: the second is refused with a line naming
     the first (its pid); once the first has died, even by SIGKILL with its lock file left behind, a run goes on."""

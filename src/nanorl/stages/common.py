@@ -14,7 +14,9 @@ stages.)
 from __future__ import annotations
 
 import math
+import os
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,28 +57,60 @@ class Stopped(KeyboardInterrupt):
 
 
 class StopSignal:
-    """The SIGTERM handler of a pipeline run. SIGTERM is what a cloud preemption, `timeout`, `docker stop` and a
-    torchrun stopping its workers send, with a grace period before SIGKILL (torchrun: 30 s, --shutdown-timeout).
+    """The SIGTERM and SIGHUP handler of a pipeline run. SIGTERM is what a cloud preemption, `timeout`, `docker
+    stop` and a torchrun stopping its workers send, with a grace period before SIGKILL (torchrun: 30 s,
+    --shutdown-timeout); SIGHUP, a closed terminal or a dropped ssh session (outside tmux).
 
-    While a training stage's steps run (`console` set), the first SIGTERM lets the current step finish: the stage
-    then saves a checkpoint and the run stops (`Context.end_step`), so a resume loses nothing. Anywhere else (the
-    tokenizer, eval, a model loading), or at a second SIGTERM, the run stops at once, from its last checkpoint.
+    While a training stage's steps run (`console` set), the first such signal lets the current step finish: the
+    stage then saves a checkpoint and the run stops (`Context.end_step`), so a resume loses nothing. Anywhere else
+    (the tokenizer, eval, a model loading), or at a second signal, the run stops at once, from its last checkpoint.
     Ctrl-C (SIGINT) stays Python's KeyboardInterrupt: at once, anywhere. A stop in the middle of a checkpoint
     write leaves the previous checkpoint or the new one whole (checkpoint.py)."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum: int | None = None  # the first signal received
         self.console = None  # set while a training stage's steps run: a stop can wait for the step's end
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGTERM).name  # (SIGTERM: another rank's signal)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
+
     def __call__(self, signum: int, frame) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            detach_from_terminal()
         if self.requested or self.console is None:
             raise Stopped(f"terminated ({signal.Signals(signum).name})", 128 + signum)
-        self.requested = True
+        self.signum = signum
         self.console.print(
-            "[yellow]SIGTERM: saving a checkpoint at the end of this step, then stopping (SIGTERM again or Ctrl-C:"
-            " stop now)[/]",
+            f"[yellow]{self.name}: saving a checkpoint at the end of this step, then stopping ({self.name} again or"
+            " Ctrl-C: stop now)[/]",
             highlight=False,
         )
+
+
+def detach_from_terminal() -> None:
+    """After a hangup, writing to the terminal fails (EIO): the progress bar, a log line or the final message would
+    raise in the middle of the step or its checkpoint save. Standard output and error that are a terminal are
+    pointed at /dev/null instead (what nohup does; output sent to a file or a pipe is kept). metrics.jsonl keeps
+    what the console would have shown."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:  # (not os.isatty: a terminal that hung up answers False)
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(null, fd)
+            except OSError:  # a closed descriptor: nothing to write to anyway
+                pass
+    finally:
+        os.close(null)
 
 
 @dataclass
@@ -250,7 +284,8 @@ class Context:
         if self.stop_after.get(stage) == done:
             raise Interrupted(f"{stage} stopped after step {done}")
         if self._stopping:
-            raise Stopped(f"stopped by SIGTERM: {stage} saved its checkpoint at step {done}", 143)
+            sig = self.stop_signal
+            raise Stopped(f"stopped by {sig.name}: {stage} saved its checkpoint at step {done}", sig.exit_code)
 
     def save(self, stage: str, model, optimizers, state: dict[str, Any]) -> None:
         ckpt.save(

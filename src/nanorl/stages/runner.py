@@ -409,17 +409,19 @@ def run_lock(d: Path):
 
 
 @contextlib.contextmanager
-def sigterm_handled(handler: StopSignal):
-    """`handler` as the SIGTERM handler while the block runs (in the main thread; elsewhere signals cannot be
-    handled and SIGTERM keeps its default: the process ends)."""
+def stop_signals_handled(handler: StopSignal):
+    """`handler` as the SIGTERM and SIGHUP handler while the block runs (in the main thread; elsewhere signals
+    cannot be handled and keep their default: the process ends)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, handler)
+    signums = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # (no SIGHUP on Windows)
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def run_pipeline(
@@ -472,7 +474,7 @@ def run_pipeline(
     old, to_run, task, data = together(check)  # (before the lock: a bad input leaves no run folder behind)
     with contextlib.ExitStack() as held:
         together(held.enter_context, run_lock(run_dir(cfg.name)))  # rank 0's; a run in use stops every rank
-        held.enter_context(sigterm_handled(stop_signal))
+        held.enter_context(stop_signals_handled(stop_signal))
         return _run_stages(cfg, old, todo, fresh, to_run, task, data, stop_after, init_from, console, stop_signal)
 
 
@@ -528,8 +530,9 @@ def _run_stages(cfg, old, todo, fresh, to_run, task, data, stop_after, init_from
                 ckpt.mark_done(sdir, ctx.rank, {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             ctx.mirror_run()
             barrier()
-            if stage != todo[-1] and ctx.stop_requested():  # a SIGTERM during the stage's last step
-                raise Stopped(f"stopped by SIGTERM after the {stage} stage finished", 143)
+            if stage != todo[-1] and ctx.stop_requested():  # a SIGTERM or SIGHUP during the stage's last step
+                sig = ctx.stop_signal
+                raise Stopped(f"stopped by {sig.name} after the {stage} stage finished", sig.exit_code)
     finally:
         ctx.bus.close()
     dist_finished()  # every stage finished on every rank: the process group is left cleanly at exit
