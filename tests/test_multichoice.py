@@ -294,11 +294,11 @@ def test_paired_diff_interval_is_tangos_score_interval(b, c, n):
 
 
 def test_paired_diff_interval_published_and_limiting_cases():
-    # The airway hyper-responsiveness table of Fagerland, Lydersen & Laake (2014), (a, b, c, d) = (1, 1, 7, 12):
-    # -0.517 to -0.026 is Tango's 95% interval as we recall it from their table, not re-read here (the same table
-    # is checked against an independent computation above)
-    lo, hi = paired_diff_interval(1, 7, 21)
-    assert (round(lo, 3), round(hi, 3)) == (-0.517, -0.026)
+    # Published: the complete-response table of Cavo et al. (2012) in Fagerland, Lydersen & Laake's "Statistical
+    # Analysis of Contingency Tables" (2017), (a, b, c, d) = (59, 6, 16, 80): Tango's 95% interval is -0.1240 to
+    # -0.0054 (the figure the book's R package, contingencytables, asserts in its own tests)
+    lo, hi = paired_diff_interval(6, 16, 161)
+    assert (round(lo, 4), round(hi, 4)) == (-0.1240, -0.0054)
     # no discordant pair: not a point (the normal interval was "+0.000 to +0.000") but +-z^2 / (n + z^2)
     for n in (8, 50, 254):
         assert paired_diff_interval(0, 0, n) == pytest.approx((-(1.96**2) / (n + 1.96**2), 1.96**2 / (n + 1.96**2)))
