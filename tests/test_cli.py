@@ -399,3 +399,10 @@ def test_a_sigterm_and_a_full_disk_are_one_line_each_saying_what_to_do(monkeypat
     message, hint, code = _os_error(full.value)
     assert message == f"No space left on device: {tmp_path / 'metrics.jsonl'}" and code == 1
     assert hint.startswith(f"free space on that disk ({tmp_path})") and "resumes from its last checkpoint" in hint
+
+
+def test_tokenizer_train_in_a_pipe_starts_with_its_result_not_an_empty_line(tmp_path):
+    """rich's progress bar, in a pipe, drew nothing but left an empty first line on stdout."""
+    r = run_piped("tokenizer", "train", "--vocab-size", "300", "--max-chars", "20000", "--out", str(tmp_path / "tok"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tokenizer saved to "), r.stdout[:80]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import console, esc, print_json
+from nanorl.cli.ui import Table, console, esc, print_json
 
 # The options every command that builds a run config accepts (pipeline, train, config show, ...).
 PresetOpt = typer.Option(None, "--preset", help="Preset: tiny (CPU), d8, d12, d20, d26.")
@@ -72,8 +72,6 @@ def register(app: typer.Typer) -> None:
         if toml:
             typer.echo(to_toml(cfg), nl=False)
             return
-        from rich.table import Table
-
         d = cfg.to_dict()
         table = Table(title=f"run config: {esc(cfg.name)}", title_justify="left", show_lines=False)
         table.add_column("key", style="cyan")
@@ -116,8 +114,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(rows)
             return
-        from rich.table import Table
-
         table = Table(title="config keys (set with key=value, or a bare name for every section)", title_justify="left")
         for col in ("key", "type", "default", "meaning"):
             table.add_column(col, overflow="fold")

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from nanorl.cli.config_cmd import DataDirOpt
-from nanorl.cli.ui import console, err_console, esc, print_json
+from nanorl.cli.ui import Table, console, err_console, esc, print_json
 
 # Options are module-level so that other commands (and later flags such as --compare) can reuse them.
 SplitOpt = typer.Option("dev", "--split", help="dev or test.")
@@ -29,7 +29,8 @@ def eval_progress(disable: bool):
         TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=err_console, transient=True, disable=disable) as bar:
+    # only in a terminal: in a pipe or a file a bar draws nothing, but leaves an empty line
+    with Progress(*columns, console=err_console, transient=True, disable=disable or not err_console.is_terminal) as bar:
 
         def for_checkpoint(label: str):
             def for_mode(mode: str):
@@ -226,12 +227,10 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(res)
             return
-        from rich.table import Table
-
         table = Table(title=f"{ctx.task.name} {split}: {stage_dir}", title_justify="left")
         # a free-form task (GSM8K) has no chance level and no letter format: those cells show "-"
-        for col in ("mode", "n", "accuracy", "95% CI", "chance", "majority", "format rate", "answered"):
-            table.add_column(col)
+        for col in ("mode", "n", "accuracy", "95% CI", "chance", "majority", "format\nrate", "answered"):
+            table.add_column(col, no_wrap=col != "mode")  # the numbers whole; a narrow terminal wraps the mode
 
         def cell(s: dict, key: str) -> str:
             return f"{s[key]:.3f}" if isinstance(s.get(key), (int, float)) else "-"
@@ -252,7 +251,7 @@ def register(app: typer.Typer) -> None:
         if res.get("compare"):
             t = Table(title=f"paired with {compare_to} (McNemar, exact; sampled: sign test)", title_justify="left")
             for col in ("mode", "n", "acc", "other", "diff", "95% CI", "this better", "other better", "p"):
-                t.add_column(col, no_wrap=col in ("mode", "95% CI"))
+                t.add_column(col, no_wrap=col not in ("mode", "95% CI", "this better", "other better"))
             for m, c in res["compare"].items():
                 lo, hi = c["diff_ci95"]  # Tango's score interval: not symmetric about diff
                 t.add_row(

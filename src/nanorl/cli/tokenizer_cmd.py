@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from nanorl.cli.config_cmd import ConfigOpt, OverridesArg, PresetOpt, TaskOpt
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import Table, console, print_json
 
 RunOpt = typer.Option(None, "--run", help="A run's tokenizer: $NANORL_HOME/runs/<run>/tokenizer.")
 DirOpt = typer.Option(
@@ -157,7 +157,7 @@ def register(app: typer.Typer) -> None:
             TimeElapsedColumn(),
             console=console,
             transient=True,
-            disable=as_json,
+            disable=as_json or not console.is_terminal,  # in a pipe a bar draws nothing but an empty line
         ) as bar:
             job = bar.add_task("train", total=None)
             tok = train_run_tokenizer(cfg, the_task, out, on_chars=lambda n: bar.advance(job, n))
@@ -231,7 +231,6 @@ def register(app: typer.Typer) -> None:
             print_json(result)
             return
         from rich.markup import escape
-        from rich.table import Table
 
         table = Table(title=f"tokenizer: {folder}", title_justify="left", show_header=False)
         table.add_column("key", style="cyan")
