@@ -63,8 +63,11 @@ def register(app: typer.Typer) -> None:
         toml: bool = typer.Option(False, "--toml", help="Print TOML (what run.toml holds)."),
     ) -> None:
         """Print the resolved run configuration (defaults, preset, recipe, overrides)."""
+        from nanorl.api import NanorlError
         from nanorl.config import SECTIONS, to_toml
 
+        if as_json and toml:
+            raise NanorlError("give --json or --toml, not both", hint="--toml prints what run.toml holds", exit_code=2)
         cfg = build_config(preset, depth, config, task, name, overrides, data_dir=data_dir)
         if as_json:
             print_json(cfg.to_dict())

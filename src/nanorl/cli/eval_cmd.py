@@ -93,6 +93,19 @@ def load_for_eval(
         if value is not None:
             setattr(cfg.eval, key, value)
     cfg.telemetry.console = False
+    if not task:  # the run's own task: its plugin may not be installed here
+        from nanorl.api import NanorlError
+        from nanorl.plugins import get_plugins
+
+        try:
+            get_plugins().task(cfg.task)
+        except NanorlError as e:
+            raise NanorlError(
+                f"run {run.name} was trained on task {cfg.task!r}, and {e.message}",
+                hint=f"install the plugin that provides {cfg.task!r} (`nanorl plugins list` shows what is installed;"
+                " NANORL_PLUGINS may leave it out), or evaluate on another task with --task T",
+                exit_code=2,
+            ) from None
     ctx = make_context(cfg, folder=run)
     from nanorl.device import together
 
@@ -172,22 +185,38 @@ def register(app: typer.Typer) -> None:
         from nanorl.api import NanorlError
 
         if mode not in ("generative", "categorical", "both"):
-            raise NanorlError(f"--mode {mode!r}: generative, categorical or both", exit_code=2)
+            raise NanorlError(
+                f"--mode {mode!r}: generative, categorical or both", hint="--mode both runs the two", exit_code=2
+            )
         if split not in ("dev", "test", "validation", "train"):
-            raise NanorlError(f"--split {split!r}: dev, validation, test or train", exit_code=2)
+            raise NanorlError(
+                f"--split {split!r}: dev, validation, test or train",
+                hint="dev is what the pipeline evaluates; test is held out",
+                exit_code=2,
+            )
         from nanorl.stages.eval import evaluate, publish, split_label, write_json
 
         if shuffle_k < 0:
-            raise NanorlError(f"--shuffle-options {shuffle_k}: give K >= 1 (0: off)", exit_code=2)
+            raise NanorlError(
+                f"--shuffle-options {shuffle_k}: give K >= 1 (0: off)", hint="e.g. --shuffle-options 3", exit_code=2
+            )
         from nanorl.stages.eval import shuffle_check
 
         if samples is not None and samples < 0:
-            raise NanorlError(f"--samples {samples}: give K >= 1 (0: off)", exit_code=2)
+            raise NanorlError(f"--samples {samples}: give K >= 1 (0: off)", hint="e.g. --samples 8", exit_code=2)
         if sample_temperature is not None and sample_temperature <= 0:
-            raise NanorlError(f"--sample-temperature {sample_temperature}: give T > 0", exit_code=2)
+            raise NanorlError(
+                f"--sample-temperature {sample_temperature}: give T > 0",
+                hint="e.g. --sample-temperature 0.7 (greedy answers are the generative mode's)",
+                exit_code=2,
+            )
         sampling = {"samples": samples, "sample_temperature": sample_temperature}
         # both checkpoints found before either is evaluated: a typo in --compare fails at once
-        other_dir = locate_checkpoint(compare_to) if compare_to else None
+        try:
+            other_dir = locate_checkpoint(compare_to) if compare_to else None
+        except NanorlError as e:
+            e.message = f"--compare: {e.message}"
+            raise
         ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_, sampling)
         # a run pulled from a store for this command lives in a temporary folder: its file would not be kept
         kept = not checkpoint.startswith("s3://")
