@@ -134,7 +134,10 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path):
     # 130; or killed by SIGINT, which a shell also reports as 130: CPython ends that way whatever main() exits with
     # when the interrupt landed inside an exec() of a string (dataclasses does those while torch imports)
     assert p.returncode in (130, -signal.SIGINT), err
-    assert "error: interrupted" in err and "hint: a stage resumes from its last checkpoint" in err
+    assert (
+        "error: interrupted" in err
+        and "hint: run the same command again: a stage resumes from its last checkpoint" in err
+    )
     assert "Traceback" not in err
 
 
