@@ -134,7 +134,10 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path):
     # 130; or killed by SIGINT, which a shell also reports as 130: CPython ends that way whatever main() exits with
     # when the interrupt landed inside an exec() of a string (dataclasses does those while torch imports)
     assert p.returncode in (130, -signal.SIGINT), err
-    assert "error: interrupted" in err and "hint: a stage resumes from its last checkpoint" in err
+    assert (
+        "error: interrupted" in err
+        and "hint: run the same command again: a stage resumes from its last checkpoint" in err
+    )
     assert "Traceback" not in err
 
 
@@ -399,3 +402,41 @@ def test_a_sigterm_and_a_full_disk_are_one_line_each_saying_what_to_do(monkeypat
     message, hint, code = _os_error(full.value)
     assert message == f"No space left on device: {tmp_path / 'metrics.jsonl'}" and code == 1
     assert hint.startswith(f"free space on that disk ({tmp_path})") and "resumes from its last checkpoint" in hint
+
+
+def test_tokenizer_train_in_a_pipe_starts_with_its_result_not_an_empty_line(tmp_path):
+    """rich's progress bar, in a pipe, drew nothing but left an empty first line on stdout."""
+    r = run_piped("tokenizer", "train", "--vocab-size", "300", "--max-chars", "20000", "--out", str(tmp_path / "tok"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tokenizer saved to "), r.stdout[:80]
+
+
+def test_bad_input_to_tokenizer_eval_and_config_is_exit_2_with_a_hint(tmp_path, monkeypatch):
+    """Each of these printed an error without a hint, or exited 1 for what the user gave (a run that does not
+    exist, a file for a folder), or, for a run whose task plugin is not installed, named only the task."""
+    from nanorl.config import resolve, write_run_config
+
+    home = tmp_path / "home"
+    env = {"NANORL_HOME": str(home)}
+    cases = [
+        (("tokenizer", "info", "--run", "nosuch"), "no run named 'nosuch'"),
+        (("tokenizer", "info", "--dir", __file__), "is a file, not a tokenizer's folder"),
+        (("tokenizer", "encode", "x", "--run", "a/b"), "invalid run name 'a/b'"),
+        (("eval", "--checkpoint", "x", "--mode", "gen"), "--mode 'gen'"),
+        (("eval", "--checkpoint", "x", "--samples", "-1"), "--samples -1"),
+        (("eval", "--checkpoint", "x", "--sample-temperature", "0"), "--sample-temperature 0.0"),
+        (("config", "show", "--json", "--toml"), "give --json or --toml, not both"),
+        (("config", "show", "--config", str(tmp_path / "nope.toml")), "config file not found"),
+        (("data", "show", "--split", "nope"), "unknown split 'nope' for task arith"),
+    ]
+    # a run of a task whose plugin is left out (NANORL_PLUGINS empty: the built-ins only)
+    monkeypatch.setenv("NANORL_HOME", str(home))
+    write_run_config(resolve(overrides=["name=elsewhere", "task=aqua"]))
+    (home / "runs" / "elsewhere" / "sft").mkdir()
+    (home / "runs" / "elsewhere" / "sft" / "state.json").write_text("{}")
+    cases.append((("eval", "--checkpoint", "elsewhere/sft"), "run elsewhere was trained on task 'aqua', and unknown"))
+    for args, message in cases:
+        r = run_cli(*args, env={**env, "NANORL_PLUGINS": ""})
+        lines = r.stderr.splitlines()
+        assert r.returncode == 2 and message in lines[0] and lines[1].startswith("hint: "), (args, r.stderr)
+        assert len(lines) == 2 and r.stdout == "", (args, r.stdout, r.stderr)

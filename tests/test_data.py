@@ -3,6 +3,7 @@
 import http.server
 import json
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -196,6 +197,7 @@ class _Server:
     def __init__(self, files: dict[str, bytes]):
         self.files = files
         self.drop_once: set[str] = set()  # names whose next response is cut after half the body
+        self.slow: set[str] = set()  # names sent 4 KB at a time, 50 ms apart
         self.requests: list[tuple[str, str | None]] = []
         outer = self
 
@@ -223,6 +225,12 @@ class _Server:
                     self.wfile.write(body[start : start + (len(body) - start) // 2])
                     self.wfile.flush()
                     self.connection.shutdown(2)  # the connection drops mid-body
+                    return
+                if name in outer.slow:
+                    for i in range(start, len(body), 4096):
+                        self.wfile.write(body[i : i + 4096])
+                        self.wfile.flush()
+                        time.sleep(0.05)
                     return
                 self.wfile.write(body[start:])
 
@@ -297,6 +305,63 @@ def test_missing_shard_is_not_retried(server, tmp_path):
     with pytest.raises(NanorlError, match="404"):
         download_shard(f"{server.url}/nope.parquet", tmp_path / "nope.parquet", retries=3, backoff=0.01)
     assert len(server.requests) == 1
+
+
+def test_a_shard_damaged_inside_is_refused_though_its_footer_reads(server, tmp_path):
+    """Bytes damaged inside a shard leave its footer readable: a footer-only check let such a shard take its final
+    name, and the run failed on it later, hours into pretraining. The download reads it whole (what breaks the
+    decompression of a row group fails there)."""
+    name = shard_name(0)
+    body = bytearray(server.files[name])
+    for i in range(100, 164):  # in the first row group's data
+        body[i] ^= 0x55
+    server.files[name] = bytes(body)
+    pq.read_metadata(pa.BufferReader(server.files[name]))  # the footer still reads
+    with pytest.raises(NanorlError, match="not a readable parquet file") as err:
+        download_shard(f"{server.url}/{name}", tmp_path / name, retries=1, backoff=0.01)
+    assert "not a whole parquet shard" in err.value.hint
+    assert not (tmp_path / name).exists() and not (tmp_path / (name + ".part")).exists()
+
+
+def test_a_failed_shard_stops_the_other_downloads_at_once(server, tmp_path):
+    """One shard missing (404) while another is still arriving: the error comes at once, the other download
+    stopped with what it has kept for the resume (it used to run to its end first; Ctrl-C waited the same way)."""
+    server.files[shard_name(0)] = server.files[shard_name(0)] * 8  # ~90 s at the slow rate
+    server.slow.add(shard_name(0))
+    del server.files[shard_name(1)]
+    t0 = time.perf_counter()
+    with pytest.raises(NanorlError, match="404"):
+        download_fineweb(2, base_url=server.url, directory=tmp_path, workers=2, backoff=0.01)
+    assert time.perf_counter() - t0 < 5
+    part = tmp_path / (shard_name(0) + ".part")
+    assert 0 < part.stat().st_size < len(server.files[shard_name(0)])
+
+
+def test_a_base_url_that_is_not_a_url_is_bad_input(monkeypatch, tmp_path):
+    with pytest.raises(NanorlError, match="--url 'notaurl' is not an http") as err:
+        download_fineweb(1, base_url="notaurl", directory=tmp_path)
+    assert err.value.exit_code == 2
+    monkeypatch.setenv("NANORL_FINEWEB_URL", "mirror.example/shards")
+    with pytest.raises(NanorlError, match="NANORL_FINEWEB_URL='mirror.example/shards' is not an http"):
+        download_fineweb(1, directory=tmp_path)
+
+
+def test_download_in_a_pipe_prints_a_line_a_shard_and_no_blank_line(server, tmp_path):
+    """A bar in a pipe or a log draws nothing but leaves an empty line: there, a line a shard instead."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    r = subprocess.run(
+        [sys.executable, "-m", "nanorl", "data", "download", "fineweb", "--shards", "2", "--url", server.url,
+         "--dir", str(tmp_path / "d")],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("fineweb: 1/2 shards") and lines[1].startswith("fineweb: 2/2 shards")
+    assert lines[2].startswith("2 shards") and len(lines) == 3
 
 
 def test_corpus_text_bytes_come_from_file_metadata(tmp_path):

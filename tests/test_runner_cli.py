@@ -126,6 +126,21 @@ def test_a_typo_fails_before_a_finished_stage_is_removed(capsys):
     assert _snapshot("typo") == before
 
 
+def test_a_start_checkpoint_this_run_cannot_load_fails_before_its_stage_is_removed(capsys):
+    """`nanorl train rl --checkpoint OTHER` with OTHER of another tokenizer or architecture: refused as bad input
+    with the run as it was (found only when the stage loaded it, it cost the run its finished rl/ and rewrote
+    run.toml)."""
+    _fake_run("own")
+    _fake_run("othertok", "tokenizer.max_digits=2")  # the same model, another tokenizer
+    _fake_run("wider", "model.n_embd=64")
+    before = _snapshot("own")
+    code, _, err = _main(capsys, "train", "rl", "--run", "own", "--checkpoint", "othertok/sft", "--steps", "2")
+    assert code == 2 and "trained with another tokenizer" in err
+    code, _, err = _main(capsys, "train", "rl", "--run", "own", "--checkpoint", "wider/sft", "--steps", "2")
+    assert code == 2 and "is of another model than run own's (model.n_embd 64 vs 32)" in err
+    assert _snapshot("own") == before
+
+
 def test_a_stage_whose_inputs_never_ran_fails_before_anything_is_written():
     with pytest.raises(NanorlError, match="needs the tokenizer"):
         run_pipeline(_cfg("fresh"), only="base")

@@ -118,6 +118,17 @@ def test_show_has_the_model_stages_accuracy_with_its_baselines_and_entropy():
     assert any(line.startswith("│ sft ") and "2.75 3.75" in line for line in out.splitlines())
 
 
+def test_show_at_80_columns_cuts_no_cell():
+    """In an 80-column terminal rich cut the cells that did not fit to "…": the accuracy's interval read "0.31…",
+    the file "arit…". Now the numbers stay whole on their line and the names wrap."""
+    make_run()
+    r = _cli("runs", "show", "fake", env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout and max(map(len, r.stdout.splitlines())) <= 80
+    (ev,) = [line for line in r.stdout.splitlines() if "0.313-0.832" in line]
+    assert "0.600" in ev and "0.200" in ev and "0.300" in ev
+
+
 def test_show_json_round_trips_the_overview_that_the_report_renders():
     run = make_run()
     r = _cli("runs", "show", str(run), "--json")  # a run folder's path works as well as its name

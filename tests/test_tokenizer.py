@@ -271,8 +271,8 @@ def test_info_measures_on_the_runs_corpus(capsys, texts):
 
 def test_info_of_a_missing_run_or_folder_says_how_to_make_it(capsys, tmp_path):
     code, _, err = _cli(capsys, "tokenizer", "info", "--run", "nosuch")
-    assert code == 1 and "no run named 'nosuch'" in err and "tokenizer train --run nosuch" in err
+    assert code == 2 and "no run named 'nosuch'" in err and "tokenizer train --run nosuch" in err
     code, _, err = _cli(capsys, "tokenizer", "encode", "x", "--dir", str(tmp_path / "none"))
-    assert code == 1 and f"--out {tmp_path / 'none'}" in err
+    assert code == 2 and f"--out {tmp_path / 'none'}" in err
     code, _, err = _cli(capsys, "tokenizer", "info")
-    assert code == 1 and "--run NAME" in err
+    assert code == 2 and "--run NAME" in err

@@ -459,12 +459,20 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise NanorlError(f"config file not found: {p}", exit_code=2)
+        raise NanorlError(
+            f"config file not found: {p}",
+            hint="give the path of a TOML recipe (`nanorl config show --toml` prints one)",
+            exit_code=2,
+        )
     try:
         with open(p, "rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
-        raise NanorlError(f"{p} is not valid TOML: {e}", exit_code=2) from None
+        raise NanorlError(
+            f"{p} is not valid TOML: {e}",
+            hint="fix that line; `nanorl config show --toml` prints a valid recipe",
+            exit_code=2,
+        ) from None
 
 
 def _flatten(d: dict[str, Any], where: str) -> list[tuple[str, Any]]:

@@ -48,7 +48,8 @@ def find_data_file(data_dir: str | os.PathLike, stems: tuple[str, ...], what: st
     """The first `<stem><suffix>` file in `data_dir`, or a NanorlError naming every file looked for."""
     directory = Path(data_dir).expanduser()
     if not directory.is_dir():
-        raise NanorlError(f"{what} data directory {directory} does not exist", hint=hint)
+        why = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise NanorlError(f"{what} data directory {directory} {why}", hint=hint)
     candidates = [directory / f"{stem}{suffix}" for stem in stems for suffix in SUFFIXES]
     for path in candidates:
         if path.is_file():

@@ -323,7 +323,11 @@ class ArithTask(Task):
         """One split as AQuA-RAT records: {"question", "options", "rationale", "correct"}."""
         split = "dev" if split == "validation" else split
         if split not in SPLIT_SIZES:
-            raise NanorlError(f"unknown split {split!r} for task {self.name} (train, dev, test)", exit_code=2)
+            raise NanorlError(
+                f"unknown split {split!r} for task {self.name} (train, dev, test)",
+                hint="dev is what the pipeline evaluates; test is held out",
+                exit_code=2,
+            )
         return [dict(r) for r in generate(self.level, self.seed)[split]]
 
     def load(self, split: str, data_dir: str | None = None) -> list[Example]:

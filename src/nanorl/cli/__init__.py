@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     except NanorlError as e:
         _fail(e.message, e.hint, e.exit_code)
     except KeyboardInterrupt as e:  # Ctrl-C (130); a SIGTERM (nanorl.stages.common.Stopped, 143) says what it did
-        hint = "a stage resumes from its last checkpoint when you run the command again"
+        hint = "run the same command again: a stage resumes from its last checkpoint, a download from what arrived"
         _fail(str(e) or "interrupted", hint, getattr(e, "exit_code", 130))
     except BrokenPipeError:  # `nanorl ... | head`: the reader left; say nothing more
         with contextlib.suppress(OSError, ValueError):

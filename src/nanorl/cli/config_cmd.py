@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import console, esc, print_json
+from nanorl.cli.ui import Table, console, esc, print_json
 
 # The options every command that builds a run config accepts (pipeline, train, config show, ...).
 PresetOpt = typer.Option(None, "--preset", help="Preset: tiny (CPU), d8, d12, d20, d26.")
@@ -63,8 +63,11 @@ def register(app: typer.Typer) -> None:
         toml: bool = typer.Option(False, "--toml", help="Print TOML (what run.toml holds)."),
     ) -> None:
         """Print the resolved run configuration (defaults, preset, recipe, overrides)."""
+        from nanorl.api import NanorlError
         from nanorl.config import SECTIONS, to_toml
 
+        if as_json and toml:
+            raise NanorlError("give --json or --toml, not both", hint="--toml prints what run.toml holds", exit_code=2)
         cfg = build_config(preset, depth, config, task, name, overrides, data_dir=data_dir)
         if as_json:
             print_json(cfg.to_dict())
@@ -72,8 +75,6 @@ def register(app: typer.Typer) -> None:
         if toml:
             typer.echo(to_toml(cfg), nl=False)
             return
-        from rich.table import Table
-
         d = cfg.to_dict()
         table = Table(title=f"run config: {esc(cfg.name)}", title_justify="left", show_lines=False)
         table.add_column("key", style="cyan")
@@ -116,8 +117,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(rows)
             return
-        from rich.table import Table
-
         table = Table(title="config keys (set with key=value, or a bare name for every section)", title_justify="left")
         for col in ("key", "type", "default", "meaning"):
             table.add_column(col, overflow="fold")

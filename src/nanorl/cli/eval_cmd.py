@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from nanorl.cli.config_cmd import DataDirOpt
-from nanorl.cli.ui import console, err_console, esc, print_json
+from nanorl.cli.ui import Table, console, err_console, esc, print_json
 
 # Options are module-level so that other commands (and later flags such as --compare) can reuse them.
 SplitOpt = typer.Option("dev", "--split", help="dev or test.")
@@ -29,7 +29,8 @@ def eval_progress(disable: bool):
         TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=err_console, transient=True, disable=disable) as bar:
+    # only in a terminal: in a pipe or a file a bar draws nothing, but leaves an empty line
+    with Progress(*columns, console=err_console, transient=True, disable=disable or not err_console.is_terminal) as bar:
 
         def for_checkpoint(label: str):
             def for_mode(mode: str):
@@ -92,6 +93,19 @@ def load_for_eval(
         if value is not None:
             setattr(cfg.eval, key, value)
     cfg.telemetry.console = False
+    if not task:  # the run's own task: its plugin may not be installed here
+        from nanorl.api import NanorlError
+        from nanorl.plugins import get_plugins
+
+        try:
+            get_plugins().task(cfg.task)
+        except NanorlError as e:
+            raise NanorlError(
+                f"run {run.name} was trained on task {cfg.task!r}, and {e.message}",
+                hint=f"install the plugin that provides {cfg.task!r} (`nanorl plugins list` shows what is installed;"
+                " NANORL_PLUGINS may leave it out), or evaluate on another task with --task T",
+                exit_code=2,
+            ) from None
     ctx = make_context(cfg, folder=run)
     from nanorl.device import together
 
@@ -171,22 +185,38 @@ def register(app: typer.Typer) -> None:
         from nanorl.api import NanorlError
 
         if mode not in ("generative", "categorical", "both"):
-            raise NanorlError(f"--mode {mode!r}: generative, categorical or both", exit_code=2)
+            raise NanorlError(
+                f"--mode {mode!r}: generative, categorical or both", hint="--mode both runs the two", exit_code=2
+            )
         if split not in ("dev", "test", "validation", "train"):
-            raise NanorlError(f"--split {split!r}: dev, validation, test or train", exit_code=2)
+            raise NanorlError(
+                f"--split {split!r}: dev, validation, test or train",
+                hint="dev is what the pipeline evaluates; test is held out",
+                exit_code=2,
+            )
         from nanorl.stages.eval import evaluate, publish, split_label, write_json
 
         if shuffle_k < 0:
-            raise NanorlError(f"--shuffle-options {shuffle_k}: give K >= 1 (0: off)", exit_code=2)
+            raise NanorlError(
+                f"--shuffle-options {shuffle_k}: give K >= 1 (0: off)", hint="e.g. --shuffle-options 3", exit_code=2
+            )
         from nanorl.stages.eval import shuffle_check
 
         if samples is not None and samples < 0:
-            raise NanorlError(f"--samples {samples}: give K >= 1 (0: off)", exit_code=2)
+            raise NanorlError(f"--samples {samples}: give K >= 1 (0: off)", hint="e.g. --samples 8", exit_code=2)
         if sample_temperature is not None and sample_temperature <= 0:
-            raise NanorlError(f"--sample-temperature {sample_temperature}: give T > 0", exit_code=2)
+            raise NanorlError(
+                f"--sample-temperature {sample_temperature}: give T > 0",
+                hint="e.g. --sample-temperature 0.7 (greedy answers are the generative mode's)",
+                exit_code=2,
+            )
         sampling = {"samples": samples, "sample_temperature": sample_temperature}
         # both checkpoints found before either is evaluated: a typo in --compare fails at once
-        other_dir = locate_checkpoint(compare_to) if compare_to else None
+        try:
+            other_dir = locate_checkpoint(compare_to) if compare_to else None
+        except NanorlError as e:
+            e.message = f"--compare: {e.message}"
+            raise
         ctx, model, stage_dir = load_for_eval(checkpoint, task, data_dir, compile_, sampling)
         # a run pulled from a store for this command lives in a temporary folder: its file would not be kept
         kept = not checkpoint.startswith("s3://")
@@ -226,12 +256,10 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(res)
             return
-        from rich.table import Table
-
         table = Table(title=f"{ctx.task.name} {split}: {stage_dir}", title_justify="left")
         # a free-form task (GSM8K) has no chance level and no letter format: those cells show "-"
-        for col in ("mode", "n", "accuracy", "95% CI", "chance", "majority", "format rate", "answered"):
-            table.add_column(col)
+        for col in ("mode", "n", "accuracy", "95% CI", "chance", "majority", "format\nrate", "answered"):
+            table.add_column(col, no_wrap=col != "mode")  # the numbers whole; a narrow terminal wraps the mode
 
         def cell(s: dict, key: str) -> str:
             return f"{s[key]:.3f}" if isinstance(s.get(key), (int, float)) else "-"
@@ -252,7 +280,7 @@ def register(app: typer.Typer) -> None:
         if res.get("compare"):
             t = Table(title=f"paired with {compare_to} (McNemar, exact; sampled: sign test)", title_justify="left")
             for col in ("mode", "n", "acc", "other", "diff", "95% CI", "this better", "other better", "p"):
-                t.add_column(col, no_wrap=col in ("mode", "95% CI"))
+                t.add_column(col, no_wrap=col not in ("mode", "95% CI", "this better", "other better"))
             for m, c in res["compare"].items():
                 lo, hi = c["diff_ci95"]  # Tango's score interval: not symmetric about diff
                 t.add_row(

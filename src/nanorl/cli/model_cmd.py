@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from nanorl.cli.config_cmd import ConfigOpt, DepthOpt, NameOpt, OverridesArg, PresetOpt, TaskOpt, build_config
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import Table, console, print_json
 
 
 def human_count(n: float) -> str:
@@ -69,8 +69,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json({"shape": shape, "params": counts, "flops_per_token": fpt, "train_memory": memory})
             return
-        from rich.table import Table
-
         table = Table(title=f"model: depth {m.depth}", title_justify="left")
         table.add_column("shape", style="cyan")
         table.add_column("value", justify="right")

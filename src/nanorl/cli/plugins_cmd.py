@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from nanorl.cli.ui import console, esc, print_json, state
+from nanorl.cli.ui import Table, console, esc, print_json, state
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +26,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json({"plugins": [i.as_dict() for i in infos]})
             return
-        from rich.table import Table
         from rich.text import Text
 
         table = Table(title="nanorl plugins", title_justify="left")

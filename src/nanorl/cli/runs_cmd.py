@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import console, esc, print_json
+from nanorl.cli.ui import Table, console, esc, print_json
 
 
 def _store_and_name(url: str) -> tuple[object, str, str | None, str]:
@@ -106,8 +106,6 @@ def _num(v, spec: str = ".3f") -> str:
 
 def show_run(data: dict) -> None:
     """`runs show`'s tables, from `nanorl.report.run_overview`'s data."""
-    from rich.table import Table
-
     from nanorl.cli.model_cmd import human_count
     from nanorl.report import ENTROPY_SUMMARY, fmt_value, paired_test_name
 
@@ -190,8 +188,10 @@ def show_run(data: dict) -> None:
         console.print("[dim]no eval files yet (eval/*.json): nanorl eval --checkpoint RUN[/]")
         return
     t = Table(title="evaluation (accuracy with its 95% Wilson CI and baselines)", title_justify="left")
+    numbers = ("n", "accuracy", "95% CI", "chance", "majority", "format")
     for col in ("file", "model", "mode", "n", "accuracy", "95% CI", "chance", "majority", "beats majority", "format"):
-        t.add_column(col, justify="right" if col in ("n", "accuracy", "chance", "majority", "format") else "left")
+        # numbers whole, right-aligned; in a narrow terminal the names wrap instead
+        t.add_column(col, justify="right" if col in numbers else "left", no_wrap=col in numbers)
     for e in evals:
         for mode, s in e["modes"].items():
             ci = s.get("accuracy_ci95") or [None, None]
@@ -206,7 +206,9 @@ def show_run(data: dict) -> None:
     if sampled:
         t = Table(title="sampled mode (k completions per question; accuracy = pass@1)", title_justify="left")
         for col in ("file", "model", "k", "temperature", "pass@1", "pass@k", "maj@k"):
-            t.add_column(col, justify="left" if col in ("file", "model") else "right")
+            t.add_column(
+                col, justify="left" if col in ("file", "model") else "right", no_wrap=col not in ("file", "model")
+            )
         for e, s in sampled:
             t.add_row(
                 esc(e["file"]), esc(str(e["stage"] or "-")), str(s.get("samples", "-")),
@@ -218,7 +220,7 @@ def show_run(data: dict) -> None:
     if compares:
         t = Table(title="paired comparison on the same questions (a - b)", title_justify="left")
         for col in ("file", "mode", "a", "b", "acc a", "acc b", "diff", "95% CI", "p", "test"):
-            t.add_column(col, justify="right" if col in ("acc a", "acc b", "diff", "p") else "left")
+            t.add_column(col, justify="right" if col in ("acc a", "acc b", "diff", "p") else "left", no_wrap=col == "p")
         for e, mode, c in compares:
             lo, hi = c.get("diff_ci95") or [None, None]
             t.add_row(
@@ -235,8 +237,6 @@ def show_run(data: dict) -> None:
 def list_store(url: str, as_json: bool) -> None:
     """`runs list URL`: the runs a store holds (a folder with run.toml), the stages each finished, and those with
     a checkpoint but no DONE (in progress, or stopped)."""
-    from rich.table import Table
-
     from nanorl.store import open_store
     from nanorl.store.runs import list_runs
 
@@ -275,8 +275,6 @@ def register(app: typer.Typer) -> None:
         """Every run in $NANORL_HOME/runs: task, model, stages done, final accuracy, size (or, given a store, the
         runs there: stages done and partial)."""
         import time
-
-        from rich.table import Table
 
         from nanorl.config import nanorl_home
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from nanorl.cli.config_cmd import ConfigOpt, OverridesArg, PresetOpt, TaskOpt
-from nanorl.cli.ui import console, print_json
+from nanorl.cli.ui import Table, console, print_json
 
 RunOpt = typer.Option(None, "--run", help="A run's tokenizer: $NANORL_HOME/runs/<run>/tokenizer.")
 DirOpt = typer.Option(
@@ -31,7 +31,11 @@ def _where(run: str | None, directory: Path | None) -> tuple[Path, str]:
     if directory is not None:
         return directory, "dir"
     if run:
-        return tokenizer_dir(check_run_name(run)), "run"
+        try:
+            return tokenizer_dir(check_run_name(run)), "run"
+        except NanorlError as e:
+            e.hint = "`nanorl runs list` lists the runs"
+            raise
     return scratch_tokenizer_dir(), "scratch"
 
 
@@ -48,20 +52,31 @@ def _load(run: str | None, directory: Path | None):
                 f"no run named {run!r} ({run_dir(run)} has no run.toml and no tokenizer)",
                 hint=f"`nanorl runs list` lists the runs; `nanorl tokenizer train --run {run}` trains a tokenizer"
                 f" for it, `nanorl pipeline --name {run}` the whole run",
+                exit_code=2,
             )
         if kind == "run":
             raise NanorlError(
                 f"run {run!r} has no tokenizer yet (no {folder / FILE})",
                 hint=f"train it with `nanorl tokenizer train --run {run}`, or run the pipeline with --name {run}",
+                exit_code=2,
+            )
+        if kind == "dir" and folder.exists() and not folder.is_dir():
+            raise NanorlError(
+                f"--dir {folder} is a file, not a tokenizer's folder",
+                hint="give the folder `nanorl tokenizer train --out DIR` saved it into",
+                exit_code=2,
             )
         if kind == "dir":
             raise NanorlError(
-                f"no tokenizer in {folder}", hint=f"train one there with `nanorl tokenizer train --out {folder}`"
+                f"no tokenizer in {folder}",
+                hint=f"train one there with `nanorl tokenizer train --out {folder}`",
+                exit_code=2,
             )
         raise NanorlError(
             f"no tokenizer at {folder} (where `nanorl tokenizer train` without --run or --out saves one)",
             hint="give --run NAME for a run's tokenizer or --dir DIR for a folder, or train one with"
             " `nanorl tokenizer train --corpus SPEC`",
+            exit_code=2,
         )
     return Tokenizer.load(folder), folder
 
@@ -157,7 +172,7 @@ def register(app: typer.Typer) -> None:
             TimeElapsedColumn(),
             console=console,
             transient=True,
-            disable=as_json,
+            disable=as_json or not console.is_terminal,  # in a pipe a bar draws nothing but an empty line
         ) as bar:
             job = bar.add_task("train", total=None)
             tok = train_run_tokenizer(cfg, the_task, out, on_chars=lambda n: bar.advance(job, n))
@@ -231,7 +246,6 @@ def register(app: typer.Typer) -> None:
             print_json(result)
             return
         from rich.markup import escape
-        from rich.table import Table
 
         table = Table(title=f"tokenizer: {folder}", title_justify="left", show_header=False)
         table.add_column("key", style="cyan")

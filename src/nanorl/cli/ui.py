@@ -12,11 +12,14 @@ import os
 import sys
 from typing import Any
 
+from rich import table as rich_table
 from rich.console import Console
 from rich.markup import escape as esc
 from rich.text import Text
 
-__all__ = ["console", "err_console", "esc", "pipe_width", "print_error", "print_json", "print_warning", "state"]
+__all__ = [
+    "Table", "console", "err_console", "esc", "pipe_width", "print_error", "print_json", "print_warning", "state"
+]  # fmt: skip
 
 # Width for output that goes to a pipe or a file (`nanorl eval ... | cat`, a CI log): rich would squeeze it to 80
 # columns, truncating table cells and splitting the commands users copy. A table only takes the width it needs.
@@ -58,3 +61,13 @@ def print_error(message: str, hint: str | None = None) -> None:
 def print_warning(message: str) -> None:
     """`warning: MESSAGE` (yellow) on stderr, the text taken literally."""
     err_console.print(Text.assemble(("warning:", "yellow"), " ", str(message)), highlight=False, soft_wrap=True)
+
+
+class Table(rich_table.Table):
+    """rich's Table, whose cells fold onto the next line when a narrow terminal (COLUMNS=80) squeezes their column:
+    rich's default cuts them to "…", and a file name, a mode or a confidence interval was lost. The tables every
+    command prints are made with this one."""
+
+    def add_column(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("overflow", "fold")
+        super().add_column(*args, **kwargs)

@@ -49,30 +49,43 @@ def recorded_corpus(meta: dict) -> tuple[str | None, str | None]:
 
 
 def download_with_progress(shards: int, console=None, disable: bool = False, **kwargs) -> list[Path]:
-    """`download_fineweb(shards, **kwargs)` with a progress bar on `console` (bytes, MB/s, shards done); the
-    bar is left out when `disable` (e.g. --json). The one bar of `nanorl data download` and the pipeline's fetch."""
+    """`download_fineweb(shards, **kwargs)` with a progress bar on `console` (bytes, MB/s, shards done), or, when
+    `console` is not a terminal (a pipe, a log file: a bar would draw nothing there but an empty line), a line a
+    shard; nothing when `disable` (e.g. --json). The one bar of `nanorl data download` and the pipeline's fetch."""
     import threading
+    import time
 
+    from rich import get_console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
     from nanorl.data.fineweb import download_fineweb
 
-    lock, done = threading.Lock(), [0]  # the callbacks come from the download threads
+    console = console or get_console()
+    lines = not disable and not console.is_terminal
+    lock, done, got, t0 = threading.Lock(), [0], [0], time.perf_counter()  # the callbacks come from the threads
     columns = (
         TextColumn("[bold]fineweb[/] {task.fields[shards]}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeElapsedColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=console, transient=True, disable=disable) as bar:
+    with Progress(*columns, console=console, transient=True, disable=disable or lines) as bar:
         job = bar.add_task("download", total=None, shards=f"0/{shards} shards")
 
         def on_bytes(n: int) -> None:
             with lock:
+                got[0] += n
                 bar.advance(job, n)
 
         def on_shard(_: Path) -> None:
             with lock:
                 done[0] += 1
                 bar.update(job, shards=f"{done[0]}/{shards} shards")
+                if lines:
+                    seconds = time.perf_counter() - t0
+                    console.print(
+                        f"fineweb: {done[0]}/{shards} shards, {got[0] / 1e6:,.0f} MB downloaded in {seconds:.0f} s"
+                        f" ({got[0] / 1e6 / max(seconds, 1e-9):.1f} MB/s)",
+                        highlight=False,
+                    )
 
         return download_fineweb(shards, on_bytes=on_bytes, on_shard=on_shard, **kwargs)
 

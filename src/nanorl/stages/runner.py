@@ -243,8 +243,47 @@ def preflight(
                 hint="run the pipeline from the start (nanorl pipeline ...) or give --checkpoint",
                 exit_code=2,
             )
+    for stage, source in (init_from or {}).items():
+        if stage in stages:
+            check_start_checkpoint(cfg, source, tokenizer_ready="tokenizer" not in stages and "tokenizer" in ready)
     check_store(cfg)
     return task, data
+
+
+def check_start_checkpoint(cfg: RunConfig, source: Path, tokenizer_ready: bool = True) -> None:
+    """A checkpoint a stage starts from (`nanorl train STAGE --checkpoint`), checked as the stage will load it:
+    this run's architecture (config hash) and tokenizer (fingerprint; when the run's tokenizer is finished). Done
+    in `preflight`, before the stage's old output is cleared: found when loading, the mismatch would leave the run
+    without the stage it had."""
+    state = ckpt.read_state(source)
+    if state is None:
+        raise NanorlError(
+            f"no checkpoint in {source} (no {ckpt.STATE_FILE})", hint="give a finished stage", exit_code=2
+        )
+    saved = state.get("config_hash")
+    if saved and saved != config_hash(cfg, ("model",)):
+        theirs = source.parent / "run.toml"
+        diff = ""
+        if theirs.is_file():
+            a, b = from_toml_file(theirs).model, cfg.model
+            diff = ", ".join(
+                f"model.{k} {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in vars(b) if getattr(a, k) != getattr(b, k)
+            )
+        raise NanorlError(
+            f"checkpoint {source} is of another model than run {cfg.name}'s" + (f" ({diff})" if diff else ""),
+            hint=f"start from a checkpoint of a run with the same model settings (`nanorl runs show {cfg.name}`"
+            " shows them), or train it in a new run: nanorl pipeline --name NEW ...",
+            exit_code=2,
+        )
+    if tokenizer_ready:
+        from nanorl.tokenizer import Tokenizer
+
+        fingerprint = Tokenizer.load(run_dir(cfg.name) / "tokenizer").fingerprint
+        try:
+            ckpt.check_tokenizer(source, state, fingerprint, run=cfg.name)
+        except NanorlError as e:
+            e.exit_code = 2  # the checkpoint given is the problem: bad input
+            raise
 
 
 def check_store(cfg: RunConfig) -> None:
