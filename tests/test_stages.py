@@ -118,6 +118,15 @@ def test_from_a_stage_makes_every_later_stage_stale_at_once():
     resumed = run_pipeline(_cfg("redo"))
     assert [s for s, r in resumed.items() if r == "skipped"] == ["tokenizer", "base", "mid"]
 
+    # RL alone again (`nanorl train rl`, as --only rl): its model's evaluation goes, SFT's stays, and the eval
+    # stage is not done any more, so that the next pipeline evaluates the new RL model instead of skipping it
+    run_pipeline(_cfg("redo"), only="rl")
+    assert sorted(p.name for p in (run / "eval").glob("*.json")) == ["arith-dev-base.json", "arith-dev-sft.json"]
+    assert not ckpt.is_done(run / "eval")
+    again = run_pipeline(_cfg("redo"))
+    assert [s for s, r in again.items() if r != "skipped"] == ["eval", "report"]
+    assert (run / "eval" / "arith-dev.json").is_file()
+
 
 def test_a_different_model_in_an_existing_run_is_refused():
     from nanorl.api import NanorlError

@@ -393,12 +393,17 @@ def clear_stage(ctx: Context, stage: str) -> None:
             if of == stage:
                 path.unlink()
                 stale.append(path.name)
+    # an evaluation removed: the eval stage is not done any more (`nanorl train rl` re-ran RL alone, as --only
+    # does), so that the next `nanorl pipeline` evaluates the new model instead of skipping the stage
+    unmark_eval = bool(stale) and ckpt.is_done(ctx.stage_dir("eval"))
+    if unmark_eval:
+        (ctx.stage_dir("eval") / ckpt.DONE_FILE).unlink()
     ctx.bus.cleared(stage)
     if ctx.mirror is not None:  # the store's copy goes too (DONE first): a pull must not find it finished
         if stage != "report":  # (report.md is replaced when the report stage runs)
             ctx.mirror.forget(stage, (ckpt.DONE_FILE,) if stage == "eval" else None)
         if stale:
-            ctx.mirror.forget("eval", tuple(stale))
+            ctx.mirror.forget("eval", ((ckpt.DONE_FILE,) if unmark_eval else ()) + tuple(stale))
 
 
 @contextlib.contextmanager
