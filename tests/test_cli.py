@@ -428,6 +428,7 @@ def test_bad_input_to_tokenizer_eval_and_config_is_exit_2_with_a_hint(tmp_path, 
         (("config", "show", "--json", "--toml"), "give --json or --toml, not both"),
         (("config", "show", "--config", str(tmp_path / "nope.toml")), "config file not found"),
         (("data", "show", "--split", "nope"), "unknown split 'nope' for task arith"),
+        (("config", "show", "--preset", "tiny", "--depth", "8"), "--preset tiny and --depth 8: give one"),
     ]
     # a run of a task whose plugin is left out (NANORL_PLUGINS empty: the built-ins only)
     monkeypatch.setenv("NANORL_HOME", str(home))

@@ -23,6 +23,12 @@ def build_config(preset, depth, config, task, name, overrides, data_dir=None):
     from nanorl.api import NanorlError
     from nanorl.config import resolve
 
+    if preset is not None and depth is not None:  # --depth sizes width and heads by the rule; a preset sets its own
+        raise NanorlError(
+            f"--preset {preset} and --depth {depth}: give one (the preset sets its own width and heads)",
+            hint=f"the preset at another depth: --preset {preset} model.depth={depth}",
+            exit_code=2,
+        )
     try:
         return resolve(
             preset=preset,
