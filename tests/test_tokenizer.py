@@ -188,6 +188,10 @@ def test_cli_train_info_encode(tmp_path):
     assert info["vocab_size"] == 300 and info["bytes_per_token"] > 1.5
     enc = json.loads(cli("tokenizer", "encode", "the cat <|bos|>", "--run", "r", "--json"))
     assert "".join(enc["tokens"]) == "the cat <|bos|>"
+    # a character split over byte tokens: its pieces are not text, their bytes are exact
+    enc = json.loads(cli("tokenizer", "encode", "café — ok", "--run", "r", "--json"))
+    assert "\ufffd" in "".join(enc["tokens"])
+    assert b"".join(bytes.fromhex(h) for h in enc["bytes"]) == "café — ok".encode()
     assert "tokens" in cli("tokenizer", "encode", "the cat", "--run", "r")
 
 

@@ -269,7 +269,10 @@ def register(app: typer.Typer) -> None:
         tok, _ = _load(run, directory)
         ids = tok.encode(text)
         if as_json:
-            print_json({"ids": ids, "tokens": [tok.decode([i]) for i in ids]})
+            # "tokens" as text (a piece of a character shows as U+FFFD); "bytes" exactly, in hex
+            print_json(
+                {"ids": ids, "tokens": [tok.decode([i]) for i in ids], "bytes": [tok.token_bytes(i).hex() for i in ids]}
+            )
             return
         colours = ("black on cyan", "black on yellow", "black on green", "black on magenta")
         shown = Text()
