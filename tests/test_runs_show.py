@@ -121,12 +121,19 @@ def test_show_has_the_model_stages_accuracy_with_its_baselines_and_entropy():
 def test_show_at_80_columns_cuts_no_cell():
     """In an 80-column terminal rich cut the cells that did not fit to "…": the accuracy's interval read "0.31…",
     the file "arit…". Now the numbers stay whole on their line and the names wrap."""
-    make_run()
+    run = make_run()
+    # `nanorl eval --compare` records the checkpoints' paths: shown as RUN/STAGE
+    path = run / "eval" / "arith-dev.json"
+    res = json.loads(path.read_text())
+    res["compare"]["generative"].update(a=str(run / "base"), b="/elsewhere/home/runs/other/sft")
+    path.write_text(json.dumps(res))
     r = _cli("runs", "show", "fake", env={"COLUMNS": "80"})
     assert r.returncode == 0, r.stderr
     assert "…" not in r.stdout and max(map(len, r.stdout.splitlines())) <= 80
     (ev,) = [line for line in r.stdout.splitlines() if "0.313-0.832" in line]
     assert "0.600" in ev and "0.200" in ev and "0.300" in ev
+    wide = _cli("runs", "show", "fake", env={"COLUMNS": "200"}).stdout
+    assert "fake/base" in wide and "other/sft" in wide and "elsewhere" not in wide
 
 
 def test_show_json_round_trips_the_overview_that_the_report_renders():

@@ -221,10 +221,13 @@ def show_run(data: dict) -> None:
         t = Table(title="paired comparison on the same questions (a - b)", title_justify="left")
         for col in ("file", "mode", "a", "b", "acc a", "acc b", "diff", "95% CI", "p", "test"):
             t.add_column(col, justify="right" if col in ("acc a", "acc b", "diff", "p") else "left", no_wrap=col == "p")
+        def model(path) -> str:  # a checkpoint's path (`nanorl eval --compare`) as RUN/STAGE: 80 columns are few
+            return "/".join(Path(str(path)).parts[-2:])
+
         for e, mode, c in compares:
             lo, hi = c.get("diff_ci95") or [None, None]
             t.add_row(
-                esc(e["file"]), esc(mode), esc(str(c.get("a"))), esc(str(c.get("b"))), _num(c.get("accuracy_a")),
+                esc(e["file"]), esc(mode), esc(model(c.get("a"))), esc(model(c.get("b"))), _num(c.get("accuracy_a")),
                 _num(c.get("accuracy_b")), _num(c.get("diff"), "+.3f"), f"{_num(lo, '+.3f')} to {_num(hi, '+.3f')}",
                 _num(c.get("p_value"), ".3g"), paired_test_name(c),
             )  # fmt: skip
