@@ -221,6 +221,7 @@ def show_run(data: dict) -> None:
         t = Table(title="paired comparison on the same questions (a - b)", title_justify="left")
         for col in ("file", "mode", "a", "b", "acc a", "acc b", "diff", "95% CI", "p", "test"):
             t.add_column(col, justify="right" if col in ("acc a", "acc b", "diff", "p") else "left", no_wrap=col == "p")
+
         def model(path) -> str:  # a checkpoint's path (`nanorl eval --compare`) as RUN/STAGE: 80 columns are few
             return "/".join(Path(str(path)).parts[-2:])
 
