@@ -73,6 +73,25 @@ def test_store_urls_without_a_usable_bucket_are_refused_before_any_request():
         assert open_store(url).prefix == prefix  # the bucket's root is a store too
 
 
+def test_a_mistyped_s3_url_is_refused_not_taken_for_a_local_folder(tmp_path, monkeypatch):
+    """`s3:/bucket/p` (one slash) was a relative folder `s3:/bucket/p`: `runs push` "pushed" there, and a pipeline
+    on a rented machine mirrored to the disk that is deleted with it. Now one line saying what is wrong, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    for url in ("s3:/bucket/p", "S3:/bucket/p", "s3//bucket/p", "s3:bucket", "gs:/bucket/p"):
+        with pytest.raises(NanorlError, match="looks like a mistyped URL") as e:
+            open_store(url)
+        assert e.value.exit_code == 2 and "s3://bucket/prefix" in e.value.hint
+    for url in ("store", "./s3/x", str(tmp_path / "a:b"), f"file://{tmp_path}/x"):  # folders stay folders
+        assert isinstance(open_store(url), LocalStore)
+
+    (run_dir("mine")).mkdir(parents=True)
+    (run_dir("mine") / "run.toml").write_text("")
+    for args in (("push", "mine", "s3:/runs/team"), ("pull", "s3//runs/team/mine", "--name", "x")):
+        r = _cli("runs", *args)
+        assert r.returncode == 2 and "looks like a mistyped URL" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nanorl-home"]  # no folder `s3:` made
+
+
 def _refused(cfg, match: str, hint: str) -> NanorlError:
     from nanorl.stages.runner import run_pipeline
 

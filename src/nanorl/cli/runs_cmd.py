@@ -23,13 +23,15 @@ from nanorl.cli.ui import console, esc, print_json
 def _store_and_name(url: str) -> tuple[object, str, str | None, str]:
     """URL of a run in a store (s3://bucket/prefix/RUN[/STAGE], or a folder path .../RUN[/STAGE]) ->
     (store, run name, stage or None, the store's URL)."""
-    from nanorl.store import open_store
+    from nanorl.store import check_folder_url, open_store
     from nanorl.store.runs import split_url
 
     if url.startswith("s3://"):
         store_url, name, stage = split_url(url)
     else:
         from nanorl.config import STAGES
+
+        check_folder_url(url)  # as typed: Path() below would make `s3//b/p` a plain folder
 
         p = Path(url.removeprefix("file://")).expanduser()
         stage = p.name if p.name in STAGES else None
@@ -361,7 +363,9 @@ def register(app: typer.Typer) -> None:
 
         store, remote, stage, store_url = _store_and_name(url)
         if stage is not None:
-            raise NanorlError(f"{url!r} names a stage: pull the run", hint=url.rstrip("/").rpartition("/")[0])
+            raise NanorlError(
+                f"{url!r} names a stage: pull the run", hint=url.rstrip("/").rpartition("/")[0], exit_code=2
+            )
         d = run_dir(name or remote)
         if d.exists() and any(d.iterdir()) and not force:
             raise NanorlError(
