@@ -73,6 +73,25 @@ def test_store_urls_without_a_usable_bucket_are_refused_before_any_request():
         assert open_store(url).prefix == prefix  # the bucket's root is a store too
 
 
+def test_a_mistyped_s3_url_is_refused_not_taken_for_a_local_folder(tmp_path, monkeypatch):
+    """`s3:/bucket/p` (one slash) was a relative folder `s3:/bucket/p`: `runs push` "pushed" there, and a pipeline
+    on a rented machine mirrored to the disk that is deleted with it. Now one line saying what is wrong, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    for url in ("s3:/bucket/p", "S3:/bucket/p", "s3//bucket/p", "s3:bucket", "gs:/bucket/p"):
+        with pytest.raises(NanorlError, match="looks like a mistyped URL") as e:
+            open_store(url)
+        assert e.value.exit_code == 2 and "s3://bucket/prefix" in e.value.hint
+    for url in ("store", "./s3/x", str(tmp_path / "a:b"), f"file://{tmp_path}/x"):  # folders stay folders
+        assert isinstance(open_store(url), LocalStore)
+
+    (run_dir("mine")).mkdir(parents=True)
+    (run_dir("mine") / "run.toml").write_text("")
+    for args in (("push", "mine", "s3:/runs/team"), ("pull", "s3//runs/team/mine", "--name", "x")):
+        r = _cli("runs", *args)
+        assert r.returncode == 2 and "looks like a mistyped URL" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nanorl-home"]  # no folder `s3:` made
+
+
 def _refused(cfg, match: str, hint: str) -> NanorlError:
     from nanorl.stages.runner import run_pipeline
 
@@ -270,6 +289,78 @@ def test_a_pull_refetches_a_checkpoint_caught_mid_upload(tmp_path, monkeypatch):
     store.put(tmp_path / "m" / "model.safetensors", "r/rl/model.safetensors")
     with pytest.raises(NanorlError, match="has no rl checkpoint yet"):
         pull_run(store, "r", tmp_path / "c", stage="rl")
+
+
+def _cli_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`nanorl ARGS` in this process (so that a test can patch the pull's waits): exit code, stdout, stderr."""
+    from nanorl.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())
+
+
+def test_runs_pull_replaces_a_run_whole_and_leaves_out_a_half_uploaded_checkpoint(tmp_path, monkeypatch, capsys):
+    """`runs pull --force` used to write the pulled files over the local run's, keeping the old run's later
+    stages (their DONE): `eval --checkpoint RUN` then took the old rl model. A checkpoint left half uploaded by a
+    machine that died made every pull of the run fail ("pull again in a minute"), leaving half a run behind. Now
+    --force replaces the run, a failed pull leaves nothing, and the half checkpoint is left out, said so."""
+    monkeypatch.setattr(store_runs, "RETRY_WAITS", (0.0,))
+    src = tmp_path / "src"
+    (src / "run.toml").parent.mkdir(parents=True)
+    (src / "run.toml").write_text("# the store's run\n")
+    _fake_checkpoint(src / "base", b"base")
+    (src / "base" / "DONE").write_text("{}")
+    _fake_checkpoint(src / "sft", b"v1", step=1)
+    store_dir = tmp_path / "store"
+    push_run(src, LocalStore(store_dir), "r")
+    _fake_checkpoint(src / "sft", b"v2-longer", step=2)  # the machine died between the two files of step 2
+    LocalStore(store_dir).put(src / "sft" / "model.safetensors", "r/sft/model.safetensors")
+
+    local = run_dir("r")  # a local run of that name, further on: its rl must not survive the pull
+    _fake_checkpoint(local / "rl", b"old rl")
+    (local / "rl" / "DONE").write_text("{}")
+    (local / "run.toml").write_text("# the local run\n")
+    code, _, err = _cli_here(capsys, "runs", "pull", f"{store_dir}/r")
+    assert code == 2 and "--force to replace it" in err
+    code, out, err = _cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force", "--json")
+    assert code == 0, err
+    assert json.loads(out)["left_out"] == ["sft"]
+    assert "warning: the sft checkpoint in the store is not whole (model.safetensors is not the file" in err
+    assert sorted(p.name for p in local.iterdir()) == ["base", "run.toml"]
+    assert (local / "run.toml").read_text() == "# the store's run\n" and checkpoint_mismatch(local / "base") is None
+    assert [p.name for p in local.parent.iterdir()] == ["r"]  # no temporary folder left
+
+    # a run that a pipeline runs now (it holds run.lock) is not replaced under it
+    import fcntl
+
+    with open(local / "run.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 1 on host")
+        held.flush()
+        code, _, err = _cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force")
+    assert code == 1 and "run 'r' is in use by pid 1 on host" in err and (local / "base" / "DONE").is_file()
+    (local / "run.lock").unlink()
+
+    # a pull that fails half way (the network goes) leaves the local run as it was, and no temporary folder
+    original_get = LocalStore.get
+
+    def get(self, key, local):
+        if key.startswith("r/base/"):
+            raise NanorlError(f"download of {key} failed (simulated)")
+        original_get(self, key, local)
+
+    monkeypatch.setattr(LocalStore, "get", get)
+    (store_dir / "r" / "run.toml").write_text("# changed\n")
+    code, _, err = _cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force")
+    assert code == 1 and "download of r/base/model.safetensors failed" in err
+    assert (local / "run.toml").read_text() == "# the store's run\n" and (local / "base" / "DONE").is_file()
+    assert [p.name for p in local.parent.iterdir()] == ["r"]
 
 
 def test_under_torchrun_only_rank_0_downloads_the_checkpoint_nanorl_train_starts_from(tmp_path, monkeypatch):

@@ -467,13 +467,43 @@ def test_cli_asks_before_billing_and_explains_failures(fake):
     assert r.returncode == 2 and "say how to install nanorl on the machine" in r.stderr
     r = _cli(fake, "launch", "gpu_1x_a10", "--setup", "true", stdin=subprocess.DEVNULL)  # no terminal, no --yes
     assert r.returncode == 2 and "confirm with --yes" in r.stderr and "Traceback" not in r.stderr
-    assert _launch_bodies(fake) == []
+    assert "hint: run the command again with --yes" in r.stderr
+    # a machine that would end itself at once: refused before the price is asked about, let alone paid
+    asked = len(fake.requests)
+    r = _cli(fake, "launch", "gpu_1x_a10", "--setup", "true", "--end-after", "0", stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "--end-after 0: give a positive number of hours" in r.stderr, r.stderr
+    assert len(fake.requests) == asked
     r = _cli(fake, "launch", "gpu_8x_h100_sxm5", "--yes", "--setup", "true")
     assert r.returncode == 1 and "no capacity for gpu_8x_h100_sxm5" in r.stderr
     r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "--setup", "true", "--env", "NOT_IN_THIS_SHELL_XYZ")
     assert r.returncode == 2 and "no such variable in this shell" in r.stderr
     r = _cli(fake, "terminate", "inst-0404", stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "confirm with --yes" in r.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_launch_stopped_while_waiting_names_the_billed_machine(fake, sig):
+    """Ctrl-C while waiting said "a stage resumes from its last checkpoint"; SIGTERM (`timeout`, a CI job's end)
+    ended the command silently, the machine it had rented billed and never named. Both now name it, with the
+    command that ends it, and exit as the shell reports the signal."""
+    import signal
+    import time
+
+    fake.boot_polls = 10**6  # it never comes up
+    env = {**os.environ, "LAMBDA_API_KEY": "test-key", "LAMBDA_API_URL": fake.url, "NANORL_CLOUD_POLL_S": "0.05"}
+    args = [sys.executable, "-m", "nanorl", "cloud", "launch", "gpu_1x_a10", "--yes", "--setup", "true"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(p.startswith("/api/v1/instances/") for _, p, _, _ in fake.requests[-1:]):  # waiting: polling
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=30)
+    (inst,) = fake.instances
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and f"waiting for {inst} to boot" in lines[0], err
+    assert lines[1] == f"hint: billed until it is terminated: nanorl cloud terminate {inst}"
 
 
 def test_waiting_for_a_machine_stops_when_it_dies_or_takes_too_long(lam, fake, monkeypatch):

@@ -15,8 +15,10 @@ the default command then trains AQuA at depth 8. `--wait` follows the machine un
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 
 import typer
@@ -113,8 +115,39 @@ def _raise_if_unknown_id(e: NanorlError) -> None:
 def _confirm(question: str, why: str) -> None:
     """Ask before an action that costs money or data; without a terminal to ask on, refuse (the user passes --yes)."""
     if not sys.stdin.isatty():
-        raise NanorlError(f"{why}: confirm with --yes", exit_code=2)
+        raise NanorlError(f"{why}: confirm with --yes", hint="run the command again with --yes", exit_code=2)
     typer.confirm(question, abort=True)
+
+
+class _Signalled(KeyboardInterrupt):
+    """A signal that ends the command (SIGTERM, SIGHUP), raised where Ctrl-C would be, with the shell's exit
+    code for it (128 + its number)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"terminated ({signal.Signals(signum).name})")
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGHUP raise `_Signalled` while the block runs: a launch stopped by one says which machine it
+    rented (by default they end the process at once, silently, the machine billed)."""
+    import signal
+
+    def handler(signum, frame):
+        raise _Signalled(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # (signals are handled there only)
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _wait_active(backend, instance_id: str, timeout_min: float):
@@ -218,6 +251,12 @@ def register(app: typer.Typer) -> None:
                 hint="e.g. --timeout-min 25 (the default), or --no-wait",
                 exit_code=2,
             )
+        if end_after is not None and not end_after > 0:  # (a machine that ends itself at once: a typo)
+            raise NanorlError(
+                f"--end-after {end_after:g}: give a positive number of hours",
+                hint="e.g. --end-after 12 (a cap on the bill), or leave it out",
+                exit_code=2,
+            )
         setup = setup or os.environ.get("NANORL_CLOUD_SETUP")
         if not setup:
             # no default: an install by bare package name would run whatever owns that name next to your secrets
@@ -259,23 +298,29 @@ def register(app: typer.Typer) -> None:
             _confirm(f"Launch {price} to run `{command}`?", "launching rents a paid machine")
         elif not as_json:
             console.print(f"launching {price}", highlight=False)
-        inst = b.launch(spec)
-        if wait:
-            try:
-                inst = _wait_active(b, inst.id, timeout_min)
-            except BaseException:
-                # the machine is rented and billed whatever went wrong while waiting (an API error, Ctrl-C): say
-                # which one it is before the error, on stdout as JSON with --json, so that a script can end it
-                if as_json:
-                    print_json(_as_dict(inst))
-                else:
-                    err_console.print(
-                        f"launched {inst.id} (billed until it is terminated: nanorl cloud terminate {inst.id})",
-                        highlight=False,
-                        markup=False,
-                        soft_wrap=True,
-                    )
-                raise
+        with _signals_interrupt():  # SIGTERM (`timeout`, a CI job's end), SIGHUP: as Ctrl-C, said, not silent
+            inst = b.launch(spec)
+            if wait:
+                try:
+                    inst = _wait_active(b, inst.id, timeout_min)
+                except BaseException as e:
+                    # the machine is rented and billed whatever went wrong while waiting (an API error, Ctrl-C):
+                    # say which one it is before the error, on stdout as JSON with --json, so a script can end it
+                    billed = f"billed until it is terminated: nanorl cloud terminate {inst.id}"
+                    if as_json:
+                        print_json(_as_dict(inst))
+                    elif not isinstance(e, KeyboardInterrupt):
+                        err_console.print(
+                            f"launched {inst.id} ({billed})", highlight=False, markup=False, soft_wrap=True
+                        )
+                    if isinstance(e, KeyboardInterrupt):  # (not the CLI's "a stage resumes from its checkpoint")
+                        why = str(e) or "interrupted"
+                        raise NanorlError(
+                            f"{why} while waiting for {inst.id} to boot: it is rented",
+                            hint=billed,
+                            exit_code=getattr(e, "exit_code", 130),
+                        ) from None
+                    raise
         if as_json:
             print_json(_as_dict(inst))
             return

@@ -23,13 +23,15 @@ from nanorl.cli.ui import Table, console, esc, print_json
 def _store_and_name(url: str) -> tuple[object, str, str | None, str]:
     """URL of a run in a store (s3://bucket/prefix/RUN[/STAGE], or a folder path .../RUN[/STAGE]) ->
     (store, run name, stage or None, the store's URL)."""
-    from nanorl.store import open_store
+    from nanorl.store import check_folder_url, open_store
     from nanorl.store.runs import split_url
 
     if url.startswith("s3://"):
         store_url, name, stage = split_url(url)
     else:
         from nanorl.config import STAGES
+
+        check_folder_url(url)  # as typed: Path() below would make `s3//b/p` a plain folder
 
         p = Path(url.removeprefix("file://")).expanduser()
         stage = p.name if p.name in STAGES else None
@@ -353,29 +355,76 @@ def register(app: typer.Typer) -> None:
     def pull(
         url: str = typer.Argument(..., help="A run in a store: s3://bucket/prefix/RUN, or a folder path .../RUN."),
         name: str = typer.Option(None, "--name", help="The local run name (default: RUN)."),
-        force: bool = typer.Option(False, "--force", help="Overwrite a local run of that name (its files)."),
+        force: bool = typer.Option(False, "--force", help="Replace a local run of that name."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Download a run into $NANORL_HOME/runs: then eval, report, resume or train more as if it ran here."""
+        import shutil
+        import tempfile
+
         from nanorl.api import NanorlError
+        from nanorl.cli.ui import print_warning
         from nanorl.config import run_dir
         from nanorl.store.runs import pull_run
 
         store, remote, stage, store_url = _store_and_name(url)
         if stage is not None:
-            raise NanorlError(f"{url!r} names a stage: pull the run", hint=url.rstrip("/").rpartition("/")[0])
+            raise NanorlError(
+                f"{url!r} names a stage: pull the run", hint=url.rstrip("/").rpartition("/")[0], exit_code=2
+            )
         d = run_dir(name or remote)
         if d.exists() and any(d.iterdir()) and not force:
             raise NanorlError(
                 f"a run {d.name!r} exists here ({d})",
-                hint="--name OTHER to pull beside it, or --force to overwrite its files",
+                hint="--name OTHER to pull beside it, or --force to replace it",
                 exit_code=2,
             )
-        with console.status(f"downloading {esc(remote)} from {esc(store_url)}..."):
-            got = pull_run(store, remote, d, where=store_url)
+        left_out = []
+
+        def leave_out(folder: str, why: str) -> None:
+            left_out.append(folder)
+            print_warning(
+                f"the {folder} checkpoint in the store is not whole ({why}): left out, so the run resumes {folder}"
+                " from its start (if a run is uploading it now, pull again in a minute)"
+            )
+
+        # into a folder of its own first, then in place of the local run: a failed pull leaves no half run, and
+        # --force leaves none of the old run's files (its later stages' DONE markers) beside the pulled ones
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".pull-{d.name}-", dir=d.parent))
+        try:
+            with console.status(f"downloading {esc(remote)} from {esc(store_url)}..."):
+                got = pull_run(store, remote, tmp / "new", where=store_url, left_out=leave_out)
+            if d.exists():
+                _refuse_if_running(d)
+                d.rename(tmp / "old")
+            (tmp / "new").rename(d)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         if as_json:
-            print_json({"run": d.name, "path": str(d), "files": got})
+            print_json({"run": d.name, "path": str(d), "files": got, "left_out": left_out})
             return
         mb = sum((d / f).stat().st_size for f in got) / 1e6
         console.print(f"pulled {len(got)} files ({mb:.1f} MB) into {esc(str(d))}", highlight=False)
         console.print(f"[dim]nanorl eval --checkpoint {esc(d.name)}    nanorl runs list[/]", highlight=False)
+
+
+def _refuse_if_running(d: Path) -> None:
+    """A NanorlError when a process runs the run in `d` now (it holds `run.lock`: `stages.runner.run_lock`)."""
+    import fcntl
+
+    from nanorl.api import NanorlError
+
+    lock = d / "run.lock"
+    if not lock.is_file():
+        return
+    with open(lock) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NanorlError(
+                f"run {d.name!r} is in use by {fh.read().strip() or 'another process'}",
+                hint="wait for it to end, or stop it, then pull again; or --name OTHER to pull beside it",
+            ) from None
+        except OSError:  # a file system without locks: nothing to tell
+            return

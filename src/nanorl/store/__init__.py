@@ -29,6 +29,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_folder_url(url: str) -> None:
+    """Refuse a store URL that is neither s3:// nor a plain folder (or file://): another scheme, or a mistyped
+    `s3:/b/p`, `S3:/b`, `s3//b/p`, which would otherwise be a local folder of that name (and a run on a rented
+    machine would mirror to the disk that goes with the machine)."""
+    if url.startswith("file://"):
+        return
+    if "://" in url:
+        raise NanorlError(f"unsupported store {url!r}", hint="use s3://bucket/prefix or a local folder", exit_code=2)
+    if re.match(r"(?i)s3(:|//)", url) or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", url):
+        raise NanorlError(
+            f"store {url!r} looks like a mistyped URL",
+            hint="s3://bucket/prefix (two slashes), or a local folder (./s3/... for one named so)",
+            exit_code=2,
+        )
+
+
 def open_store(url: str):
     """A store for `url`: s3://bucket[/prefix] or a local path (file:// optional)."""
     if not url:
@@ -46,8 +62,7 @@ def open_store(url: str):
                 exit_code=2,
             )
         return S3Store(bucket, prefix.strip("/"))
-    if "://" in url and not url.startswith("file://"):
-        raise NanorlError(f"unsupported store {url!r}", hint="use s3://bucket/prefix or a local folder", exit_code=2)
+    check_folder_url(url)
     return LocalStore(Path(url.removeprefix("file://")))
 
 

@@ -23,6 +23,7 @@ loses its `DONE` in the store first, and a final checkpoint's save removes the s
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -113,12 +114,21 @@ def no_run(store, name: str, where: str) -> NanorlError:
     )
 
 
-def pull_run(store, name: str, dest: Path, stage: str | None = None, where: str = "the store") -> list[str]:
+def pull_run(
+    store,
+    name: str,
+    dest: Path,
+    stage: str | None = None,
+    where: str = "the store",
+    left_out: Callable[[str, str], None] | None = None,
+) -> list[str]:
     """Download `<store>/<name>/` into `dest`; with `stage`, only what that stage's model needs (run.toml, the
     tokenizer and the stage's folder). Returns the files fetched. `where` names the store in errors.
 
     Every checkpoint fetched is checked against its state.json; one whose files disagree (caught while the run
-    uploads it) is fetched again after a pause (`RETRY_WAITS`), and still disagreeing, a NanorlError."""
+    uploads it) is fetched again after a pause (`RETRY_WAITS`), and still disagreeing, a NanorlError; or, with
+    `left_out`, its folder is removed from `dest` and `left_out(folder, why)` called: a run whose machine died
+    while uploading a checkpoint still comes back whole up to that stage, which then resumes from its start."""
     keys = [k[len(name) + 1 :] for k in store.list(f"{name}/")]
     if "run.toml" not in keys:
         raise no_run(store, name, where)
@@ -138,6 +148,11 @@ def pull_run(store, name: str, dest: Path, stage: str | None = None, where: str 
         for wait in (*RETRY_WAITS, None):
             why = checkpoint_mismatch(dest / folder)
             if why is None:
+                break
+            if wait is None and left_out is not None:
+                shutil.rmtree(dest / folder)
+                keys = [k for k in keys if not k.startswith(f"{folder}/")]
+                left_out(folder, why)
                 break
             if wait is None:
                 raise NanorlError(

@@ -159,8 +159,9 @@ class LambdaBackend(CloudBackend):
             except NanorlError:  # (that second look failing must not hide the capacity error)
                 hint = e.hint or "`nanorl cloud types` shows where each type is free"
             raise NanorlError(f"{e.detail} ({e.code})", hint=hint) from e
-        except KeyboardInterrupt:
-            raise NanorlError("interrupted while Lambda was launching", hint=MAYBE_LAUNCHED, exit_code=130) from None
+        except KeyboardInterrupt as e:  # Ctrl-C, or a signal the CLI raises as one (with its exit code)
+            why, code = str(e) or "interrupted", getattr(e, "exit_code", 130)
+            raise NanorlError(f"{why} while Lambda was launching", hint=MAYBE_LAUNCHED, exit_code=code) from None
         ids = answer.get("instance_ids") if isinstance(answer, dict) else None
         if not (isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], str) and ids[0]):
             # the machine may well exist: never drop what the API said
@@ -172,8 +173,9 @@ class LambdaBackend(CloudBackend):
         billed = f"billed until terminated: nanorl cloud status {instance_id}; nanorl cloud terminate {instance_id}"
         try:
             return self._await_visible(instance_id)
-        except KeyboardInterrupt:
-            raise NanorlError(f"interrupted after launching {instance_id}", hint=billed, exit_code=130) from None
+        except KeyboardInterrupt as e:
+            why, code = str(e) or "interrupted", getattr(e, "exit_code", 130)
+            raise NanorlError(f"{why} after launching {instance_id}", hint=billed, exit_code=code) from None
         except NanorlError as e:
             why = (
                 f"Lambda does not show it after {VISIBLE_TIMEOUT_S:g} s"
