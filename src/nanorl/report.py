@@ -1,6 +1,7 @@
 """The run report: runs/<name>/report.md from metrics.jsonl and eval/*.json (plots when matplotlib is there).
 
-matplotlib is not a dependency: without it the report is the same markdown, with tables and no figures.
+matplotlib is an extra (`pip install "nanorl[plots]"`; `make setup` installs it): without it the report is the same
+markdown, with tables and no figure.
 """
 
 from __future__ import annotations
@@ -57,7 +58,79 @@ def _series(records: list[dict[str, Any]], stage: str, key: str) -> tuple[list[i
     return xs, [pts[x] for x in xs]
 
 
+# The figure's panels, in order: (stage, metrics drawn together, title, log scale). A panel is drawn when its
+# stage logged one of its metrics; a metric logged every step is drawn raw (faint) and smoothed (`_ema`), one
+# logged now and then (validation, KL) as points.
+PANELS = (
+    ("base", ("loss",), "base: train loss", True),
+    ("base", ("val_bpb",), "base: validation bits per byte", False),
+    ("mid", ("loss",), "mid: train loss", False),
+    ("sft", ("loss", "val_loss"), "sft: loss (train, dev)", False),
+    ("rl", ("reward",), "rl: mean reward", False),
+    ("rl", ("acc",), "rl: rollout accuracy", False),
+    ("rl", ("kl",), "rl: KL to the SFT model", False),
+)
+LABELS = {"loss": "train", "val_loss": "dev"}  # a panel's legend, where it draws two series
+PANELS_PER_ROW = 4
+SPARSE = 30  # a series with fewer points is drawn as points, not smoothed
+
+
+def _ema(ys: list[float], span: int) -> list[float]:
+    """The exponential moving average over `span` points, debiased at the start (as TensorBoard and wandb smooth):
+    its first value is the first point, not a pull toward zero."""
+    beta = 1 - 1 / max(1, span)
+    out, avg = [], 0.0
+    for i, y in enumerate(ys, start=1):
+        avg = beta * avg + (1 - beta) * y
+        out.append(avg / (1 - beta**i) if beta > 0 else y)
+    return out
+
+
+def curves_figure(records: list[dict[str, Any]]):
+    """The training curves as a matplotlib Figure (None: nothing logged to draw). matplotlib must be importable."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    panels = []
+    for stage, keys, title, log in PANELS:
+        series = [(k, *_series(records, stage, k)) for k in keys]
+        series = [(k, xs, ys) for k, xs, ys in series if xs]
+        if series:
+            panels.append((title, log, series))
+    if not panels:
+        return None
+    cols = min(PANELS_PER_ROW, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, (title, log, series) in zip(flat, panels, strict=False):
+        for n, (key, xs, ys) in enumerate(series):
+            colour = f"C{n}"
+            if len(xs) < SPARSE:
+                ax.plot(xs, ys, color=colour, lw=1, marker="o", ms=3, label=LABELS.get(key, key))
+            else:
+                ax.plot(xs, ys, color=colour, lw=0.6, alpha=0.3)
+                ax.plot(xs, _ema(ys, max(2, len(xs) // 50)), color=colour, lw=1.4, label=LABELS.get(key, key))
+        if log and all(y > 0 for _, _, ys in series for y in ys):
+            ax.set_yscale("log")  # ticks at 1, 2, 5 x a power of ten, written plainly (0.2, not 2 x 10^-1)
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        if len(series) > 1:
+            ax.legend(fontsize=7, frameon=False)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.25, lw=0.5)
+    for ax in flat[len(panels) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
 def _plots(run: Path, records: list[dict[str, Any]]) -> list[str]:
+    """report_curves.png beside report.md, when matplotlib is installed (`pip install "nanorl[plots]"`)."""
     try:
         import matplotlib
 
@@ -65,19 +138,9 @@ def _plots(run: Path, records: list[dict[str, Any]]) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    figs = []
-    panels = [("base", "loss"), ("mid", "loss"), ("sft", "loss"), ("rl", "reward"), ("rl", "acc")]
-    panels = [(s, k) for s, k in panels if _series(records, s, k)[0]]
-    if not panels:
+    fig = curves_figure(records)
+    if fig is None:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6))
-    for ax, (s, k) in zip(axes if len(panels) > 1 else [axes], panels, strict=False):
-        xs, ys = _series(records, s, k)
-        ax.plot(xs, ys, lw=1)
-        ax.set_title(f"{s} {k}", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
     path = run / "report_curves.png"
     tmp = path.with_name(path.name + ".tmp")  # a crash mid-write leaves the previous figure, never half of one
     try:
@@ -86,8 +149,7 @@ def _plots(run: Path, records: list[dict[str, Any]]) -> list[str]:
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
-    figs.append(path.name)
-    return figs
+    return [path.name]
 
 
 def _entropy_table(entropy: dict[str, Any]) -> list[str]:
