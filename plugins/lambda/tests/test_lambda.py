@@ -473,10 +473,19 @@ def test_cli_asks_before_billing_and_explains_failures(fake):
     r = _cli(fake, "launch", "gpu_1x_a10", "--setup", "true", "--end-after", "0", stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "--end-after 0: give a positive number of hours" in r.stderr, r.stderr
     assert len(fake.requests) == asked
-    r = _cli(fake, "launch", "gpu_8x_h100_sxm5", "--yes", "--setup", "true")
-    assert r.returncode == 1 and "no capacity for gpu_8x_h100_sxm5" in r.stderr
+    # no capacity (anywhere, or in the region asked for), a bad --env: said before the price is asked about
+    r = _cli(fake, "launch", "gpu_8x_h100_sxm5", "--setup", "true", stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and "no capacity for gpu_8x_h100_sxm5 now" in r.stderr, r.stderr
+    assert "confirm" not in r.stderr and "nanorl cloud types" in r.stderr
+    r = _cli(fake, "launch", "gpu_1x_a10", "--region", "nowhere-1", "--setup", "true", stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and "no capacity for gpu_1x_a10 in nowhere-1 now" in r.stderr, r.stderr
+    assert "it is free now in: " in r.stderr and "confirm" not in r.stderr
     r = _cli(fake, "launch", "gpu_1x_a10", "--yes", "--setup", "true", "--env", "NOT_IN_THIS_SHELL_XYZ")
     assert r.returncode == 2 and "no such variable in this shell" in r.stderr
+    r = _cli(fake, "launch", "gpu_1x_a10", "--setup", "true", "--env", "1BAD=x", stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "'1BAD' is not a variable name" in r.stderr and "hint: " in r.stderr
+    assert "confirm" not in r.stderr
+    assert not any(method == "POST" for method, *_ in fake.requests)  # nothing was launched
     r = _cli(fake, "terminate", "inst-0404", stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "confirm with --yes" in r.stderr
 

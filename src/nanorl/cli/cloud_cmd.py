@@ -85,6 +85,12 @@ def _env(pairs: list[str]) -> dict[str, str]:
     env = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
+        if not key.isidentifier() or not key.isascii():  # what a shell takes as a variable's name
+            raise NanorlError(
+                f"--env {pair}: {key!r} is not a variable name",
+                hint="letters, digits and _, not starting with a digit: --env NAME=VALUE",
+                exit_code=2,
+            )
         if not eq:
             if key not in os.environ:
                 raise NanorlError(
@@ -289,6 +295,11 @@ def register(app: typer.Typer) -> None:
             max_hours=hours, setup=setup or None, end_when_done=end_when_done, end_after_hours=end_after,
         )  # fmt: skip
         est = b.estimate(spec)
+        # where one is free now (what `cloud types` shows): refused here, not after the user said yes to the price
+        free = est.regions_available
+        if not free or (region and region not in free):
+            where = f"it is free now in: {', '.join(free)} (--region)" if free else "see `nanorl cloud types`"
+            raise NanorlError(f"no capacity for {instance_type} {f'in {region} ' if region else ''}now", hint=where)
         price = f"{instance_type} at ${est.price_per_hour:.2f}/h (${est.total:.2f} for {hours:g} h)"
         if end_after is not None:
             price += f", ending itself after {end_after:g} h"
