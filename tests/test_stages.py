@@ -887,23 +887,25 @@ def test_a_second_process_on_a_run_is_refused_until_the_first_ends_however_it_en
     import sys
 
     from nanorl.api import NanorlError
-    from nanorl.stages.runner import LOCK_FILE, run_lock
+    from nanorl.runlock import LOCK_FILE, holder, run_lock
 
     d = run_dir("shared")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from pathlib import Path; from nanorl.stages.runner import run_lock\n"
+    other = subprocess.Popen(
+        [sys.executable, "-c", f"import time; from pathlib import Path; from nanorl.runlock import run_lock\n"
          f"with run_lock(Path({str(d)!r})):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(NanorlError, match=f"run 'shared' is in use by pid {holder.pid} on "):
+        assert other.stdout.readline().strip() == "held"
+        assert holder(d).startswith(f"pid {other.pid} on ")  # what `nanorl runs pull/push` ask
+        with pytest.raises(NanorlError, match=f"run 'shared' is in use by pid {other.pid} on "):
             run_pipeline(_cfg("shared"))
         assert not (d / "run.toml").exists()  # refused before writing anything
     finally:
-        holder.kill()
-        holder.wait()
-    assert f"pid {holder.pid}" in (d / LOCK_FILE).read_text()  # what the killed process left
+        other.kill()
+        other.wait()
+    assert f"pid {other.pid}" in (d / LOCK_FILE).read_text()  # what the killed process left
+    assert holder(d) is None  # ... names no one who holds it
     with run_lock(d):
         assert f"pid {os.getpid()} " in (d / LOCK_FILE).read_text()
     assert (d / LOCK_FILE).read_text() == ""  # released: it names no one

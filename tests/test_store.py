@@ -344,7 +344,10 @@ def test_runs_pull_replaces_a_run_whole_and_leaves_out_a_half_uploaded_checkpoin
         held.write("pid 1 on host")
         held.flush()
         code, _, err = _cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force")
-    assert code == 1 and "run 'r' is in use by pid 1 on host" in err and (local / "base" / "DONE").is_file()
+        assert code == 1 and "run 'r' is in use by pid 1 on host" in err and (local / "base" / "DONE").is_file()
+        # and a push of it says that it sends a snapshot of a run that trains
+        code, _, err = _cli_here(capsys, "runs", "push", "r", str(tmp_path / "other-store"))
+        assert code == 0 and "warning: run 'r' is training now (pid 1 on host): this pushes a snapshot" in err
     (local / "run.lock").unlink()
 
     # a pull that fails half way (the network goes) leaves the local run as it was, and no temporary folder

@@ -342,6 +342,15 @@ def register(app: typer.Typer) -> None:
             raise NanorlError(f"no run named {name!r} ({d} has no run.toml)", hint="nanorl runs list")
         store = open_store(url)
         store.check()
+        from nanorl.cli.ui import print_warning
+        from nanorl.runlock import holder
+
+        who = holder(d)
+        if who is not None:  # what it sends is a snapshot: a checkpoint may change while it goes
+            print_warning(
+                f"run {name!r} is training now ({who}): this pushes a snapshot of it; checkpoint.store={url}"
+                " in its command mirrors it as it trains"
+            )
         with console.status(f"uploading {esc(str(d))}..."):
             sent = push_run(d, store, name)
         dest = f"{url.rstrip('/')}/{name}"
@@ -410,21 +419,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _refuse_if_running(d: Path) -> None:
-    """A NanorlError when a process runs the run in `d` now (it holds `run.lock`: `stages.runner.run_lock`)."""
-    import fcntl
-
+    """A NanorlError when a process runs the run in `d` now (it holds `run.lock`: `nanorl.runlock`)."""
     from nanorl.api import NanorlError
+    from nanorl.runlock import holder
 
-    lock = d / "run.lock"
-    if not lock.is_file():
-        return
-    with open(lock) as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise NanorlError(
-                f"run {d.name!r} is in use by {fh.read().strip() or 'another process'}",
-                hint="wait for it to end, or stop it, then pull again; or --name OTHER to pull beside it",
-            ) from None
-        except OSError:  # a file system without locks: nothing to tell
-            return
+    who = holder(d)
+    if who is not None:
+        raise NanorlError(
+            f"run {d.name!r} is in use by {who}",
+            hint="wait for it to end, or stop it, then pull again; or --name OTHER to pull beside it",
+        )

@@ -50,7 +50,7 @@ def run_files(run_dir: Path, folder: str | None = None) -> list[str]:
     base = run_dir / folder if folder else run_dir
     if not base.is_dir():
         return []
-    # not the temp files of writes under way, nor the lock of the process running it (`stages.runner.run_lock`)
+    # not the temp files of writes under way, nor the lock of the process running it (`nanorl.runlock`)
     rels = [p.relative_to(run_dir).as_posix() for p in base.rglob("*") if p.is_file() and p.suffix not in SKIPPED]
     return sorted(rels, key=_order)
 
