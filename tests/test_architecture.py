@@ -23,7 +23,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("nanorl.config", "nanorl.telemetry", "nanorl.taskdata"),
     (
         "nanorl.model", "nanorl.tokenizer", "nanorl.data", "nanorl.engine", "nanorl.compiled_decode", "nanorl.optim",
-        "nanorl.checkpoint", "nanorl.store", "nanorl.device", "nanorl.report",
+        "nanorl.checkpoint", "nanorl.store", "nanorl.device", "nanorl.report", "nanorl.runlock",
     ),
     ("nanorl.stages",),
     ("nanorl.cli", "nanorl.__main__"),
