@@ -34,6 +34,11 @@ def test_config_show_json_resolves_overrides():
     cfg = json.loads(r.stdout)
     assert cfg["model"]["n_embd"] == 768 and cfg["rl"]["group_size"] == 4 and cfg["name"] == "aqua-d12"
     assert cfg["data"]["data_dir"] == "/d"
+    assert r.stderr == ""  # aqua's plugin is installed
+    # a task no installed plugin provides: shown, with a warning that a pipeline here would refuse it
+    r = run_cli("config", "show", "--json", "--preset", "tiny", "--task", "nope")
+    assert r.returncode == 0 and json.loads(r.stdout)["task"] == "nope"
+    assert r.stderr.startswith("warning: no installed plugin provides task 'nope'"), r.stderr
 
 
 def test_config_show_table_and_toml():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import Table, console, esc, print_json
+from nanorl.cli.ui import Table, console, esc, print_json, print_warning
 
 # The options every command that builds a run config accepts (pipeline, train, config show, ...).
 PresetOpt = typer.Option(None, "--preset", help="Preset: tiny (CPU), d8, d12, d20, d26.")
@@ -75,6 +75,13 @@ def register(app: typer.Typer) -> None:
         if as_json and toml:
             raise NanorlError("give --json or --toml, not both", hint="--toml prints what run.toml holds", exit_code=2)
         cfg = build_config(preset, depth, config, task, name, overrides, data_dir=data_dir)
+        from nanorl.plugins import get_plugins
+
+        if cfg.task not in get_plugins().registry["task"]:  # shown anyway (a recipe for a machine that has it)
+            print_warning(
+                f"no installed plugin provides task {cfg.task!r}: a pipeline here would refuse it"
+                " (`nanorl plugins list` shows the tasks)"
+            )
         if as_json:
             print_json(cfg.to_dict())
             return
