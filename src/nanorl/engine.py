@@ -13,8 +13,15 @@ How:
   relative, so the shift changes no attention score.
 - Every step feeds one token per row: the row's sampled token, or the next forced token (a tool's output).
   A row stops at <|assistant_end|> (or <|bos|>); finished rows ride along until every row is done.
-- Sampling: temperature (0: greedy), top-k; inverse-CDF draws from a seeded `torch.Generator`, one uniform
-  per row and step, so a seed fixes the samples, cached or not.
+- Sampling: temperature (0: greedy; any T > 0, however small, is safe), top-k (0 or >= the vocabulary: all);
+  inverse-CDF draws from a seeded `torch.Generator`, one uniform per row and step, so a seed fixes the samples
+  of a call, cached or not. Not across calls that batch differently: the draws go to rows in order (prompts
+  longest first, then `max_rows` per batch), so the same prompt with the same seed in another batch gets other
+  samples (greedy ones excepted). Evaluation under torchrun therefore gives each rank whole batches at the
+  seed one process gives them (`nanorl.stages.eval.sharded_records`).
+- Precision: the forward runs under the run's autocast on CUDA (bf16 by default) and the KV cache holds that
+  dtype; elsewhere autocast is off, so the forward and the cache use the weights' dtype whatever the run's
+  `dtype` (a CPU run with dtype=bfloat16 samples in float32).
 - `compile=True` (CPU): decode steps run as one compiled graph (`nanorl.compiled_decode`), ~1.35x the eager
   tokens/s after a 20-40 s compile; same draws, same samples up to rounding.
 - Tool calls: when a row writes <|python_end|>, the text since its <|python_start|> goes to `tools["python"]`;
