@@ -255,3 +255,60 @@ def test_the_cache_after_a_forced_tool_span_equals_a_fresh_forward(monkeypatch):
     assert len(logits_c) == len(logits_f) == 14
     for a, b in zip(logits_c, logits_f, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_a_low_precision_dtype_on_the_cpu_samples_in_the_weights_dtype():
+    # autocast is CUDA's only (nanorl.device.autocast): on a CPU the forward computes in the weights' dtype whatever
+    # the run's dtype, so the KV cache must too; a bfloat16 cache beside float32 queries failed in attention
+    model = _model(torch.float32)
+    for G in (1, 3):  # a plain cache, and a shared prompt prefix
+        kw = dict(num_samples=G, max_new_tokens=10, temperature=1.0, seed=2)
+        want = Engine(model, ByteTok()).sample(PROMPTS, **kw)
+        for dtype in (torch.bfloat16, torch.float16):
+            got = Engine(model, ByteTok(), dtype=dtype).sample(PROMPTS, **kw)
+            assert [[s.tokens for s in g] for g in got] == [[s.tokens for s in g] for g in want]
+
+
+def test_a_bf16_decode_step_over_a_shared_prompt_matches_float64():
+    # the CPU decode step of a group sharing its ragged prompt (KVCache.share) merges two attention parts by their
+    # float32 log-sum-exps; with a bfloat16 model that merge mixed dtypes and failed
+    from nanorl.model.attention import shared_prefix_attention
+
+    g = torch.Generator().manual_seed(0)
+    P, G, H, Lp, S, D = 2, 3, 2, 5, 4, 16
+    q, k, v = (torch.randn(P * G, H, n, D, generator=g, dtype=torch.float64) for n in (1, S, S))
+    pk, pv = (torch.randn(P, H, Lp, D, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.arange(Lp)[None, :] >= torch.tensor([[0], [2]])  # the second prompt is left-padded by 2
+    want = shared_prefix_attention(q, pk, pv, k, v, mask)
+    # the float64 reference written out: softmax over the prompt's real keys and the row's own keys
+    keys = torch.cat([pk.repeat_interleave(G, 0), k], 2)
+    vals = torch.cat([pv.repeat_interleave(G, 0), v], 2)
+    s = (q @ keys.transpose(-2, -1)) / D**0.5
+    s[:, :, :, :Lp] = s[:, :, :, :Lp].masked_fill(~mask.repeat_interleave(G, 0)[:, None, None], float("-inf"))
+    torch.testing.assert_close(want, s.softmax(-1) @ vals, rtol=1e-10, atol=1e-10)
+    got = shared_prefix_attention(*(x.bfloat16() for x in (q, pk, pv, k, v)), mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-2)
+
+
+def test_a_tiny_temperature_samples_the_greedy_token():
+    # logits / T overflowed float32 for T = 1e-40, and the softmax of infinities drew arbitrary tokens
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 5
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1e-3, 1e-30, 1e-40, 1e-45):
+        assert torch.equal(sample_next(logits, temperature, 0, g), logits.argmax(-1)), temperature
+        assert torch.equal(sample_next(logits, temperature, 5, g), logits.argmax(-1)), temperature
+
+
+@pytest.mark.parametrize(
+    "prompts, kw, message",
+    [
+        ([[]], {}, "prompt 0 is empty"),
+        ([[256, 1], []], {}, "prompt 1 is empty"),  # in a ragged batch it read a padding token's logits
+        ([[256, 1]], {"num_samples": 0}, "num_samples must be >= 1"),
+        ([[256, 1]], {"max_new_tokens": -1}, "max_new_tokens >= 0"),
+    ],
+)
+def test_bad_sample_arguments_are_clear_errors(prompts, kw, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(_model(), ByteTok(), dtype=torch.float64).sample(prompts, **kw)

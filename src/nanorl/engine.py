@@ -13,8 +13,15 @@ How:
   relative, so the shift changes no attention score.
 - Every step feeds one token per row: the row's sampled token, or the next forced token (a tool's output).
   A row stops at <|assistant_end|> (or <|bos|>); finished rows ride along until every row is done.
-- Sampling: temperature (0: greedy), top-k; inverse-CDF draws from a seeded `torch.Generator`, one uniform
-  per row and step, so a seed fixes the samples, cached or not.
+- Sampling: temperature (0: greedy; any T > 0, however small, is safe), top-k (0 or >= the vocabulary: all);
+  inverse-CDF draws from a seeded `torch.Generator`, one uniform per row and step, so a seed fixes the samples
+  of a call, cached or not. Not across calls that batch differently: the draws go to rows in order (prompts
+  longest first, then `max_rows` per batch), so the same prompt with the same seed in another batch gets other
+  samples (greedy ones excepted). Evaluation under torchrun therefore gives each rank whole batches at the
+  seed one process gives them (`nanorl.stages.eval.sharded_records`).
+- Precision: the forward runs under the run's autocast on CUDA (bf16 by default) and the KV cache holds that
+  dtype; elsewhere autocast is off, so the forward and the cache use the weights' dtype whatever the run's
+  `dtype` (a CPU run with dtype=bfloat16 samples in float32).
 - `compile=True` (CPU): decode steps run as one compiled graph (`nanorl.compiled_decode`), ~1.35x the eager
   tokens/s after a 20-40 s compile; same draws, same samples up to rounding.
 - Tool calls: when a row writes <|python_end|>, the text since its <|python_start|> goes to `tools["python"]`;
@@ -53,7 +60,11 @@ def sample_next(
     a step with the caches cold, as they are after the lm_head's matmul)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    logits = logits.float()
+    if temperature != 1.0:
+        # each row's max subtracted first: a tiny T (1e-40) overflowed logits / T to inf, and the softmax of
+        # infs is NaN, which drew an arbitrary token where the greedy one was meant
+        logits = (logits - logits.amax(-1, keepdim=True)).div_(temperature)
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -83,8 +94,13 @@ class Engine:
             from nanorl.compiled_decode import CompiledDecoder
 
             self.decoder = CompiledDecoder(self.model)
-        # the compute dtype (the KV cache's): bf16 autocast on CUDA, else the weights' own
+        # the run's compute dtype: bf16 autocast on CUDA by default, else the weights' own
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else param.dtype)
+        # the KV cache holds what the forward computes: autocast's dtype where autocast is on, else the weights'
+        # own whatever the run's dtype says (autocast is CUDA's only: with dtype=bfloat16 on a CPU, a bfloat16
+        # cache beside float32 queries failed in attention)
+        amp_on = not isinstance(autocast(self.device, self.dtype), contextlib.nullcontext)
+        self.cache_dtype = self.dtype if amp_on else param.dtype
         # the embedding may have more rows than the tokenizer has tokens (model.vocab_size is a ceiling): never
         # sample an id the tokenizer cannot decode
         self.n_vocab = tokenizer.vocab_size
@@ -114,6 +130,11 @@ class Engine:
         bookkeeping, 6% more tokens/s on the CPU benchmark shape (2,228 -> 2,371, 8 alternating runs in one process,
         every pair faster); what it creates there (KV caches, the cached inference weights of InferenceLinear) is
         only read by no-gradient passes afterwards, which inference tensors allow."""
+        if num_samples < 1 or max_new_tokens < 0:
+            raise ValueError(f"num_samples must be >= 1 and max_new_tokens >= 0, not {num_samples}, {max_new_tokens}")
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        if empty:  # nothing to condition on; in a ragged batch it would silently read a padding token's logits
+            raise ValueError(f"prompt {empty[0]} is empty: a completion needs at least one prompt token (<|bos|>)")
         amp = autocast(self.device, self.dtype)
         grad_mode = torch.inference_mode() if isinstance(amp, contextlib.nullcontext) else torch.no_grad()
         with grad_mode, amp:
@@ -152,7 +173,7 @@ class Engine:
 
         if key_mask is None:
             return self.model(seq, logits="last")[:, -1, : self.n_vocab]
-        cache = KVCache(seq.size(0), self.model.config, seq.size(1), device=self.device, dtype=self.dtype)
+        cache = KVCache(seq.size(0), self.model.config, seq.size(1), device=self.device, dtype=self.cache_dtype)
         cache.key_mask = key_mask
         return self.model(seq, kv_cache=cache, logits="last")[:, -1, : self.n_vocab]
 
@@ -172,7 +193,7 @@ class Engine:
             key_mask = torch.arange(L + max_new, device=dev)[None, :] >= torch.tensor(pads, device=dev)[:, None]
         # (the forward passes run under sample()'s one autocast context)
         if use_cache:
-            cache = KVCache(P, model.config, L + max_new, device=dev, dtype=self.dtype)
+            cache = KVCache(P, model.config, L + max_new, device=dev, dtype=self.cache_dtype)
             cache.key_mask = key_mask
             logits = model(ids, kv_cache=cache, logits="last")[:, -1, : self.n_vocab]
             if G > 1 or self.decoder is not None:  # the compiled step reads the shared layout only

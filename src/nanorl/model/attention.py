@@ -208,5 +208,6 @@ def _cpu_decode_shared(q, pk, pv, k, v, prefix_mask):
     out_pre, lse_pre = _CPU_FLASH(q.view(P, G, H, D).transpose(1, 2), pk, pv, attn_mask=mask)  # (P, H, G, ·)
     out_own, lse_own = _CPU_FLASH(q, k, v)  # (B, H, 1, ·)
     # merged in the prompt-major layout (P, G, H, ·), where the prompt part's outputs are transposed views
-    w = torch.sigmoid(lse_pre.transpose(1, 2) - lse_own.view(P, G, H))[..., None]
+    # (the log-sum-exps are float32 whatever q's dtype; lerp takes one dtype: a bf16 model failed here)
+    w = torch.sigmoid(lse_pre.transpose(1, 2) - lse_own.view(P, G, H))[..., None].to(q.dtype)
     return torch.lerp(out_own.view(P, G, H, D), out_pre.transpose(1, 2), w).view(B, H, 1, D)
