@@ -171,12 +171,12 @@ def _shown(v: Any) -> str:
 
 
 def changed_values(old: RunConfig, new: RunConfig) -> list[str]:
-    """The values of run.toml outside the model section that `new` changes, as "key old -> new"."""
+    """The values of run.toml that `new` changes, as "key old -> new" (in the model section only the attention
+    backend can change: check_run_config refuses the rest, which config_hash covers)."""
     a, b = old.to_dict(), new.to_dict()
     pairs = [(k, a.get(k), v) for k, v in b.items() if k not in SECTIONS]
     for s in SECTIONS:
-        if s != "model":
-            pairs += [(f"{s}.{k}", a[s].get(k), v) for k, v in b[s].items()]
+        pairs += [(f"{s}.{k}", a[s].get(k), v) for k, v in b[s].items()]
     return [f"{key} {_shown(x)} -> {_shown(y)}" for key, x, y in pairs if x != y]
 
 
