@@ -139,7 +139,7 @@ class Tokenizer:
             mask.extend([trained] * len(tokens))
 
         sp = self.specials
-        for role, content in _messages(conv):
+        for role, content in checked_messages(conv):
             if role == "user":
                 add([sp["<|user_start|>"], *self.encode(content), sp["<|user_end|>"]], 0)
             else:  # assistant
@@ -240,7 +240,7 @@ class Tokenizer:
         }
 
 
-def _messages(conv: Conversation) -> list[tuple[str, Any]]:
+def checked_messages(conv: Conversation) -> list[tuple[str, Any]]:
     """Each message as (role, content): a user's content a string, an assistant's its (kind, text) parts. A
     leading system message is folded into the first user message (nanochat's convention). Conversations come
     from users' files too (`data.chat`), so a malformed message is a NanorlError saying which one and why."""

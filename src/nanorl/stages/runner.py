@@ -216,10 +216,10 @@ def preflight(
     if "eval" in stages:
         splits += cfg.eval.splits
     data = {split: task.load(split, cfg.data.data_dir or None) for split in dict.fromkeys(splits)}
-    if "mid" in stages and cfg.data.chat and not Path(cfg.data.chat).expanduser().is_file():
-        raise NanorlError(
-            f"chat data {cfg.data.chat} not found", hint='data.chat names a .jsonl of {"messages": [...]}'
-        )
+    if "mid" in stages and cfg.data.chat:
+        from nanorl.stages.mid import chat_conversations
+
+        chat_conversations(cfg.data.chat)  # there, and every line a conversation (else a NanorlError naming it)
 
     d = run_dir(cfg.name)
     ready = {s for s in STAGES if s in stages or ckpt.is_done(d / s)}
