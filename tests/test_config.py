@@ -125,6 +125,7 @@ def test_explicit_width_beats_the_depth_rule():
         ("model.n_kv_head=3", "must divide model.n_head"),
         ("name=../escape", "invalid run name"),
         ("rl.rewards=aqua.correct", "name:weight pairs"),
+        ("rl.rewards=aqua.correct:1,aqua.correct:0", "name:weight pairs, each name once"),
         ("optim.adam_beta2=1.0", "must be < 1"),
         ("eval.splits=dev,bogus", "eval.splits"),
         ("sft.warmup_ratio=0.1", "sft.warmup_ratio=0.1 and sft.warmdown_ratio=1.0 add up to more than 1"),

@@ -398,6 +398,9 @@ def _parse(raw: Any, typ: Any, key: str) -> Any:
                     raise bad("a list of name:weight pairs (e.g. aqua.correct:1,aqua.format:0.1)")
                 k, v = part.rsplit(":", 1)
                 items.append((k.strip(), v.strip()))
+            names = [k for k, _ in items]
+            if len(set(names)) < len(names):  # a dict would keep the last weight and drop the others unsaid
+                raise bad("a list of name:weight pairs, each name once")
         return {str(k): _parse(v, float, f"{key}[{k}]") for k, v in items}
     raise bad(str(typ))  # pragma: no cover - every field type is handled above
 
