@@ -125,6 +125,7 @@ def test_explicit_width_beats_the_depth_rule():
         ("model.n_kv_head=3", "must divide model.n_head"),
         ("name=../escape", "invalid run name"),
         ("rl.rewards=aqua.correct", "name:weight pairs"),
+        ("rl.rewards=aqua.correct:1,aqua.correct:0", "name:weight pairs, each name once"),
         ("optim.adam_beta2=1.0", "must be < 1"),
         ("eval.splits=dev,bogus", "eval.splits"),
         ("sft.warmup_ratio=0.1", "sft.warmup_ratio=0.1 and sft.warmdown_ratio=1.0 add up to more than 1"),
@@ -212,3 +213,43 @@ def test_defaults_are_valid_and_independent():
     a, b = RunConfig(), RunConfig()
     a.eval.splits.append("test")
     assert b.eval.splits == ["dev"]  # no shared mutable defaults
+
+
+def test_run_toml_round_trips_any_string(tmp_path):
+    """Strings are written as TOML basic strings: a character outside the BMP (an emoji in a path) must not
+    become JSON's surrogate-pair escape, which TOML refuses, nor DEL stay raw, which TOML refuses too."""
+    odd = ["data.data_dir=/data/😀/été", 'telemetry.wandb_project=a\x7fb\tc"d\\e', "rl.rewards=x😀:1"]
+    cfg = resolve(overrides=odd)
+    path = write_run_config(cfg) / "run.toml"
+    assert from_toml_file(path) == cfg
+
+
+def test_seed_is_bounded_where_the_stages_can_use_it():
+    """The RL stage seeds torch generators with (seed * 1_000_003 + step) * 64 + ...: a seed past 2^32 - 1
+    overflowed torch's 64-bit seed there, after the other stages had trained."""
+    assert resolve(overrides=[f"seed={2**32 - 1}"]).seed == 2**32 - 1
+    with pytest.raises(NanorlError, match=f"invalid value for seed: {2**32} must be <= {2**32 - 1}"):
+        resolve(overrides=[f"seed={2**32}"])
+
+
+def test_the_attention_backend_is_not_part_of_the_model_hash():
+    """The backend computes the same function with the same weights: a run trained with `auto` may be resumed
+    or evaluated with model.attention=eager or sdpa (its checkpoints' hashes must still match)."""
+    hashes = {config_hash(resolve(overrides=[f"model.attention={a}"])) for a in ("auto", "triton", "sdpa", "eager")}
+    assert len(hashes) == 1
+    assert config_hash(resolve()) == "9ebfb2f48f3f579d"  # the hash checkpoints already recorded
+    # so a run goes on with another backend, and the rerun names the change like any other
+    from nanorl.stages.runner import changed_values, check_run_config
+
+    write_run_config(resolve())
+    new = resolve(overrides=["model.attention=eager"])
+    assert changed_values(check_run_config(new), new) == ["model.attention 'auto' -> 'eager'"]
+
+
+def test_an_unknown_recipe_section_suggests_the_sections(tmp_path):
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text("[modle]\ndepth = 4\n")
+    with pytest.raises(NanorlError) as err:
+        resolve(config_file=recipe)
+    assert "unknown config section [modle]" in err.value.message
+    assert "did you mean [model]?" in err.value.hint

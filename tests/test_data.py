@@ -170,6 +170,33 @@ def test_bad_lines_name_the_file_or_are_skipped_and_counted(tmp_path):
     assert corpus.stats["skipped_lines"] == 3
 
 
+def test_a_glob_takes_corpus_files_only_and_a_named_file_of_another_type_fails_at_once(tmp_path):
+    """Found when the corpus is opened (the runner's preflight), not when a pass reaches the file hours later."""
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "README.md").write_text("not a corpus file")
+    assert list(open_corpus(str(tmp_path / "*")).docs()) == ["alpha"]  # as for the directory
+    with pytest.raises(NanorlError, match="README.md: unsupported file type") as err:
+        open_corpus(f"{tmp_path / 'a.txt'},{tmp_path / 'README.md'}")
+    assert err.value.exit_code == 2
+    with pytest.raises(NanorlError, match=r"no corpus files at .*\*\.md.*1 file matched") as err:
+        open_corpus(str(tmp_path / "*.md"))
+
+
+def test_windows_files_and_empty_documents(tmp_path):
+    """A UTF-8 byte-order mark (Windows editors, PowerShell) is not text: it made a .jsonl's first line invalid
+    JSON and became the first character of a .txt's first document. CRLF line ends read as LF. An empty document
+    is skipped: it would only be a lone <|bos|> in a row, and a corpus of nothing else has no documents."""
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": ""}\r\n{"text": "second"}\r\n')
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfone\r\nline two\r\n\r\nthree\r\n")
+    _write_parquet(tmp_path / "c.parquet", ["", "fourth"])
+    assert list(open_corpus(str(tmp_path)).docs()) == ["first", "second", "one\nline two", "three", "fourth"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "e.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(NanorlError, match="no documents"):
+        list(open_corpus(str(empty)).docs())
+
+
 def test_corrupt_parquet_and_empty_corpus(tmp_path):
     good = tmp_path / "good.parquet"
     _write_parquet(good, ["a", "b"])

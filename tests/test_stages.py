@@ -909,3 +909,21 @@ def test_a_second_process_on_a_run_is_refused_until_the_first_ends_however_it_en
     with run_lock(d):
         assert f"pid {os.getpid()} " in (d / LOCK_FILE).read_text()
     assert (d / LOCK_FILE).read_text() == ""  # released: it names no one
+
+
+def test_malformed_chat_data_stops_the_pipeline_at_its_preflight(tmp_path):
+    """data.chat is read by the mid stage, after the tokenizer and base trained: a malformed conversation in it
+    raised a KeyError there. The preflight reads it now and names the line."""
+    from nanorl.api import NanorlError
+    from nanorl.stages.runner import preflight
+
+    chat = tmp_path / "chat.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    chat.write_text(good + '\n\n{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n')
+    cfg = resolve(overrides=[f"data.chat={chat}"])
+    with pytest.raises(NanorlError) as err:
+        preflight(cfg, ["tokenizer", "base", "mid"])
+    assert err.value.message == f"{chat}:3: message 2 (assistant) has no 'content'"
+    chat.write_text(good + '\n{"messages": {"role": "user"}}\n')
+    with pytest.raises(NanorlError, match=f'{chat}:2: "messages" is a dict, not a list'):
+        preflight(cfg, ["tokenizer", "base", "mid"])

@@ -280,3 +280,38 @@ def test_info_of_a_missing_run_or_folder_says_how_to_make_it(capsys, tmp_path):
     assert code == 2 and f"--out {tmp_path / 'none'}" in err
     code, _, err = _cli(capsys, "tokenizer", "info")
     assert code == 2 and "--run NAME" in err
+
+
+def test_lone_surrogates_train_as_the_replacement_character():
+    """JSON can escape half of a surrogate pair ("\\ud83d": a cut emoji in scraped text), which json.loads turns
+    into a str that is not valid Unicode. Encoding already reads it as U+FFFD (tiktoken); training must too,
+    not stop with a UnicodeEncodeError."""
+    texts = [json.loads('"cut emoji \\ud83d here"')] * 20 + ["plain text here"] * 20
+    tok = train_tokenizer(texts, vocab_size=300)
+    assert tok.meta["trained_docs"] == 40
+    assert tok.decode(tok.encode(texts[0])) == "cut emoji \ufffd here"
+
+
+@pytest.mark.parametrize(
+    "conv,message",
+    [
+        (["hello"], "message 1 is not a {'role', 'content'} object"),
+        ([{"content": "hi"}], "message 1 has no 'role'"),
+        ([{"role": "user"}], "message 1 (user) has no 'content'"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}], "message 2 (assistant)"),
+        ([{"role": "assistant", "content": [{"type": "text"}]}], "message 1 (assistant): part 1 has no string 'text'"),
+        ([{"role": "assistant", "content": [{"type": "python", "text": 3}]}], "part 1 has no string 'text'"),
+        ([{"role": "assistant", "content": ["just text"]}], "part 1 is not a {'type', 'text'} object"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+            "message 2: a system message may only come first",
+        ),
+        ([{"role": "system", "content": 5}, {"role": "user", "content": "a"}], "message 1 (system)"),
+    ],
+)
+def test_malformed_messages_are_clear_errors(tok, conv, message):
+    """Conversations come from users' files too (data.chat): a malformed one must say which message is wrong,
+    not raise a KeyError or TypeError from inside the renderer."""
+    with pytest.raises(NanorlError) as err:
+        tok.render_conversation(conv)
+    assert message in err.value.message

@@ -216,7 +216,8 @@ class RunConfig:
     name: str = _f("", "run name: the folder under $NANORL_HOME/runs ('' : <task>-<preset or dN>)")
     task: str = _f("arith", "the task (a registered plugin task: `nanorl plugins list`)")
     preset: str = _f("", "the preset applied before the recipe and overrides ('' , tiny, d8, d12, d20, d26)")
-    seed: int = _f(42, "random seed", ge=0)
+    # at most 2^32 - 1: the RL stage seeds torch with (seed * 1_000_003 + step) * 64 + ..., which must fit 64 bits
+    seed: int = _f(42, "random seed", ge=0, le=2**32 - 1)
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = _f(
         "auto",
@@ -397,6 +398,9 @@ def _parse(raw: Any, typ: Any, key: str) -> Any:
                     raise bad("a list of name:weight pairs (e.g. aqua.correct:1,aqua.format:0.1)")
                 k, v = part.rsplit(":", 1)
                 items.append((k.strip(), v.strip()))
+            names = [k for k, _ in items]
+            if len(set(names)) < len(names):  # a dict would keep the last weight and drop the others unsaid
+                raise bad("a list of name:weight pairs, each name once")
         return {str(k): _parse(v, float, f"{key}[{k}]") for k, v in items}
     raise bad(str(typ))  # pragma: no cover - every field type is handled above
 
@@ -482,6 +486,15 @@ def _flatten(d: dict[str, Any], where: str) -> list[tuple[str, Any]]:
             if not isinstance(v, dict):
                 raise NanorlError(f"{where}: [{k}] must be a table", exit_code=2)
             out += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
+        elif isinstance(v, dict) and k not in {f.name for f in fields(RunConfig)}:  # a table: a misspelt section
+            import difflib
+
+            close = difflib.get_close_matches(k, SECTIONS, n=1, cutoff=0.6)
+            raise NanorlError(
+                f"{where}: unknown config section [{k}]",
+                hint=(f"did you mean [{close[0]}]? " if close else "") + f"the sections: {', '.join(SECTIONS)}",
+                exit_code=2,
+            )
         else:
             out.append((k, v))
     return out
@@ -662,12 +675,27 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
+        return _toml_string(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_toml_string(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(type(v))
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string. Not json.dumps: JSON escapes a character beyond the BMP (an emoji) as a surrogate
+    pair, which TOML refuses, and leaves DEL raw, which TOML refuses too. Here only the quote, the backslash and
+    the control characters are escaped; every other character is written as it is (the file is UTF-8)."""
+    out = []
+    for ch in s:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def to_toml(cfg: RunConfig) -> str:
@@ -712,6 +740,11 @@ def from_toml_file(path: str | Path) -> RunConfig:
 def config_hash(cfg: RunConfig, sections: tuple[str, ...] = ("model",)) -> str:
     """A short hash of the sections a checkpoint depends on (a model checkpoint: the architecture)."""
     d = cfg.to_dict()
+    if "model" in sections:
+        # the attention backend computes the same function of the same weights: a model trained with one may
+        # be resumed or evaluated with another. Hashed as "auto" (not dropped), so the hashes checkpoints
+        # recorded with the default stay valid.
+        d["model"]["attention"] = "auto"
     blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -733,6 +766,6 @@ def write_run_config(cfg: RunConfig) -> Path:
     d = run_dir(cfg.name)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / "run.toml.tmp"
-    tmp.write_text(to_toml(cfg))
+    tmp.write_text(to_toml(cfg), encoding="utf-8")  # TOML is UTF-8 whatever the locale
     tmp.replace(d / "run.toml")
     return d

@@ -7,7 +7,9 @@ Local files, by extension:
 - `.txt`: documents separated by blank lines (one or more empty lines), streamed line by line;
 - `.jsonl`: one JSON object per line with a string `text` field (blank lines are ignored);
 - `.parquet`: the `text` column, read one row group at a time.
-A directory means every such file under it (recursively), a glob every match; files are read in sorted order.
+A directory or a glob means every such file under it / among its matches (other files are left out); a file named
+by itself must be one of these types. Files are read in sorted order. A UTF-8 byte-order mark is not text, CRLF
+line ends read as LF (`.txt`), and an empty document is skipped (it would be a lone <|bos|>).
 
 Bad input — a corrupt or truncated file, a line that is not UTF-8 / not JSON / has no `text`, a corpus with no
 documents — stops with a `NanorlError` naming the file (and line). With `skip_bad=True` a bad line or an
@@ -43,8 +45,9 @@ class Corpus:
         for src in self.sources:
             it = _read_file(src, self) if isinstance(src, Path) else iter(src())
             for doc in it:
-                self.stats["docs"] += 1
-                yield doc
+                if doc:
+                    self.stats["docs"] += 1
+                    yield doc
         if self.stats["docs"] == 0:
             skipped = self.stats["skipped_lines"] + self.stats["skipped_files"]
             raise NanorlError(
@@ -101,7 +104,7 @@ def _lines(path: Path, corpus: Corpus) -> Iterator[tuple[int, str]]:
         with open(path, "rb") as fh:
             for n, raw in enumerate(fh, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: drops a byte-order mark
                 except UnicodeDecodeError:
                     corpus.bad(f"{path}:{n}: the line is not valid UTF-8", "skipped_lines")
                     continue
@@ -114,12 +117,12 @@ def _read_txt(path: Path, corpus: Corpus) -> Iterator[str]:
     doc: list[str] = []
     for _, line in _lines(path, corpus):
         if line.strip():
-            doc.append(line)
+            doc.append(line.rstrip("\r\n"))
         elif doc:
-            yield "".join(doc).rstrip("\n")
+            yield "\n".join(doc)
             doc = []
     if doc:
-        yield "".join(doc).rstrip("\n")
+        yield "\n".join(doc)
 
 
 def _read_jsonl(path: Path, corpus: Corpus) -> Iterator[str]:
@@ -162,21 +165,28 @@ def _read_parquet(path: Path, corpus: Corpus) -> Iterator[str]:
 
 
 def expand_paths(spec: str) -> list[Path]:
-    """Files named by a path, a directory (recursive) or a glob; comma-separated specs are concatenated."""
+    """Files named by a path, a directory (recursive) or a glob; comma-separated specs are concatenated. A
+    directory or a glob gives its corpus files only; a file named by itself of another type is an error here, at
+    once, not when a pass reaches it."""
     files: list[Path] = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         p = Path(part).expanduser()
+        if p.is_file() and p.suffix.lower() not in EXTENSIONS:
+            raise NanorlError(f"{p}: unsupported file type (use {', '.join(EXTENSIONS)})", exit_code=2)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
+            matches = [f for f in p.rglob("*") if f.is_file()]
         elif p.is_file():
-            found = [p]
+            matches = [p]
         else:
-            found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+            matches = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
+        found = sorted(f for f in matches if f.suffix.lower() in EXTENSIONS)
         if not found:
+            n = len(matches)
+            others = f" ({n} file{'s' if n != 1 else ''} matched, none {', '.join(EXTENSIONS)})" if n else ""
             raise NanorlError(
-                f"no corpus files at {part!r}",
+                f"no corpus files at {part!r}{others}",
                 hint=f"give a file, a directory or a glob of {', '.join(EXTENSIONS)} files",
                 exit_code=2,
             )

@@ -19,6 +19,7 @@ from typing import Any
 from nanorl.api import NanorlError
 from nanorl.device import together
 from nanorl.stages.common import Context, ConversationLoader, micro_batch, render_examples, train_supervised
+from nanorl.tokenizer import checked_messages
 
 
 def chat_conversations(path: str) -> list[list[dict]]:
@@ -27,13 +28,19 @@ def chat_conversations(path: str) -> list[list[dict]]:
     if not p.is_file():
         raise NanorlError(f"chat data {p} not found", hint='data.chat names a .jsonl of {"messages": [...]}')
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         try:
             msgs = json.loads(line)["messages"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise NanorlError(f'{p}:{n}: not a {{"messages": [...]}} object ({e})') from None
+        try:  # every message checked here, so the runner's preflight finds a bad one before any stage runs
+            if not isinstance(msgs, list):
+                raise NanorlError(f'"messages" is a {type(msgs).__name__}, not a list of messages')
+            checked_messages(msgs)
+        except NanorlError as e:
+            raise NanorlError(f"{p}:{n}: {e.message}", hint="fix or remove that line") from None
         out.append(msgs)
     return out
 

@@ -171,12 +171,12 @@ def _shown(v: Any) -> str:
 
 
 def changed_values(old: RunConfig, new: RunConfig) -> list[str]:
-    """The values of run.toml outside the model section that `new` changes, as "key old -> new"."""
+    """The values of run.toml that `new` changes, as "key old -> new" (in the model section only the attention
+    backend can change: check_run_config refuses the rest, which config_hash covers)."""
     a, b = old.to_dict(), new.to_dict()
     pairs = [(k, a.get(k), v) for k, v in b.items() if k not in SECTIONS]
     for s in SECTIONS:
-        if s != "model":
-            pairs += [(f"{s}.{k}", a[s].get(k), v) for k, v in b[s].items()]
+        pairs += [(f"{s}.{k}", a[s].get(k), v) for k, v in b[s].items()]
     return [f"{key} {_shown(x)} -> {_shown(y)}" for key, x, y in pairs if x != y]
 
 
@@ -216,10 +216,10 @@ def preflight(
     if "eval" in stages:
         splits += cfg.eval.splits
     data = {split: task.load(split, cfg.data.data_dir or None) for split in dict.fromkeys(splits)}
-    if "mid" in stages and cfg.data.chat and not Path(cfg.data.chat).expanduser().is_file():
-        raise NanorlError(
-            f"chat data {cfg.data.chat} not found", hint='data.chat names a .jsonl of {"messages": [...]}'
-        )
+    if "mid" in stages and cfg.data.chat:
+        from nanorl.stages.mid import chat_conversations
+
+        chat_conversations(cfg.data.chat)  # there, and every line a conversation (else a NanorlError naming it)
 
     d = run_dir(cfg.name)
     ready = {s for s in STAGES if s in stages or ckpt.is_done(d / s)}
