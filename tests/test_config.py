@@ -111,6 +111,15 @@ def test_explicit_width_beats_the_depth_rule():
     assert (cfg.model.n_embd, cfg.model.n_head, cfg.model.n_kv_head, cfg.head_dim) == (256, 2, 1, 128)
 
 
+def test_a_bare_key_that_fails_in_one_section_says_which_sections_it_set():
+    with pytest.raises(NanorlError, match="rl.temperature") as err:
+        resolve(overrides=["temperature=0"])  # eval.temperature takes 0 (greedy), rl.temperature does not
+    assert err.value.hint == (
+        "temperature=0 set rl.temperature, eval.temperature: name the section, e.g. eval.temperature=0"
+    )
+    assert resolve(overrides=["eval.temperature=0"]).eval.temperature == 0
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -128,6 +137,7 @@ def test_explicit_width_beats_the_depth_rule():
         ("rl.rewards=aqua.correct:1,aqua.correct:0", "name:weight pairs, each name once"),
         ("optim.adam_beta2=1.0", "must be < 1"),
         ("eval.splits=dev,bogus", "eval.splits"),
+        ("eval.splits=", "eval.splits is empty"),
         ("sft.warmup_ratio=0.1", "sft.warmup_ratio=0.1 and sft.warmdown_ratio=1.0 add up to more than 1"),
     ],
 )

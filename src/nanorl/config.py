@@ -538,7 +538,17 @@ def resolve(
     if chosen:
         cfg.preset = chosen
     derive(cfg)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except NanorlError as e:
+        # a bare key sets its field in every section: `temperature=0` is fine for eval, not for rl
+        for k, v in override_pairs:
+            dotted = [d for _, _, d in _targets(cfg, k)] if "." not in k else []
+            if len(dotted) > 1 and any(d in e.message for d in dotted):
+                fine = [d for d in dotted if d not in e.message] or dotted
+                e.hint = f"{k}={v} set {', '.join(dotted)}: name the section, e.g. {fine[0]}={v}"
+                break
+        raise
     return cfg
 
 
@@ -638,6 +648,8 @@ def validate(cfg: RunConfig) -> None:
                 exit_code=2,
             )
     check_run_name(cfg.name)
+    if not cfg.eval.splits:  # the eval stage would evaluate nothing, and the report show no accuracy
+        raise NanorlError("eval.splits is empty: name the splits to evaluate, e.g. eval.splits=dev,test", exit_code=2)
     for split in cfg.eval.splits:
         if split not in ("train", "dev", "validation", "test"):
             raise NanorlError(f"invalid value for eval.splits: {split!r} (train, dev, validation or test)", exit_code=2)
