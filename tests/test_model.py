@@ -256,6 +256,44 @@ def test_loss_chunk_bounds_the_largest_logits_tensor(monkeypatch, reduction, wei
     assert 0 < seen.rows <= 5, seen.op
 
 
+class _LiveLogitBytes(TorchDispatchMode):
+    """The peak bytes of (rows, V) tensors alive at once, as ops allocate them (each storage counted while the
+    tensor that an op made for it lives): what a loss chunk costs the allocator at its worst moment."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.peak, self.live = vocab, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        fresh = all(r.alias_info is None for r in func._schema.returns)  # not a view (of the weight, say)
+        for t in torch.utils._pytree.tree_leaves(out) if fresh else ():
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.size(-1) == self.vocab:
+                self.live[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), weakref.ref(t))
+        self.live = {p: (n, ref) for p, (n, ref) in self.live.items() if ref() is not None}
+        self.peak = max(self.peak, sum(n for n, _ in self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("reduction, weighted", [("mean", False), ("mean", True), ("none", False)])
+def test_loss_chunk_peak_memory_is_what_the_estimate_budgets(monkeypatch, reduction, weighted):
+    """train_memory budgets a loss chunk at its float32 logits and their float32 gradient (8 bytes a logit in
+    float32; the matmul-dtype copy of the gradient under autocast on top). The chunk's loss-and-gradient pass
+    used to hold three float32 chunk tensors at once (the sigmoid, the softmax numerator and a fresh gradient:
+    12 bytes a logit, 1 GiB beyond the estimate at a GPU's 256M-logit chunk)."""
+    from nanorl.model import counts
+
+    cfg = small_cfg(vocab_size=384)
+    model = make_model(cfg)
+    idx, targets = torch.randint(0, 384, (2, 12)), torch.randint(0, 384, (2, 12))
+    monkeypatch.setitem(counts.LOSS_CHUNK_ELEMENTS, "cpu", 6 * 384)
+    with _LiveLogitBytes(384) as seen:
+        _loss_run(model, idx, targets, reduction, weighted, grad=True)
+    assert 0 < seen.peak <= 6 * 384 * 8
+
+
 def test_validation_loss_at_depth_8_stays_within_the_loss_chunk():
     """The reviewer's case, on the meta device (no memory): base validation at depth 8 on an 80 GB GPU,
     128 rows x 2,048 tokens x 65,536 vocab under no_grad, and GRPO's per-position log-probs with gradient (64

@@ -389,7 +389,9 @@ def _softcap_loss_and_grad_(z, targets, cap, row_weights):
     scale = 4.0 * row_weights
     e.mul_((scale / total)[:, None])
     e[rows, safe] -= scale
-    return loss, torch.ops.aten.sigmoid_backward(e, sig)  # e·σ(1-σ) in one pass
+    # e·σ(1-σ) in one pass, written over e: a fresh tensor would make three float32 chunks alive at once (z's
+    # sigmoid, e and the result), beyond the two that train_memory budgets
+    return loss, torch.ops.aten.sigmoid_backward.grad_input(e, sig, grad_input=e)
 
 
 class SoftcapCrossEntropy(torch.autograd.Function):
@@ -467,6 +469,7 @@ class FusedLinearSoftcapCE(torch.autograd.Function):
                     (xc @ wm.t()).float(), targets[i : i + chunk], cap, w[i : i + chunk]
                 )
                 _lm_head_backward_(g, xc, wm, dx[i : i + chunk], dw)
+                del g  # else the last chunk's gradient lives on through the next chunk's logits and softmax
         ctx.save_for_backward(dx, dw, denom)
         ctx.dtypes = (x.dtype, weight.dtype)
         ctx.mark_non_differentiable(losses)
@@ -566,6 +569,7 @@ class LinearSoftcapCE(torch.autograd.Function):
                 xc = xm[i : i + chunk]
                 g = _logits_grad((xc @ wm.t()).float(), targets[i : i + chunk], ctx.cap, row_w[i : i + chunk])
                 _lm_head_backward_(g, xc, wm, dx[i : i + chunk], dw)
+                del g  # as in FusedLinearSoftcapCE: not alive through the next chunk
         return dx.to(x_dtype), dw.to(weight.dtype), None, None
 
 
