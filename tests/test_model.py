@@ -390,6 +390,34 @@ def test_sdpa_and_eager_backends_agree(n_kv_head):
         torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "H, H_kv, Tq, Tk, D",
+    [(2, 2, 1, 1, 64), (4, 2, 17, 17, 64), (4, 1, 5, 23, 128), (2, 2, 1, 9, 128)],  # Tq < Tk: against a KV cache
+)
+def test_attention_backends_match_float64_reference(backend, H, H_kv, Tq, Tk, D):
+    """Each backend in float64 against the plain float64 formula (bottom-right causal mask), values and
+    gradients: one token, odd lengths, head dims 64 and 128, grouped-query attention. The eager backend is the
+    readable reference the others are checked against; it used to take q·kᵀ and the softmax in float32
+    whatever the input, so a float64 model on it was float32-accurate (errors ~1e-6, not ~1e-15)."""
+    from nanorl.model.attention import attention
+
+    g = torch.Generator().manual_seed(Tq + D)
+    q = torch.randn(2, H, Tq, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, H_kv, Tk, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = attention(q, k, v, causal=True, backend=backend)
+    do = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = [out, *torch.autograd.grad(out, (q, k, v), do)]
+    kr, vr = (x.repeat_interleave(H // H_kv, 1) for x in (k, v))
+    s = (q @ kr.transpose(-1, -2)) / math.sqrt(D)
+    visible = torch.arange(Tk)[None, :] <= torch.arange(Tk - Tq, Tk)[:, None]
+    ref = s.masked_fill(~visible, float("-inf")).softmax(-1) @ vr
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), do)]
+    assert out.dtype == torch.float64
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_attention_maps_are_causal_distributions():
     cfg = small_cfg()
     model = make_model(cfg)

@@ -71,11 +71,14 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def eager_attention(q, k, v, causal: bool = True, return_probs: bool = False):
-    """Materialise the attention probabilities. Returns (out, probs) where probs is (B, H, Tq, Tk) float32."""
+    """Materialise the attention probabilities. Returns (out, probs) where probs is (B, H, Tq, Tk) in float32,
+    or float64 for float64 inputs (the scores and softmax never drop below the input's precision: this is the
+    reference the other backends are checked against)."""
     tq, tk = q.size(2), k.size(2)
     n_rep = q.size(1) // k.size(1)
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-    scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     if causal:
         scores = scores.masked_fill(~_causal_mask(tq, tk, q.device), float("-inf"))
     probs = scores.softmax(dim=-1)
