@@ -123,6 +123,23 @@ def test_loss_matches_float64_reference_with_ignored_targets():
     torch.testing.assert_close(model(idx, targets).double(), ref.sum() / (targets >= 0).sum(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [15, 100])  # the hand-written pass, and the autograd one beyond 80
+def test_any_negative_target_is_ignored_on_every_loss_path(softcap):
+    """The training loss counted every negative target as ignored, but validation (no gradient) and any loss
+    at a softcap beyond 80 went through cross_entropy(ignore_index=-1): PyTorch's usual -100 trained silently
+    and then crashed validation with "Target -100 is out of bounds". Every path now gives -100 what -1 gets."""
+    cfg = small_cfg(softcap=softcap)
+    model = make_model(cfg)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 12)), torch.randint(0, cfg.vocab_size, (2, 12))
+    targets[0, :5] = -1
+    other = targets.masked_fill(targets < 0, -100)
+    for reduction, weighted, grad in LOSS_PATHS:
+        want, got = (_loss_run(model, idx, t, reduction, weighted, grad) for t in (targets, other))
+        torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+        for name, g in want[1].items():
+            torch.testing.assert_close(got[1][name], g, atol=0, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("reduction_weights", [False, True])
 def test_softcap_cross_entropy_gradient_matches_autograd_in_float64(reduction_weights):
     torch.manual_seed(0)

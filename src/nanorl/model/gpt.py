@@ -653,7 +653,7 @@ class GPT(nn.Module):
 
         - no targets: logits (B, T, V), float32, soft-capped (with kv_cache: for the T new positions);
           logits="last": only the last position's (B, 1, V); logits="none": None, the pass only fills kv_cache
-        - targets (B, T) (-1 = ignore): the mean cross-entropy over the counted positions, or with
+        - targets (B, T) (negative = ignore: -1, or PyTorch's usual -100): the mean cross-entropy over the counted positions, or with
           loss_reduction="none" the per-position loss (B, T) (0 where ignored)
         - targets and loss_weights (B, T): (sum of loss_weights·loss over the counted positions, the per-position
           loss (B, T) detached), the weighted sum through the fused loss when a backward can follow
@@ -683,7 +683,9 @@ class GPT(nn.Module):
         elif targets is None:
             out = self._logits(norm(x))
         else:
-            x, targets = norm(x).reshape(B * T, -1), targets.reshape(B * T)
+            # every negative target is ignored, on every path: the hand-written passes count targets >= 0, but
+            # cross_entropy (validation, a softcap beyond 80) ignores only -1, and raised on PyTorch's usual -100
+            x, targets = norm(x).reshape(B * T, -1), targets.reshape(B * T).clamp_min(-1)
             w = loss_weights.reshape(B * T) if loss_weights is not None else None
             out = self._loss(x, targets, loss_reduction, w)
             if w is not None:
