@@ -70,6 +70,8 @@ def check(q, k, v, do, causal, atol):
         (False, 2, 2, 33, 32),  # non-causal
         (True, 4, 2, 33, 16),  # GQA: two query heads per kv head (dk/dv summed over the group)
         (True, 2, 1, 20, 24),  # multi-query, head dim not a power of two (padded lanes), T < 2 blocks
+        (True, 4, 2, 1, 64),  # one token (a 1-row block, 15 masked rows), the model's head dims 64 and 128
+        (False, 4, 1, 17, 128),
     ],
 )
 def test_matches_float64_reference(causal, H, H_kv, T, D):
