@@ -653,8 +653,8 @@ class GPT(nn.Module):
 
         - no targets: logits (B, T, V), float32, soft-capped (with kv_cache: for the T new positions);
           logits="last": only the last position's (B, 1, V); logits="none": None, the pass only fills kv_cache
-        - targets (B, T) (negative = ignore: -1, or PyTorch's usual -100): the mean cross-entropy over the counted positions, or with
-          loss_reduction="none" the per-position loss (B, T) (0 where ignored)
+        - targets (B, T) (negative = ignore: -1, or PyTorch's usual -100): the mean cross-entropy over the
+          counted positions, or with loss_reduction="none" the per-position loss (B, T) (0 where ignored)
         - targets and loss_weights (B, T): (sum of loss_weights·loss over the counted positions, the per-position
           loss (B, T) detached), the weighted sum through the fused loss when a backward can follow
         - return_entropy=True: returns (output, entropy) with entropy (n_layer, B, n_head, T) float32, the
