@@ -595,6 +595,21 @@ def test_shared_prefix_attention_entropy_matches_the_eager_reference():
     torch.testing.assert_close(ent, entropy_from_probs(probs).float())
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_chunked_entropy_matches_float64_even_for_large_scores(scale):
+    """sdpa's entropy (telemetry) was the difference of two large float32 numbers: 1e-4 off at 30x typical
+    scores. Relative to the row maximum it stays at float32 rounding, chunk boundaries and GQA included."""
+    from nanorl.model.attention import chunked_entropy, entropy_from_probs
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 37, 16) * scale**0.5, torch.randn(2, 2, 37, 16) * scale**0.5
+    scores = q.double() @ k.double().repeat_interleave(2, 1).transpose(-2, -1) / 16**0.5
+    allowed = torch.ones(37, 37, dtype=torch.bool).tril()
+    want = entropy_from_probs(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
+    got = chunked_entropy(q, k, causal=True, chunk=8)
+    assert (got.double() - want).abs().max() < 1e-5  # (the scores themselves are float32)
+
+
 def test_hand_written_backwards_pass_gradcheck():
     from nanorl.model.gpt import NORM_EPS, _ReLU2, _RMSNorm, _RopeNorm, rotary_tables
 
