@@ -45,8 +45,7 @@ def _hook_metrics(out: Any) -> dict[str, Any]:
     if not isinstance(out, dict):
         raise TypeError(f"returned a {type(out).__name__}, not a dict of metrics")
     for k, v in out.items():
-        elements = v.numel() if hasattr(v, "numel") else getattr(v, "size", None)
-        if isinstance(k, str) and hasattr(v, "item") and elements == 1:
+        if isinstance(k, str) and hasattr(v, "item") and _elements(v) == 1:
             continue  # a one-element tensor or numpy number: `_clean` makes it a float
         if not isinstance(k, str) or not isinstance(v, SCALARS):
             raise TypeError(f"returned metric {k!r} as a {type(v).__name__}, not a number")
@@ -54,15 +53,28 @@ def _hook_metrics(out: Any) -> dict[str, Any]:
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
-    """JSON-safe scalars: tensors/numpy numbers become floats, NaN/inf become None (JSON has neither)."""
-    out = {}
-    for k, v in metrics.items():
-        if hasattr(v, "item") and callable(v.item):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        out[k] = v
-    return out
+    """JSON-safe values: tensors/numpy numbers become Python numbers, NaN/inf become None (JSON has neither), in
+    lists and dicts too (a stage's summary may hold a confidence interval or per-layer values)."""
+    return {k: _json_value(v) for k, v in metrics.items()}
+
+
+def _json_value(v: Any) -> Any:
+    if hasattr(v, "item") and callable(v.item) and _elements(v) == 1:
+        v = v.item()
+    elif hasattr(v, "tolist") and callable(v.tolist):  # an array or tensor of several elements: its numbers
+        v = v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _elements(v: Any) -> int | None:
+    """How many elements a tensor or numpy value holds (None for anything else)."""
+    return v.numel() if hasattr(v, "numel") else getattr(v, "size", None)
 
 
 class Telemetry:
@@ -135,7 +147,8 @@ class Telemetry:
             rec["kind"] = kind
         rec["metrics"] = _clean(metrics)
         try:
-            self._fh.write(json.dumps(rec) + "\n")
+            # allow_nan=False: standard JSON only (_clean made NaN/inf None; a bare NaN would be a bug, not a line)
+            self._fh.write(json.dumps(rec, allow_nan=False) + "\n")
         except OSError as e:  # a full disk, a folder gone read-only: say which file (the write's error names none)
             raise OSError(e.errno, e.strerror, str(self.path)) from e
 
