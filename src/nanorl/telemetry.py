@@ -93,6 +93,7 @@ class Telemetry:
         # sinks last: they see what the other hooks added
         self.hooks = sorted(hooks, key=lambda h: bool(getattr(h, "sink", False)))
         self.disabled: set[str] = set()
+        self.clashed: set[str] = set()  # hooks told that a metric they return has a name the stage's use
         if console is None:
             from rich.console import Console
 
@@ -116,7 +117,9 @@ class Telemetry:
         return [h for h in get_plugins().telemetry_hooks() if h.name not in off]
 
     # ---- the hook calls, isolated ---------------------------------------------------------------------------
-    def _call(self, method: str, *args) -> dict[str, Any]:
+    def _call(self, method: str, *args, keep=()) -> dict[str, Any]:
+        """`keep`: the keys the stage itself logs in this record. A hook's metric of the same name is dropped (and
+        said once per hook): the stage's loss stays the loss in metrics.jsonl, whatever a plugin returns."""
         extra: dict[str, Any] = {}
         for hook in self.hooks:
             name = hook.name or type(hook).__name__
@@ -133,6 +136,16 @@ class Telemetry:
                 msg = f"telemetry hook {name!r} failed in {method}: {type(e).__name__}: {e}; switched off for this run"
                 self.console.print(Text(msg, style="yellow"), highlight=False, soft_wrap=True)
                 continue
+            clash = sorted(k for k in (out or ()) if k in keep)
+            if clash:
+                out = {k: v for k, v in out.items() if k not in keep}
+                if name not in self.clashed:
+                    self.clashed.add(name)
+                    from rich.text import Text
+
+                    names = ", ".join(map(repr, clash))
+                    msg = f"telemetry hook {name!r} returned {names}, a metric the stage logs: kept the stage's"
+                    self.console.print(Text(msg, style="yellow"), highlight=False, soft_wrap=True)
             if out:
                 extra.update(out)
                 if method == "on_step" and args and isinstance(args[-1], dict):
@@ -158,7 +171,7 @@ class Telemetry:
         starts its run on a stage start, while a "start" record would mark the run's own eval stage as re-run."""
         if not self.enabled:
             return
-        extra = self._call("on_stage_start", info)
+        extra = self._call("on_stage_start", info, keep=("total_steps",))
         if record:
             self._write(info.stage, 0, {"total_steps": info.total_steps, **extra}, kind="start")
 
@@ -167,7 +180,7 @@ class Telemetry:
         if not self.enabled:
             return metrics
         record = _clean(dict(metrics))
-        self._call("on_step", stage, step, record)
+        self._call("on_step", stage, step, record, keep=set(record))
         self._write(stage, step, record)
         return record
 
@@ -182,8 +195,8 @@ class Telemetry:
     def eval(self, stage: str, step: int | None, result: EvalResult) -> dict[str, Any]:
         if not self.enabled:
             return {}
-        extra = self._call("on_eval", result)
-        scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool)) and v is not None}
+        scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
+        extra = self._call("on_eval", result, keep={"task", "split", *scalars})
         self._write(stage, step, {"task": result.task, "split": result.split, **scalars, **extra}, kind="eval")
         return extra
 
@@ -196,7 +209,7 @@ class Telemetry:
         """`record=False`: tell the hooks only (see stage_start)."""
         if not self.enabled:
             return
-        extra = self._call("on_stage_end", info, metrics)
+        extra = self._call("on_stage_end", info, metrics, keep=set(metrics))
         if record:
             self._write(info.stage, info.total_steps, {**metrics, **extra}, kind="end")
 
