@@ -126,10 +126,9 @@ def test_a_hook_cannot_overwrite_a_metric_the_stage_logged(tmp_path):
         def on_step(self, stage, step, metrics):
             return {"loss": 0.0, "mine": 1.0}
 
-    with open(tmp_path / "out.txt", "w") as fh:
-        with Telemetry(tmp_path, hooks=[Clash()], console=Console(file=fh, width=300)) as bus:
-            for step in (1, 2):
-                bus.log("base", step, {"loss": torch.tensor(2.5)})
+    with open(tmp_path / "out.txt", "w") as fh, Telemetry(tmp_path, None, [Clash()], console=Console(file=fh)) as bus:
+        for step in (1, 2):
+            bus.log("base", step, {"loss": torch.tensor(2.5)})
     recs = _strict_lines(tmp_path)
     assert [r["metrics"] for r in recs] == [{"loss": 2.5, "mine": 1.0}] * 2
     out = (tmp_path / "out.txt").read_text()
