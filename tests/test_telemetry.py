@@ -133,3 +133,20 @@ def test_a_hook_cannot_overwrite_a_metric_the_stage_logged(tmp_path):
     assert [r["metrics"] for r in recs] == [{"loss": 2.5, "mine": 1.0}] * 2
     out = (tmp_path / "out.txt").read_text()
     assert out.count("telemetry hook 'clash' returned 'loss', a metric the stage logs: kept the stage's") == 1
+
+
+def test_a_stage_that_fails_under_a_progress_bar_gives_the_terminal_its_cursor_back(tmp_path, monkeypatch, capsys):
+    """In a terminal the console sink draws a live progress bar, which hides the cursor until it stops. A stage
+    that raises never reaches on_stage_end: closing the bus (the pipeline's `finally`) must stop the bar, or the
+    user's shell is left without a cursor, and the error printed under a bar still being redrawn."""
+    from nanorl.builtin.sinks import ConsoleSink
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # stderr counts as a terminal
+    sink = ConsoleSink()
+    with pytest.raises(RuntimeError), Telemetry(tmp_path, None, [sink]) as bus:
+        bus.stage_start(StageInfo("r", str(tmp_path), "base", "arith", {}, 10))
+        bus.log("base", 1, {"loss": 2.0})
+        raise RuntimeError("out of memory")
+    assert sink.progress is None
+    err = capsys.readouterr().err
+    assert err.count("\x1b[?25l") == 1 and err.rindex("\x1b[?25h") > err.rindex("\x1b[?25l")  # hidden, shown again

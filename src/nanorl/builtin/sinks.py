@@ -133,6 +133,13 @@ class ConsoleSink(TelemetryHook):
             self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({when})", highlight=False, markup=False)
         return None
 
+    def close(self) -> None:
+        """Stop the progress bar (the bus calls this when the run ends, a stage that raised included): a live bar
+        hides the cursor until it stops."""
+        progress, self.progress = self.progress, None
+        if progress is not None:
+            progress.stop()
+
     def on_eval(self, result: EvalResult) -> None:
         if not self.on or self.console is None:
             return None
@@ -148,8 +155,7 @@ class ConsoleSink(TelemetryHook):
     def on_stage_end(self, info: StageInfo, metrics: dict[str, float]) -> None:
         if self.progress is not None:
             self.progress.update(self.task_id, completed=self.total)
-            self.progress.stop()
-            self.progress = None
+        self.close()
         if self.on and self.console is not None:
             self.console.print(f"[green]{info.stage} done[/] {_fmt(metrics)}", highlight=False)
         return None
