@@ -214,18 +214,15 @@ class Telemetry:
             self._write(info.stage, info.total_steps, {**metrics, **extra}, kind="end")
 
     def close(self) -> None:
-        """The run (or its failure) is over: each hook's `close()` where it has one (the console's live progress
+        """The run (or its failure) is over: each hook's `close()` (the console's live progress
         bar stops and gives the terminal its cursor back, even when a stage raised before its end), then the file."""
-        for hook in self.hooks if self.enabled else ():
-            close = getattr(hook, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception as e:  # as a hook's other calls: said, never raised over the run's own error
-                    name = hook.name or type(hook).__name__
-                    self.console.print(
-                        f"telemetry hook {name!r} failed in close: {type(e).__name__}: {e}", markup=False
-                    )
+        hooks, self.hooks = (self.hooks if self.enabled else []), []  # once: a second close() closes nothing again
+        for hook in hooks:
+            try:
+                hook.close()
+            except Exception as e:  # as a hook's other calls: said, never raised over the run's own error
+                name = hook.name or type(hook).__name__
+                self.console.print(f"telemetry hook {name!r} failed in close: {type(e).__name__}: {e}", markup=False)
         if self._fh is not None:
             self._fh.close()
             self._fh = None
