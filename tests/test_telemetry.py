@@ -150,3 +150,28 @@ def test_a_stage_that_fails_under_a_progress_bar_gives_the_terminal_its_cursor_b
     assert sink.progress is None
     err = capsys.readouterr().err
     assert err.count("\x1b[?25l") == 1 and err.rindex("\x1b[?25h") > err.rindex("\x1b[?25l")  # hidden, shown again
+
+
+def test_a_slow_hook_is_named_once_with_its_time(tmp_path, monkeypatch):
+    """A hook that takes seconds a call slows every step (under torchrun every rank waits for rank 0): the user
+    must learn which one, once, and how to switch it off."""
+    import time
+
+    import nanorl.telemetry
+
+    monkeypatch.setattr(nanorl.telemetry, "SLOW_HOOK_S", 0.05)
+
+    class Slow(TelemetryHook):
+        name = "plug.slow"
+
+        def on_step(self, stage, step, metrics):
+            time.sleep(0.06)
+            return {"slow": 1.0}
+
+    with open(tmp_path / "out.txt", "w") as fh, Telemetry(tmp_path, None, [Slow()], console=Console(file=fh)) as bus:
+        for step in (1, 2):
+            bus.log("base", step, {"loss": 2.0})
+    out = (tmp_path / "out.txt").read_text()
+    assert out.count("telemetry hook 'plug.slow' took ") == 1 and "s in on_step" in out
+    assert "telemetry.disable=plug.slow" in out
+    assert [r["metrics"]["slow"] for r in _strict_lines(tmp_path)] == [1.0, 1.0]  # still on: slow is not wrong

@@ -6,16 +6,18 @@
     bus.rollouts("rl", batch)                         # RL: a RolloutBatch, every rl.kl_every steps
     bus.eval("eval", step, result)                    # EvalResult (step: None outside a training loop)
     bus.stage_end(info, metrics)
-    bus.close()
+    bus.close()                                       # closes the hooks too (the progress bar, the wandb run)
 
 What it does with a record:
 1. calls every plugin hook (`nanorl.api.TelemetryHook`) and merges the metrics they return into the record;
    a hook that raises, or returns something other than a dict of numbers, strings, booleans or None (a list,
    an array, a tensor of several elements), is reported once on the console, naming it, and switched off for
    the rest of the process: a hook never stops a run (nor, under torchrun, leaves rank 0 dead and the other
-   ranks waiting for it);
+   ranks waiting for it). A call over SLOW_HOOK_S is named once; a metric named as one the stage logs is dropped
+   (said once): the stage's loss stays the loss;
 2. appends the record to `<run>/metrics.jsonl` (always: one JSON object per line, `stage`, `step`, `time`,
-   `metrics`; the file is the run's ground truth, the report reads it);
+   `metrics`; standard JSON: NaN and infinity become null, tensors and numpy numbers Python numbers; the file is
+   the run's ground truth, the report reads it);
 3. hands it to the sinks: the console progress bar and wandb live in `nanorl.builtin.sinks` and register like
    any plugin hook; they run after the other hooks (`sink = True`), so they see the merged record.
 
@@ -37,6 +39,10 @@ METRICS_FILE = "metrics.jsonl"
 
 
 SCALARS = (int, float, bool, str, type(None))
+
+# A hook call longer than this is named once on the console (it stays on: slow is not wrong, but every step waits
+# for it, and under torchrun every rank does)
+SLOW_HOOK_S = 10.0
 
 
 def _hook_metrics(out: Any) -> dict[str, Any]:
@@ -93,6 +99,7 @@ class Telemetry:
         # sinks last: they see what the other hooks added
         self.hooks = sorted(hooks, key=lambda h: bool(getattr(h, "sink", False)))
         self.disabled: set[str] = set()
+        self.slow: set[str] = set()  # hooks named once for a slow call
         self.clashed: set[str] = set()  # hooks told that a metric they return has a name the stage's use
         if console is None:
             from rich.console import Console
@@ -126,31 +133,40 @@ class Telemetry:
             if name in self.disabled:
                 continue
             try:
+                t0 = time.perf_counter()
                 out = getattr(hook, method)(*args)
+                took = time.perf_counter() - t0
                 out = _clean(_hook_metrics(out)) if out else None
             except Exception as e:  # telemetry never stops training
                 self.disabled.add(name)
-                from rich.text import Text
-
-                # as plain text: an exception's message may hold "[...]", which markup would misread or choke on
-                msg = f"telemetry hook {name!r} failed in {method}: {type(e).__name__}: {e}; switched off for this run"
-                self.console.print(Text(msg, style="yellow"), highlight=False, soft_wrap=True)
+                self._say(
+                    f"telemetry hook {name!r} failed in {method}: {type(e).__name__}: {e}; switched off for this run"
+                )
                 continue
+            if took > SLOW_HOOK_S and name not in self.slow:
+                self.slow.add(name)
+                self._say(
+                    f"telemetry hook {name!r} took {took:.1f}s in {method}; telemetry.disable={name} switches it off"
+                )
             clash = sorted(k for k in (out or ()) if k in keep)
             if clash:
                 out = {k: v for k, v in out.items() if k not in keep}
                 if name not in self.clashed:
                     self.clashed.add(name)
-                    from rich.text import Text
-
                     names = ", ".join(map(repr, clash))
-                    msg = f"telemetry hook {name!r} returned {names}, a metric the stage logs: kept the stage's"
-                    self.console.print(Text(msg, style="yellow"), highlight=False, soft_wrap=True)
+                    self._say(f"telemetry hook {name!r} returned {names}, a metric the stage logs: kept the stage's")
             if out:
                 extra.update(out)
                 if method == "on_step" and args and isinstance(args[-1], dict):
                     args[-1].update(out)  # later hooks (the sinks) see the merged record
         return extra
+
+    def _say(self, msg: str) -> None:
+        """A warning about a hook, on the console. As plain text: an exception's message may hold "[...]", which
+        markup would misread or choke on."""
+        from rich.text import Text
+
+        self.console.print(Text(msg, style="yellow"), highlight=False, soft_wrap=True)
 
     def _write(self, stage: str, step: int | None, metrics: dict[str, Any], kind: str | None = None) -> None:
         if self._fh is None:
@@ -222,7 +238,7 @@ class Telemetry:
                 hook.close()
             except Exception as e:  # as a hook's other calls: said, never raised over the run's own error
                 name = hook.name or type(hook).__name__
-                self.console.print(f"telemetry hook {name!r} failed in close: {type(e).__name__}: {e}", markup=False)
+                self._say(f"telemetry hook {name!r} failed in close: {type(e).__name__}: {e}")
         if self._fh is not None:
             self._fh.close()
             self._fh = None
