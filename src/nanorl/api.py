@@ -294,6 +294,11 @@ class TelemetryHook:
     def on_stage_end(self, info: StageInfo, metrics: dict[str, float]) -> dict[str, float] | None:
         return None
 
+    def close(self) -> None:
+        """The command's metrics bus closes (its end, or a stage that raised before on_stage_end): release what
+        the hook holds (a progress bar, a connection)."""
+        return None
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Cloud backends

@@ -194,7 +194,9 @@ class EngineConfig:
 @dataclass
 class TelemetryConfig:
     console: bool = _f(True, "progress bars and tables on the terminal")
-    wandb: bool = _f(False, "also log to Weights & Biases (needs WANDB_API_KEY, or WANDB_MODE=offline)")
+    wandb: bool = _f(
+        False, "also log to Weights & Biases (offline, for `wandb sync`, without WANDB_API_KEY or `wandb login`)"
+    )
     wandb_project: str = _f("nanorl", "wandb project")
     log_every: int = _f(1, "steps between logged training metrics", ge=1)
     disable: list = _f([], "telemetry hooks (by name) to switch off")

@@ -14,9 +14,12 @@ this run ...") go to stderr.
 
 from __future__ import annotations
 
+import netrc
 import os
+import secrets
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from nanorl.api import EvalResult, StageInfo, TelemetryHook, hookimpl
@@ -130,6 +133,13 @@ class ConsoleSink(TelemetryHook):
             self.console.print(f"{stage} {step}/{self.total}  {_fmt(metrics)}  ({when})", highlight=False, markup=False)
         return None
 
+    def close(self) -> None:
+        """Stop the progress bar (the bus calls this when the run ends, a stage that raised included): a live bar
+        hides the cursor until it stops."""
+        progress, self.progress = self.progress, None
+        if progress is not None:
+            progress.stop()
+
     def on_eval(self, result: EvalResult) -> None:
         if not self.on or self.console is None:
             return None
@@ -145,41 +155,54 @@ class ConsoleSink(TelemetryHook):
     def on_stage_end(self, info: StageInfo, metrics: dict[str, float]) -> None:
         if self.progress is not None:
             self.progress.update(self.task_id, completed=self.total)
-            self.progress.stop()
-            self.progress = None
+        self.close()
         if self.on and self.console is not None:
             self.console.print(f"[green]{info.stage} done[/] {_fmt(metrics)}", highlight=False)
         return None
 
 
 class WandbSink(TelemetryHook):
-    """Logs every record to Weights & Biases when `telemetry.wandb` is true (never otherwise: no import)."""
+    """Logs every record to Weights & Biases when `telemetry.wandb` is true (never otherwise: no import).
+
+    Online, a nanorl run is one wandb run (id = the run's name, resumed by each later process: a resume, `nanorl
+    train`, `nanorl eval`). Offline, wandb cannot resume: a second process under the same id starts a fresh
+    offline run, and `wandb sync` of it replaces the first one's history. So offline each process is a wandb run
+    of its own (id `NAME-<8 hex digits>`), all named after the nanorl run and grouped under it.
+
+    Each stage's metrics are plotted against the stage's own step (`STAGE/step`), not wandb's count of log calls,
+    which runs on across stages and across a resume."""
 
     name = "wandb"
     sink = True
 
     def __init__(self) -> None:
         self.run = None
+        self.stages: set[str] = set()  # the stages whose step axis is defined in this run
 
     def on_stage_start(self, info: StageInfo) -> None:
         tel = info.config.get("telemetry", {})
         if not tel.get("wandb") or self.run is not None:
             return None
         # Never hang on a login prompt or an unreachable server: without an API key, log offline.
-        if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        if "WANDB_MODE" not in os.environ and not _wandb_key():
             os.environ["WANDB_MODE"] = "offline"
-            print("wandb: no WANDB_API_KEY, logging offline (wandb sync later)", file=sys.stderr)
+            print("wandb: no API key (WANDB_API_KEY, wandb login), logging offline (wandb sync later)", file=sys.stderr)
         import atexit
 
         import wandb
 
+        if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+            run_id, resume = f"{info.run_name}-{secrets.token_hex(4)}", None
+        else:
+            run_id, resume = info.run_name, "allow"
         self.run = wandb.init(
             project=tel.get("wandb_project", "nanorl"),
             name=info.run_name,
+            group=info.run_name,
             dir=info.run_dir,
             config=info.config,
-            resume="allow",
-            id=info.run_name,
+            resume=resume,
+            id=run_id,
             # no capture of our stdout/stderr: wandb's wrapping of the streams is what sent its exit banner to
             # stdout, and the run's console is ours (the progress lines)
             settings=wandb.Settings(console="off"),
@@ -192,12 +215,19 @@ class WandbSink(TelemetryHook):
     def close(self) -> None:
         """Finish the wandb run (once); the process's exit does it when no one called it before."""
         run, self.run = self.run, None
+        self.stages.clear()
         if run is not None:
             run.finish()
 
     def on_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
-        if self.run is not None:
-            self.run.log({f"{stage}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if self.run is None:
+            return None
+        if stage not in self.stages:  # the stage's x axis: its step (a resumed stage goes on from its checkpoint)
+            self.stages.add(stage)
+            self.run.define_metric(f"{stage}/step")
+            self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+        scalars = {f"{stage}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.run.log({f"{stage}/step": step, **scalars})
         return None
 
     def on_eval(self, result: EvalResult) -> None:
@@ -211,6 +241,21 @@ class WandbSink(TelemetryHook):
             scalars = {k: v for k, v in m.items() if isinstance(v, (int, float))}
             self.run.log({f"eval/{prefix}/{k}": v for k, v in scalars.items()})
         return None
+
+
+def _wandb_key() -> bool:
+    """Whether wandb has an API key: WANDB_API_KEY, or the netrc entry `wandb login` writes for its server."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        entry = netrc.netrc(path).authenticators(host) if path.is_file() else None
+    except (OSError, netrc.NetrcParseError):  # unreadable or malformed: wandb would find no key there either
+        return False
+    return bool(entry and entry[2])
 
 
 @hookimpl
