@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 # GPT with 4 layers, d_model 256, 2 heads x 128, vocab 8192 (../shared/BENCHMARKS.md)
 SHAPE = ["model.depth=4", "model.n_embd=256", "model.n_head=2", "model.vocab_size=8192", "model.seq_len=256"]
 
@@ -58,3 +60,19 @@ def print_table(title: str, columns: tuple[str, str], rows: list[tuple[str, str]
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench script's parser: --help prints the script's docstring (what it times, its usage) as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def count(text: str) -> int:
+    """An argparse type for a count of steps, repetitions or rows: zero would leave nothing to take a median of."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is below 1: give at least 1")
+    return n

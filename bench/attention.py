@@ -14,13 +14,18 @@ Prints a table, then one JSON object as the last line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import statistics
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _shape import arg_parser, count  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -121,8 +126,8 @@ def cpu_check() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=20)
+    ap = arg_parser(__doc__)
+    ap.add_argument("--reps", type=count, default=20, help="timed calls a case on CUDA (default 20)")
     args = ap.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -140,7 +145,7 @@ def main() -> None:
             table.add_row(k, f"{e:.2e}")
         console.print(table)
         print(json.dumps({"bench": "attention", "device": "cpu", "mode": "correctness_only", **res}))
-        return
+        sys.exit(0 if res["ok"] else 1)  # a kernel off its float64 reference fails `make bench`
 
     rows = [gpu_case(D, T, args.reps) for D in (64, 128) for T in (1024, 2048, 4096, 8192)]
     table = Table(title=f"causal bf16 attention on {torch.cuda.get_device_name()}", title_justify="left")

@@ -6,22 +6,26 @@ Usage: python bench/cli_startup.py [--reps N]
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _shape import arg_parser, count  # noqa: E402
 
 COMMANDS = {"--help": ["--help"], "plugins list": ["plugins", "list"], "--version": ["--version"]}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=7)
+    ap = arg_parser(__doc__)
+    ap.add_argument("--reps", type=count, default=7, help="timed runs of each command (default 7)")
     args = ap.parse_args()
-    exe = shutil.which("nanorl") or str(__import__("pathlib").Path(sys.executable).parent / "nanorl")
+    exe = shutil.which("nanorl") or str(Path(sys.executable).parent / "nanorl")
     results = {}
     for label, argv in COMMANDS.items():
         subprocess.run([exe, *argv], capture_output=True, check=True)  # warm the file cache

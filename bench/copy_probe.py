@@ -24,7 +24,6 @@ Prints a table, then one JSON object as the last line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _shape import print_table  # noqa: E402
+from _shape import arg_parser, count, print_table  # noqa: E402
 
 ROLES = ("copy_last", "copy_other", "operand", "verdict", "other")
 WALK = re.compile(r"^[A-E]\) (\d+): \d vs \d (yes|no)$", re.M)
@@ -98,17 +97,25 @@ def probe(run_dir: Path, stage: str, n: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arg_parser(__doc__)
     ap.add_argument("run_dir", type=Path, help="a run directory (runs/<name>) of the arith task")
     ap.add_argument("--stages", default="base,sft", help="comma-separated stages with a checkpoint")
-    ap.add_argument("--examples", type=int, default=200, help="dev questions to feed")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--examples", type=count, default=200, help="dev questions to feed")
+    ap.add_argument("--threads", type=count, default=1)
     args = ap.parse_args()
+    # a wrong folder or a stage not run yet: one line saying which, not a traceback from deep in the loader
+    if not (args.run_dir / "run.toml").is_file():
+        ap.error(f"{args.run_dir} holds no run.toml: give a run folder, e.g. $NANORL_HOME/runs/<name>")
+    from nanorl.checkpoint import has_checkpoint  # a stage still training has one (this probe can watch it)
+
+    missing = [s for s in args.stages.split(",") if not has_checkpoint(args.run_dir / s)]
+    if missing:
+        ap.error(f"no checkpoint for {', '.join(missing)} in {args.run_dir}: pick stages that have one with --stages")
     torch.set_num_threads(args.threads)
     results = {s: probe(args.run_dir, s, args.examples) for s in args.stages.split(",")}
     rows = [(f"{stage}: {role}", f"{acc:.3f}") for stage, res in results.items() for role, acc in res.items()]
     print_table(f"teacher-forced accuracy, {args.examples} dev rationales", ("stage: role", "accuracy"), rows)
-    print(json.dumps({"run": str(args.run_dir), "examples": args.examples, **results}))
+    print(json.dumps({"bench": "copy_probe", "run": str(args.run_dir), "examples": args.examples, **results}))
 
 
 if __name__ == "__main__":

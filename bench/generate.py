@@ -18,7 +18,6 @@ BENCHMARKS.md's 670-790 came from a machine about 2x slower).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _shape import StubTokenizer, load_note, model_and_cfg, print_table  # noqa: E402
+from _shape import StubTokenizer, arg_parser, count, load_note, model_and_cfg, print_table  # noqa: E402
 
 
 def nanochat_tok_s(src: str, threads: int) -> float:
@@ -44,10 +43,10 @@ def nanochat_tok_s(src: str, threads: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--nocache-tokens", type=int, default=128)
+    ap = arg_parser(__doc__)
+    ap.add_argument("--reps", type=count, default=3, help="timed generations of each cached path (default 3)")
+    ap.add_argument("--threads", type=count, default=2)
+    ap.add_argument("--nocache-tokens", type=count, default=128, help="new tokens of the no-cache run (default 128)")
     ap.add_argument("--nanochat-tok-s", type=float, default=1455.0, help="nanochat's Engine, measured beside")
     ap.add_argument("--nanochat-src", default=os.environ.get("NANOCHAT_SRC", ""),
                     help="a folder holding nanochat's package: run its anchor before and after ours")  # fmt: skip

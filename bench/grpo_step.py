@@ -17,7 +17,6 @@ Prints a table, then one JSON object as the last line. Goal (issue 5): >= 2.5x T
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -26,13 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _shape import StubTokenizer, load_note, model_and_cfg, print_table  # noqa: E402
+from _shape import StubTokenizer, arg_parser, count, load_note, model_and_cfg, print_table  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = arg_parser(__doc__)
+    ap.add_argument("--steps", type=count, default=3, help="timed steps, after one warm-up step (default 3)")
+    ap.add_argument("--threads", type=count, default=2)
     # BENCHMARKS.md's figure came from a slower machine: pass the anchor's step_s.median measured right before
     ap.add_argument("--trl-step-s", type=float, default=12.8, help="TRL's seconds per step to compare against")
     ap.add_argument("--compile", action="store_true", help="sample with the compiled decode step")

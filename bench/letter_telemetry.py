@@ -15,13 +15,18 @@ Prints a table, then one JSON object as the last line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _shape import arg_parser, count  # noqa: E402
 
 
 class ByteTokens:
@@ -36,14 +41,14 @@ class ByteTokens:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=96)
-    ap.add_argument("--completion-len", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--kl-every", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = arg_parser(__doc__)
+    ap.add_argument("--prompts", type=count, default=8)
+    ap.add_argument("--group", type=count, default=8, help="completions a prompt (default 8)")
+    ap.add_argument("--prompt-len", type=count, default=96)
+    ap.add_argument("--completion-len", type=count, default=128, help="tokens a completion, its answer line included")
+    ap.add_argument("--reps", type=count, default=3, help="timed runs of each, after one warm-up (default 3)")
+    ap.add_argument("--kl-every", type=count, default=10, help="rl.kl_every: RL steps a telemetry step")
+    ap.add_argument("--threads", type=count, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # random weights put every row on one letter: the collapse alarm would fire on every repetition
@@ -106,6 +111,7 @@ def main() -> None:
     t_update, t_tel = median_s(update), median_s(telemetry)
     ratio = t_tel / t_update
     result = {
+        "bench": "letter_telemetry",
         "prompts": P,
         "group": G,
         "prompt_len": args.prompt_len,

@@ -8,17 +8,21 @@ Usage: python bench/loader.py [--batches 400]
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _shape import arg_parser, count  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=int, default=400)
+    ap = arg_parser(__doc__)
+    ap.add_argument("--batches", type=count, default=400, help="timed batches, after the first (default 400)")
     args = ap.parse_args()
 
     from nanorl.builtin.arith import ArithTask

@@ -21,14 +21,19 @@ Prints a table, then one JSON object as the last line.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _shape import SHAPE, arg_parser, count  # noqa: E402
 
 REFERENCE_CEILING = 68.0  # GFLOP/s, BENCHMARKS.md: fp32 matmul ceiling of the reference machine, 2 threads
 
@@ -104,10 +109,10 @@ def loss_chunks(threads: int, reps: int = 8) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = arg_parser(__doc__)
+    ap.add_argument("--steps", type=count, default=10, help="timed steps (default 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    ap.add_argument("--threads", type=count, default=2)
     ap.add_argument("--ab", action="store_true", help="also time the plain-autograd variant, interleaved")
     ap.add_argument("--loss-chunks", action="store_true", help="only time the fused loss at several chunk sizes")
     args = ap.parse_args()
@@ -123,9 +128,7 @@ def main() -> None:
     from nanorl.model import GPT
 
     # the BENCHMARKS.md shape
-    cfg = resolve(
-        overrides=["model.depth=4", "model.n_embd=256", "model.n_head=2", "model.vocab_size=8192", "model.seq_len=256"]
-    ).model
+    cfg = resolve(overrides=SHAPE).model
     B, T = 8, 256
     torch.manual_seed(0)
     model = GPT(cfg)

@@ -5,7 +5,7 @@ the `sampled` mode's pass@1 with its sign test when eval.samples is set, as the 
 goals hold (<= 10 min, <= 2 GB, dev accuracy >= 60%, RL > SFT), and, measured after the run,
 how well the base and SFT models copy the options and the operands (bench/copy_probe.py).
 
-    .venv/bin/python bench/pipeline_tiny.py [--home DIR] [extra key=value overrides...]
+    .venv/bin/python bench/pipeline_tiny.py [--home DIR] [extra `nanorl pipeline` arguments: key=value ...]
 
 Prints a table, then one JSON object as the last line.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from nanorl.multichoice import compare
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _shape import print_table  # noqa: E402
+from _shape import arg_parser, print_table  # noqa: E402
 from copy_probe import probe  # noqa: E402
 
 
@@ -45,11 +45,13 @@ def _op(rationale: str) -> str:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    home = None
-    if args[:1] == ["--home"]:
-        home, args = args[1], args[2:]
-    home = home or tempfile.mkdtemp(prefix="nanorl-bench-")
+    ap = arg_parser(__doc__)
+    ap.add_argument("--home", help="the NANORL_HOME to run in (default: a new temporary folder)")
+    # everything else (key=value overrides, `--steps base=200`) goes to `nanorl pipeline` as it is, in order;
+    # --help is this script's (passed on, it would print the pipeline's help and leave this script to report on
+    # a run that never happened)
+    opts, args = ap.parse_known_args()
+    home = opts.home or tempfile.mkdtemp(prefix="nanorl-bench-")
     env = {
         **os.environ,
         "NANORL_HOME": home,
@@ -123,8 +125,9 @@ def main() -> None:
         "sampled_sign_test_p": paired_sampled and round(paired_sampled["p_value"], 4),
         "stage_s": stage_s,
         "copy_probe": copies,
-        "goal_time": wall <= 600,
-        "goal_memory": peak_mb <= 2048,
+        # a pipeline that failed meets no goal, however quickly it failed
+        "goal_time": proc.returncode == 0 and wall <= 600,
+        "goal_memory": proc.returncode == 0 and peak_mb <= 2048,
         "goal_acc": (acc.get("rl") or 0) >= 0.6,
         "goal_rl_above_sft": acc.get("rl") is not None and acc.get("sft") is not None and acc["rl"] > acc["sft"],
         # the policy RL trains (sampled), above SFT's on the same questions at p < 0.05
@@ -137,6 +140,7 @@ def main() -> None:
         "nanorl pipeline --task arith --preset tiny", ("measure", "value"), [(k, str(v)) for k, v in result.items()]
     )
     print(json.dumps(result))
+    sys.exit(proc.returncode)  # `make bench` stops at a pipeline that failed
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ Prints a table, then one JSON object as the last line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _shape import print_table  # noqa: E402
+from _shape import arg_parser, count, print_table  # noqa: E402
 
 GIB = 2**30
 
@@ -86,11 +85,11 @@ def cpu_activations(depth: int, rows: int, seq_len: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arg_parser(__doc__)
     ap.add_argument("--depths", default="", help="comma-separated (default: 8,12,20 on CUDA, 2,4 on the CPU)")
     ap.add_argument("--rows", type=int, default=0, help="rows a pass (0: what rows_that_fit picks; CPU: 2)")
     ap.add_argument("--seq-len", type=int, default=0, help="tokens a row (default: 2048 on CUDA, 256 on the CPU)")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=count, default=3, help="training steps a depth on CUDA (default 3)")
     args = ap.parse_args()
     import torch
 

@@ -11,7 +11,6 @@ anchor's AdamW figure of 2026-11-24, 2,581 tok/s) only puts the stages' heavier 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,14 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _shape import load_note, model_and_cfg, print_table  # noqa: E402
+from _shape import arg_parser, count, load_note, model_and_cfg, print_table  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = arg_parser(__doc__)
+    ap.add_argument("--steps", type=count, default=8, help="timed steps (default 8)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--threads", type=count, default=2)
     ap.add_argument("--nanochat-tok-s", type=float, default=2581.0, help="nanochat's AdamW step, measured beside")
     args = ap.parse_args()
     import torch
