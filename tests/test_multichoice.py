@@ -828,7 +828,7 @@ def test_eval_sampled_mode_records_follow_their_questions(two_checkpoints, monke
     seen = []
 
     def fake_sample(self, prompts, num_samples=1, max_new_tokens=128, temperature=1.0, top_k=0, seed=0, **kw):
-        seen.append((num_samples, temperature))
+        seen.append((num_samples, temperature, top_k))
         out = []
         for p in prompts:
             if tuple(p) not in index:  # a question with its options shuffled (position bias)
@@ -841,19 +841,19 @@ def test_eval_sampled_mode_records_follow_their_questions(two_checkpoints, monke
         return out
 
     monkeypatch.setattr(Engine, "sample", fake_sample)
-    ctx.cfg.eval.samples, ctx.cfg.eval.sample_temperature = 3, 0.6
+    ctx.cfg.eval.samples, ctx.cfg.eval.sample_temperature, ctx.cfg.eval.sample_top_k = 3, 0.6, 5
     calls: dict[str, list] = {}
     progress = lambda mode: lambda *args: calls.setdefault(mode, []).append(args)  # noqa: E731
     res = evaluate(ctx, model, "dev", "generative", 5, samples=None, progress=progress)
     assert list(res["modes"]) == ["generative", "sampled"]
     # progress per batch of questions: done, in all, completion tokens so far (one token per fake completion)
     assert calls["generative"][-1] == (5, 5, 5) and calls["sampled"][-1] == (5, 5, 15)
-    assert (1, 0.0) in seen and (3, 0.6) in seen
+    assert (1, 0.0, 0) in seen and (3, 0.6, 5) in seen  # the sampled mode at eval.sample_top_k, greedy at none
     s = res["modes"]["sampled"]
     assert [(r["id"], r["sample"]) for r in s["records"]] == [(ex.id, j) for ex in examples for j in range(3)]
     right = [i % 3 for i in range(5)]  # 0, 1, 2, 0, 1 of 3
     assert [sum(r["correct"] for r in s["records"] if r["id"] == ex.id) for ex in examples] == right
-    assert (s["n"], s["samples"], s["temperature"]) == (5, 3, 0.6)
+    assert (s["n"], s["samples"], s["temperature"], s["top_k"]) == (5, 3, 0.6, 5)
     assert s["accuracy"] == pytest.approx(sum(right) / 15) and s["correct_completions"] == sum(right)
     assert s["pass_at_k"] == pytest.approx(3 / 5) and s["maj_at_k"] == pytest.approx(1 / 5)
     assert res["modes"]["generative"]["accuracy"] == pytest.approx(3 / 5)  # one completion: right when i mod 3 > 0

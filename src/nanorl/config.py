@@ -179,6 +179,9 @@ class EvalConfig:
         ge=0,
     )
     sample_temperature: float = _f(1.0, "sampling temperature of the `sampled` mode", gt=0)
+    sample_top_k: int = _f(
+        0, "top-k of the `sampled` mode (0: all tokens; as rl.top_k to measure the policy RL samples)", ge=0
+    )
     batch_size: int = _f(16, "questions per batch", ge=1)
 
 

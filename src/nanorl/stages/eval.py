@@ -52,10 +52,11 @@ Progress = Callable[[int, int, int], None]  # (questions done, questions in all,
 
 def generative_records(
     ctx: Context, model, examples: list[Example], seed: int = 0, samples: int = 1, temperature: float | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, top_k: int = 0,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One record per completion: `samples` completions of each question (the engine prefills its prompt once),
-    at `temperature` (default eval.temperature); a question's records are consecutive, numbered by "sample"."""
+    at `temperature` (default eval.temperature) and `top_k` (0: every token); a question's records are
+    consecutive, numbered by "sample"."""
     task, tok, ecfg = ctx.task, ctx.tokenizer(), ctx.cfg.eval
     temperature = ecfg.temperature if temperature is None else temperature
     engine = ctx.engine(model)
@@ -65,7 +66,7 @@ def generative_records(
     tokens = 0
     for i in range(0, len(prompts), ecfg.batch_size):
         batch = engine.sample(
-            prompts[i : i + ecfg.batch_size], samples, ecfg.max_new_tokens, temperature, 0, seed=seed + i
+            prompts[i : i + ecfg.batch_size], samples, ecfg.max_new_tokens, temperature, top_k, seed=seed + i
         )
         groups += batch
         if progress is not None:
@@ -241,14 +242,16 @@ def evaluate(
                 return generative_records(ctx, model, exs, seed + offset, progress=report)
             if m == "sampled":  # its own seed stream, apart from a generative mode that samples too (temperature > 0)
                 return generative_records(
-                    ctx, model, exs, seed + 1_000_003 + offset, samples, ecfg.sample_temperature, progress=report
-                )
+                    ctx, model, exs, seed + 1_000_003 + offset, samples, ecfg.sample_temperature, progress=report,
+                    top_k=ecfg.sample_top_k,
+                )  # fmt: skip
             return categorical_records(ctx, model, exs)
 
         records = sharded_records(ctx, examples, make)
         out["modes"][m] = {**summary(records, mc, m == "sampled"), "seconds": time.time() - t0, "records": records}
         if m == "sampled":
             out["modes"][m]["temperature"] = ecfg.sample_temperature
+            out["modes"][m]["top_k"] = ecfg.sample_top_k
     first = out["modes"][modes[0]]
     out["accuracy"] = first["accuracy"]
     out["mode"] = modes[0]
