@@ -12,7 +12,7 @@ from nanorl.cli.config_cmd import DataDirOpt
 from nanorl.cli.ui import Table, console, err_console, esc, print_json
 
 # Options are module-level so that other commands (and later flags such as --compare) can reuse them.
-SplitOpt = typer.Option("dev", "--split", help="dev or test.")
+SplitOpt = typer.Option("dev", "--split", help="dev, test, train, or validation (dev's other name).")
 ModeOpt = typer.Option("generative", "--mode", help="generative, categorical or both.")
 CompileOpt = typer.Option(
     None, "--compile/--no-compile", help="Compile the CPU decode step (default: the run's engine.compile)."

@@ -270,7 +270,7 @@ def list_store(url: str, as_json: bool) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    runs = typer.Typer(help="List runs, and push or pull them to and from a store (S3 or a folder).")
+    runs = typer.Typer(help="List runs, show one, and push or pull them to and from a store (S3 or a folder).")
     app.add_typer(runs, name="runs")
 
     @runs.command("list")
