@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from testkit import SMALL
+from testkit import SMALL, cli_here
 
 from nanorl import checkpoint as ckpt
 from nanorl.api import NanorlError
@@ -291,20 +291,6 @@ def test_a_pull_refetches_a_checkpoint_caught_mid_upload(tmp_path, monkeypatch):
         pull_run(store, "r", tmp_path / "c", stage="rl")
 
 
-def _cli_here(capsys, *args: str) -> tuple[int, str, str]:
-    """`nanorl ARGS` in this process (so that a test can patch the pull's waits): exit code, stdout, stderr."""
-    from nanorl.cli import main
-
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, " ".join(err.split())
-
-
 def test_runs_pull_replaces_a_run_whole_and_leaves_out_a_half_uploaded_checkpoint(tmp_path, monkeypatch, capsys):
     """`runs pull --force` used to write the pulled files over the local run's, keeping the old run's later
     stages (their DONE): `eval --checkpoint RUN` then took the old rl model. A checkpoint left half uploaded by a
@@ -326,9 +312,9 @@ def test_runs_pull_replaces_a_run_whole_and_leaves_out_a_half_uploaded_checkpoin
     _fake_checkpoint(local / "rl", b"old rl")
     (local / "rl" / "DONE").write_text("{}")
     (local / "run.toml").write_text("# the local run\n")
-    code, _, err = _cli_here(capsys, "runs", "pull", f"{store_dir}/r")
+    code, _, err = cli_here(capsys, "runs", "pull", f"{store_dir}/r")
     assert code == 2 and "--force to replace it" in err
-    code, out, err = _cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force", "--json")
+    code, out, err = cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force", "--json")
     assert code == 0, err
     assert json.loads(out)["left_out"] == ["sft"]
     assert "warning: the sft checkpoint in the store is not whole (model.safetensors is not the file" in err
@@ -343,10 +329,10 @@ def test_runs_pull_replaces_a_run_whole_and_leaves_out_a_half_uploaded_checkpoin
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("pid 1 on host")
         held.flush()
-        code, _, err = _cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force")
+        code, _, err = cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force")
         assert code == 1 and "run 'r' is in use by pid 1 on host" in err and (local / "base" / "DONE").is_file()
         # and a push of it says that it sends a snapshot of a run that trains
-        code, _, err = _cli_here(capsys, "runs", "push", "r", str(tmp_path / "other-store"))
+        code, _, err = cli_here(capsys, "runs", "push", "r", str(tmp_path / "other-store"))
         assert code == 0 and "warning: run 'r' is training now (pid 1 on host): this pushes a snapshot" in err
     (local / "run.lock").unlink()
 
@@ -360,7 +346,7 @@ def test_runs_pull_replaces_a_run_whole_and_leaves_out_a_half_uploaded_checkpoin
 
     monkeypatch.setattr(LocalStore, "get", get)
     (store_dir / "r" / "run.toml").write_text("# changed\n")
-    code, _, err = _cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force")
+    code, _, err = cli_here(capsys, "runs", "pull", f"{store_dir}/r", "--force")
     assert code == 1 and "download of r/base/model.safetensors failed" in err
     assert (local / "run.toml").read_text() == "# the store's run\n" and (local / "base" / "DONE").is_file()
     assert [p.name for p in local.parent.iterdir()] == ["r"]

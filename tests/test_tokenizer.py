@@ -6,6 +6,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from testkit import cli_here
 
 from nanorl.api import NanorlError
 from nanorl.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
@@ -199,19 +200,6 @@ def test_cli_train_info_encode(tmp_path):
 # `nanorl tokenizer ...` in-process: where a tokenizer goes, and what `info` measures it on
 
 
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    from nanorl.cli import main
-
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, " ".join(err.split())  # the error console wraps long lines
-
-
 @pytest.fixture
 def texts(tmp_path):
     d = tmp_path / "texts"
@@ -225,7 +213,7 @@ def test_train_with_run_marks_the_stage_done_and_the_pipeline_keeps_it(capsys, t
     from nanorl.config import resolve, run_dir
     from nanorl.stages import runner
 
-    code, out, err = _cli(
+    code, out, err = cli_here(
         capsys, "tokenizer", "train", "--run", "r", "--corpus", str(texts), "--vocab-size", "300", "--json"
     )
     assert code == 0, err
@@ -242,18 +230,18 @@ def test_train_with_run_marks_the_stage_done_and_the_pipeline_keeps_it(capsys, t
 def test_train_without_run_or_out_writes_a_scratch_tokenizer_not_a_runs(capsys, texts):
     from nanorl.config import nanorl_home, run_dir
 
-    code, out, err = _cli(capsys, "tokenizer", "train", "--vocab-size", "300", "--corpus", str(texts), "--json")
+    code, out, err = cli_here(capsys, "tokenizer", "train", "--vocab-size", "300", "--corpus", str(texts), "--json")
     assert code == 0, err
     assert json.loads(out)["path"] == str(nanorl_home() / "tokenizer")
     assert not run_dir("arith-d8").exists()  # the default run's name is not used
     # info and encode read the same default
-    code, out, err = _cli(capsys, "tokenizer", "info", "--json")
+    code, out, err = cli_here(capsys, "tokenizer", "info", "--json")
     assert code == 0, err
     assert json.loads(out)["vocab_size"] == 300
     assert str(texts) in json.loads(out)["measured_on"]  # what it was trained on, as recorded
-    code, out, _ = _cli(capsys, "tokenizer", "encode", "the cat", "--json")
+    code, out, _ = cli_here(capsys, "tokenizer", "encode", "the cat", "--json")
     assert code == 0 and "".join(json.loads(out)["tokens"]) == "the cat"
-    code, _, err = _cli(capsys, "tokenizer", "train", "--run", "x", "--out", str(texts), "--vocab-size", "300")
+    code, _, err = cli_here(capsys, "tokenizer", "train", "--run", "x", "--out", str(texts), "--vocab-size", "300")
     assert code == 2 and "not both" in err
 
 
@@ -265,20 +253,20 @@ def test_info_measures_on_the_runs_corpus(capsys, texts):
 
     over = [f"data.corpus={texts}", "name=t2", "telemetry.console=false", "tokenizer.train_chars=20000"]
     run_pipeline(resolve(preset="tiny", overrides=over), only="tokenizer")
-    code, out, err = _cli(capsys, "tokenizer", "info", "--run", "t2", "--json")
+    code, out, err = cli_here(capsys, "tokenizer", "info", "--run", "t2", "--json")
     assert code == 0, err
     assert json.loads(out)["measured_on"].startswith(str(texts))
     # --corpus still chooses
-    code, out, _ = _cli(capsys, "tokenizer", "info", "--run", "t2", "--corpus", "task", "--json")
+    code, out, _ = cli_here(capsys, "tokenizer", "info", "--run", "t2", "--corpus", "task", "--json")
     assert json.loads(out)["measured_on"] == "task:arith dev split"
 
 
 def test_info_of_a_missing_run_or_folder_says_how_to_make_it(capsys, tmp_path):
-    code, _, err = _cli(capsys, "tokenizer", "info", "--run", "nosuch")
+    code, _, err = cli_here(capsys, "tokenizer", "info", "--run", "nosuch")
     assert code == 2 and "no run named 'nosuch'" in err and "tokenizer train --run nosuch" in err
-    code, _, err = _cli(capsys, "tokenizer", "encode", "x", "--dir", str(tmp_path / "none"))
+    code, _, err = cli_here(capsys, "tokenizer", "encode", "x", "--dir", str(tmp_path / "none"))
     assert code == 2 and f"--out {tmp_path / 'none'}" in err
-    code, _, err = _cli(capsys, "tokenizer", "info")
+    code, _, err = cli_here(capsys, "tokenizer", "info")
     assert code == 2 and "--run NAME" in err
 
 

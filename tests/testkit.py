@@ -90,3 +90,18 @@ def heavy_imports(*argvs: list[str]) -> list[str]:
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     return [m for m in line.removeprefix("HEAVY=").split(",") if m]
+
+
+def cli_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`nanorl ARGS` in this process (so that a test can patch what the command calls): exit code, stdout, and
+    stderr with its whitespace joined (the error console wraps long lines)."""
+    from nanorl.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())
