@@ -678,7 +678,7 @@ def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where a stray temporary folder would land
     run = two_checkpoints
-    sampled = ["--samples", "2", "--sample-temperature", "0.5"]
+    sampled = ["--samples", "2", "--sample-temperature", "0.5", "--sample-top-k", "7"]
     assert _nanorl("eval", "--checkpoint", str(run / "base"), *sampled, "--mode", "both", "--max-examples", "5") == 0
     table = capsys.readouterr().out
     assert "chance" in table and "0.200" in table and "majority" in table  # every accuracy beside its baselines
@@ -691,7 +691,7 @@ def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch
         expected = compare(mid["modes"][m]["records"], base["modes"][m]["records"])
         assert mid["compare"][m] == {"a": str(run / "mid"), "b": str(run / "base"), **expected}
         if m == "sampled":  # --samples reached both evaluations
-            assert (mid["modes"][m]["samples"], mid["modes"][m]["temperature"]) == (2, 0.5)
+            assert (mid["modes"][m]["samples"], mid["modes"][m]["temperature"], mid["modes"][m]["top_k"]) == (2, 0.5, 7)
             assert len(base["modes"][m]["records"]) == 10
             continue
         shuffle = mid["modes"][m]["shuffle"]
@@ -700,6 +700,7 @@ def test_eval_compare_and_shuffle_options(two_checkpoints, tmp_path, monkeypatch
     assert mid["modes"]["categorical"]["shuffle"]["answered_pairs"] == 10  # categorical always answers
     assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--shuffle-options", "-1") == 2
     assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--samples", "-1") == 2
+    assert _nanorl("eval", "--checkpoint", str(run / "mid"), "--samples", "2", "--sample-top-k", "-1") == 2
     # RUN/STAGE names a stage of a run under $NANORL_HOME/runs
     assert _nanorl("eval", "--checkpoint", "mc/base", "--max-examples", "2") == 0
     assert json.loads((run / "eval" / "arith-dev-base.json").read_text())["n"] == 2

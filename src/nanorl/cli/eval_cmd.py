@@ -176,6 +176,9 @@ def register(app: typer.Typer) -> None:
         sample_temperature: float = typer.Option(
             None, "--sample-temperature", help="Temperature of --samples (default: the run's eval.sample_temperature)."
         ),
+        sample_top_k: int = typer.Option(
+            None, "--sample-top-k", help="Top-k of --samples, 0 for every token (default: the run's eval.sample_top_k)."
+        ),
         compile_: bool = CompileOpt,
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
@@ -210,7 +213,13 @@ def register(app: typer.Typer) -> None:
                 hint="e.g. --sample-temperature 0.7 (greedy answers are the generative mode's)",
                 exit_code=2,
             )
-        sampling = {"samples": samples, "sample_temperature": sample_temperature}
+        if sample_top_k is not None and sample_top_k < 0:
+            raise NanorlError(
+                f"--sample-top-k {sample_top_k}: give K >= 0 (0: every token)",
+                hint="e.g. the run's rl.top_k",
+                exit_code=2,
+            )
+        sampling = {"samples": samples, "sample_temperature": sample_temperature, "sample_top_k": sample_top_k}
         # both checkpoints found before either is evaluated: a typo in --compare fails at once
         try:
             other_dir = locate_checkpoint(compare_to) if compare_to else None
