@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from nanorl.cli.ui import Table, console, esc, print_json
+from nanorl.cli.ui import Table, console, esc, print_json, print_warning
 
 
 def _store_and_name(url: str) -> tuple[object, str, str | None, str]:
@@ -342,7 +342,6 @@ def register(app: typer.Typer) -> None:
             raise NanorlError(f"no run named {name!r} ({d} has no run.toml)", hint="nanorl runs list")
         store = open_store(url)
         store.check()
-        from nanorl.cli.ui import print_warning
         from nanorl.runlock import holder
 
         who = holder(d)
@@ -372,7 +371,6 @@ def register(app: typer.Typer) -> None:
         import tempfile
 
         from nanorl.api import NanorlError
-        from nanorl.cli.ui import print_warning
         from nanorl.config import run_dir
         from nanorl.store.runs import pull_run
 
